@@ -1,0 +1,18 @@
+"""minillm-lightning: train a small Llama-style language model through every stage of an LLM pipeline."""
+
+from minillm_lightning.callbacks import InterruptCheckpoint
+from minillm_lightning.data.pretrain import PretrainDataModule, PretrainSource
+from minillm_lightning.model import MiniGPT, MiniGPTConfig
+from minillm_lightning.stages.pretrain import PretrainModule
+from minillm_lightning.tokenizer import Tokenizer
+
+__all__ = [
+    "InterruptCheckpoint",
+    "MiniGPT",
+    "MiniGPTConfig",
+    "PretrainDataModule",
+    "PretrainModule",
+    "PretrainSource",
+    "Tokenizer",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""Lightning callbacks shipped with minillm-lightning."""
+
+from minillm_lightning.callbacks.interrupt import InterruptCheckpoint
+
+__all__ = ["InterruptCheckpoint"]

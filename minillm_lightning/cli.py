@@ -1,0 +1,109 @@
+"""The ``minillm`` command: LightningCLI for fit/validate/test/predict, plus the project's own verbs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from jsonargparse import set_parsing_settings
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from minillm_lightning.callbacks import InterruptCheckpoint
+from minillm_lightning.checkpoint import META_KEY, load_checkpoint
+from minillm_lightning.errors import CheckpointError, MiniLLMError
+from minillm_lightning.stages.base import StageModule
+
+LIGHTNING_VERBS = {"fit", "validate", "test", "predict"}
+# other verbs: name -> "module:function" taking argv (imported lazily so `minillm fit` starts fast)
+EXTRA_VERBS: dict[str, str] = {}
+
+
+class MiniLLMCLI(LightningCLI):
+    """LightningCLI with the links every stage needs and checks on ``--ckpt_path``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # the model's vocabulary is whatever tokenizer the data module trained or loaded
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path`` and refuse a checkpoint of another stage or a corrupted file up front.
+
+        LightningCLI re-reads the model's hyperparameters from the checkpoint; given a checkpoint of
+        another stage it would silently switch the model class. Starting a new stage from earlier
+        weights is what ``--model.init_from`` is for.
+        """
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
+            raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file")
+        if ckpt_path and Path(ckpt_path).is_file():
+            ckpt = load_checkpoint(ckpt_path)
+            stage = ckpt.get(META_KEY, {}).get("stage")
+            model_cfg = self.config[sub].get("model")
+            wanted = getattr(model_cfg, "class_path", "") if model_cfg is not None else ""
+            cls_path = ckpt.get("hyper_parameters", {}).get("_class_path", "")
+            if wanted and cls_path and wanted != cls_path:
+                raise CheckpointError(
+                    f"--ckpt_path {ckpt_path} is a {stage or cls_path} checkpoint but this config trains "
+                    f"{wanted.rsplit('.', 1)[-1]}; --ckpt_path resumes the SAME stage. To start a new stage "
+                    f"from its weights use --model.init_from {ckpt_path}"
+                )
+        super()._parse_ckpt_path()
+
+
+def run_lightning(args: list[str] | None = None) -> MiniLLMCLI:
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+    return MiniLLMCLI(
+        StageModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        parser_kwargs={"default_env": True, "env_prefix": "MINILLM"},
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [InterruptCheckpoint()]},
+    )
+
+
+USAGE = """usage: minillm <command> [options]
+
+Training (LightningCLI; `minillm <command> --help` lists every option):
+  fit        train a stage:           minillm fit --config configs/pretrain_tiny.yaml
+  validate   validation loop on a checkpoint
+  test       test loop
+  predict    prediction loop
+{extra}
+Every option can also come from an environment variable: MINILLM_FIT__TRAINER__MAX_STEPS=100 etc.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_shell = argv is None
+    argv = sys.argv[1:] if argv is None else argv
+    verb = argv[0] if argv else ""
+    try:
+        if verb in EXTRA_VERBS:
+            module, func = EXTRA_VERBS[verb].split(":")
+            getattr(__import__(module, fromlist=[func]), func)(argv[1:])
+        elif verb in LIGHTNING_VERBS or verb.startswith("-") and verb not in ("-h", "--help"):
+            run_lightning(None if from_shell else argv)
+        else:
+            extra = "".join(f"  {name}\n" for name in EXTRA_VERBS)
+            print(USAGE.format(extra=("\nOther commands:\n" + extra) if extra else ""))
+            sys.exit(0 if verb in ("", "-h", "--help") else 2)
+    except MiniLLMError as e:
+        if os.environ.get("MINILLM_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

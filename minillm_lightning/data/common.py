@@ -1,0 +1,181 @@
+"""Shared pieces of the data modules: file globbing, JSONL reading with file:line errors, a resumable
+sampler/loader pair, and the run-directory stats file."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from minillm_lightning.errors import DataError
+
+
+def expand_paths(pattern: str, suffixes: tuple[str, ...] = (".jsonl", ".json", ".txt")) -> list[Path]:
+    """Files matching a path or glob; an empty match is an error naming the pattern."""
+    matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
+    files = [p for p in matches if p.is_file()]
+    if not files:
+        hint = " (the path does not exist)" if not matches else " (it matches only directories)"
+        raise DataError(f"data source {pattern!r} matches no file{hint}; check the path relative to {os.getcwd()}")
+    bad = [p for p in files if p.suffix not in suffixes]
+    if bad:
+        raise DataError(f"unsupported file type {bad[0]} (expected one of {', '.join(suffixes)})")
+    return files
+
+
+@dataclass
+class ReadStats:
+    """What reading a file produced; ``skipped`` maps a reason to a count."""
+
+    records: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def _decode(path: Path, raw: bytes, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8 "
+            f"(e.g. iconv -f GBK -t UTF-8)"
+        ) from None
+
+
+def iter_records(path: Path, stats: ReadStats, skip_bad: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, record) from a JSONL file or a JSON array file.
+
+    A malformed line raises :class:`DataError` naming ``file:line``; with ``skip_bad`` it is counted
+    in ``stats`` instead.
+    """
+    if path.suffix == ".json":
+        text = _decode(path, path.read_bytes(), 1)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a .json file must hold one array") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json file must hold an array of records, got {type(data).__name__}")
+        for i, rec in enumerate(data, start=1):
+            if isinstance(rec, dict):
+                stats.records += 1
+                yield i, rec
+            elif skip_bad:
+                stats.skip("not an object")
+            else:
+                raise DataError(f"{path}: item {i} is {type(rec).__name__}, expected an object")
+        return
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(_decode(path, raw, lineno))
+                if not isinstance(rec, dict):
+                    raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+            except (json.JSONDecodeError, ValueError) as e:
+                if skip_bad:
+                    stats.skip("malformed JSON")
+                    continue
+                raise DataError(
+                    f"{path}:{lineno}: malformed JSON line ({e}); fix or delete the line, or set "
+                    f"skip_bad_records: true to skip and count such lines"
+                ) from None
+            stats.records += 1
+            yield lineno, rec
+
+
+def read_text_file(path: Path) -> str:
+    return _decode(path, path.read_bytes(), 1)
+
+
+def split_counts(n: int, val_share: float) -> tuple[int, int]:
+    """(train, val) counts: at least one validation item when there are two or more items."""
+    if val_share <= 0 or n < 2:
+        return n, 0
+    n_val = min(n - 1, max(1, round(n * val_share)))
+    return n - n_val, n_val
+
+
+class ResumableSampler(DistributedSampler):
+    """Seeded per-epoch permutation, sharded across ranks, that can start part-way into an epoch.
+
+    The order of an epoch depends only on (seed, epoch). Resuming skips the first ``start`` positions of
+    the permutation (the samples all ranks consumed together), then shards the rest over the current
+    ranks, so a run resumed with a different world size still sees no sample twice within the epoch.
+    Subclassing DistributedSampler tells Lightning not to wrap it in another one.
+    """
+
+    def __init__(self, n: int, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.num_replicas, self.rank, self.seed, self.shuffle = n, num_replicas, rank, seed, shuffle
+        self.epoch = 0
+        self.start = 0
+        self.drop_last = True
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0  # a pending resume offset belongs to the epoch it was saved in
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        rest = order[self.start :]
+        self.start = 0
+        usable = len(rest) // self.num_replicas * self.num_replicas
+        return iter(rest[self.rank : usable : self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.n // self.num_replicas
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader Lightning recognises as stateful: its checkpointed state is (epoch, global samples
+    consumed). ``consumed_batches`` reports how many batches of this epoch training has processed; it
+    comes from the trainer's own progress counters, so batches prefetched but not yet trained on are not
+    counted as seen."""
+
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, consumed_batches: Callable[[], int], **kw) -> None:
+        super().__init__(dataset, sampler=sampler, **kw)
+        self._consumed_batches = consumed_batches
+
+    def state_dict(self) -> dict[str, int]:
+        s: ResumableSampler = self.sampler
+        consumed = self._consumed_batches() * self.batch_size * s.num_replicas
+        return {"epoch": s.epoch, "samples": consumed, "world_size": s.num_replicas, "seed": s.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        s: ResumableSampler = self.sampler
+        s.epoch = state["epoch"]
+        s.start = state["samples"] if state["samples"] < s.n else 0
+
+
+def epoch_batches(n: int, batch_size: int, world_size: int) -> int:
+    return math.ceil(n // world_size / batch_size)
+
+
+def write_stats(run_dir: str | os.PathLike | None, name: str, stats: dict[str, Any]) -> Path | None:
+    """Write (merge) ``<run_dir>/dataset_stats.json``; returns the path."""
+    if run_dir is None:
+        return None
+    path = Path(run_dir) / "dataset_stats.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    current[name] = stats
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+    return path

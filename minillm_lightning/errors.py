@@ -1,0 +1,15 @@
+"""Error types whose messages are meant for users: each names the file/line/field at fault and the fix.
+
+The ``minillm`` command prints them without a traceback."""
+
+
+class MiniLLMError(ValueError):
+    """Base class of user-facing errors."""
+
+
+class DataError(MiniLLMError):
+    """Bad input data (file, line, field)."""
+
+
+class CheckpointError(MiniLLMError):
+    """A checkpoint that cannot be used as asked."""

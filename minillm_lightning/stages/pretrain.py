@@ -1,0 +1,43 @@
+"""PretrainModule: next-token prediction on packed text blocks."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import MeanMetric
+
+from minillm_lightning.losses import lm_loss
+from minillm_lightning.stages.base import StageModule
+
+
+class PretrainModule(StageModule):
+    """Pretraining stage: causal language modelling (see :class:`StageModule` for the arguments)."""
+
+    stage_name = "pretrain"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_nll = MeanMetric()  # token-weighted mean NLL, reduced across ranks -> val/loss, val/ppl
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self._forward(batch["input_ids"])
+        loss, n_tokens = lm_loss(out.logits, batch["labels"])
+        total = loss + out.aux_loss
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        if self.arch.is_moe:
+            self.log("train/moe_aux_loss", out.aux_loss)
+        self.count_tokens(batch["input_ids"].numel())
+        return total
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self._forward(batch["input_ids"])
+        loss, n_tokens = lm_loss(out.logits, batch["labels"])
+        self.val_nll.update(loss, weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.val_nll.update_called:
+            return
+        nll = self.val_nll.compute()
+        self.val_nll.reset()
+        self.log("val/loss", nll, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(nll))

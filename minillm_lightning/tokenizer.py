@@ -1,0 +1,215 @@
+"""SentencePiece tokenizer: training with a content-hash cache, loading, and the one chat template.
+
+The tokenizer travels inside every checkpoint as the serialized SentencePiece model bytes, so any
+later stage or command rebuilds it from the checkpoint file alone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import sentencepiece as spm
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+ModelType = Literal["bpe", "unigram", "char"]
+ROLES = ("system", "user", "assistant")
+
+
+class Tokenizer:
+    """A loaded SentencePiece model with the chat special tokens."""
+
+    def __init__(self, model_bytes: bytes) -> None:
+        self.model_bytes = model_bytes
+        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self.vocab_size = self.sp.get_piece_size()
+        self.pad_id, self.unk_id = self.sp.pad_id(), self.sp.unk_id()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.im_start_id, self.im_end_id = self.sp.piece_to_id(IM_START), self.sp.piece_to_id(IM_END)
+        if self.im_start_id == self.unk_id or self.im_end_id == self.unk_id:
+            raise ValueError("this SentencePiece model lacks the chat tokens <|im_start|>/<|im_end|>; retrain it")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model {path} does not exist")
+        if path.suffix == ".ckpt":
+            from minillm_lightning.checkpoint import load_checkpoint
+
+            return cls.from_checkpoint(load_checkpoint(path), source=str(path))
+        return cls(path.read_bytes())
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, source: str = "checkpoint") -> Tokenizer:
+        blob = checkpoint.get("tokenizer", {}).get("model_bytes")
+        if blob is None:
+            raise ValueError(f"{source} carries no tokenizer (not written by minillm-lightning?)")
+        return cls(blob)
+
+    def state(self) -> dict:
+        """What a checkpoint stores: the model bytes and their hash."""
+        return {"model_bytes": self.model_bytes, "sha256": self.sha256, "vocab_size": self.vocab_size}
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    # ---- the chat template (ChatML), shared by SFT, preference data, generation, chat and PPO ----
+
+    def encode_chat(
+        self, messages: Sequence[dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """Encode ``[{"role", "content"}, ...]`` as ``<|im_start|>role\\ncontent<|im_end|>\\n`` turns.
+
+        Returns the ids and a same-length mask that is True exactly on the tokens an assistant turn
+        produces: its content and its closing ``<|im_end|>`` (the header and the trailing newline are
+        fixed by the template, so they are never trained). With ``add_generation_prompt`` the
+        sequence ends with an open ``<|im_start|>assistant\\n`` header for the model to continue.
+        """
+        ids: list[int] = []
+        mask: list[bool] = []
+        newline = self.encode("\n")
+        for m in messages:
+            role, content = m["role"], m["content"]
+            head = [self.im_start_id, *self.encode(f"{role}\n")]
+            body = [*self.encode(content), self.im_end_id]
+            ids += head + body + newline
+            learn = role == "assistant"
+            mask += [False] * len(head) + [learn] * len(body) + [False] * len(newline)
+        if add_generation_prompt:
+            head = self.generation_prompt()
+            ids += head
+            mask += [False] * len(head)
+        return ids, mask
+
+    def generation_prompt(self) -> list[int]:
+        return [self.im_start_id, *self.encode("assistant\n")]
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """The template as text (for display and docs); token-level code uses :meth:`encode_chat`."""
+        text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+        return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+@dataclass
+class TokenizerSettings:
+    """How to train the SentencePiece model."""
+
+    vocab_size: int = 4096
+    model_type: ModelType = "bpe"
+    character_coverage: float = 0.995
+    max_sentences: int = 2_000_000
+    """Sentences sampled from the corpus for training (SentencePiece input_sentence_size)."""
+
+
+def _hash_inputs(files: Sequence[Path], settings: TokenizerSettings) -> str:
+    h = hashlib.sha256(json.dumps(settings.__dict__, sort_keys=True).encode())
+    for f in sorted(files):
+        h.update(str(f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Serialise tokenizer training across processes (every DDP rank builds the data module)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def train_or_load(
+    files: Sequence[Path],
+    texts: Iterable[str] | None,
+    settings: TokenizerSettings,
+    cache_dir: Path,
+    force: bool = False,
+    log=print,
+) -> tuple[Path, bool]:
+    """Return (path to tokenizer.model, reused?) training it only when the cache has no model for these inputs.
+
+    ``texts`` is an iterable over the training sentences (called lazily, only when training is needed);
+    ``files`` identifies the corpus for the cache key.
+    """
+    key = _hash_inputs([Path(f) for f in files], settings)
+    out_dir = Path(cache_dir) / f"{settings.model_type}-{settings.vocab_size}-{key}"
+    model_path = out_dir / "tokenizer.model"
+    with _file_lock(Path(cache_dir) / ".lock"):
+        if model_path.is_file() and not force:
+            return model_path, True
+        if texts is None:
+            raise ValueError("no corpus text to train the tokenizer on")
+        t0 = time.perf_counter()
+        proto = train_sentencepiece(texts, settings)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = model_path.with_suffix(".tmp")
+        tmp.write_bytes(proto)
+        os.replace(tmp, model_path)  # atomic: a reader never sees half a model
+        (out_dir / "settings.json").write_text(
+            json.dumps({**settings.__dict__, "files": [str(f) for f in files], "key": key}, indent=2)
+        )
+        log(f"trained {settings.model_type} tokenizer (vocab {settings.vocab_size}) in {time.perf_counter() - t0:.1f}s")
+        return model_path, False
+
+
+def train_sentencepiece(texts: Iterable[str], settings: TokenizerSettings) -> bytes:
+    """Train a SentencePiece model in memory and return its serialized bytes."""
+    buf = io.BytesIO()
+    byte_fallback = settings.model_type != "char"
+    sentences = (line for t in texts for line in t.split("\n") if line.strip())
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences,
+        model_writer=buf,
+        vocab_size=settings.vocab_size,
+        model_type=settings.model_type,
+        character_coverage=settings.character_coverage,
+        byte_fallback=byte_fallback,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        pad_piece=PAD,
+        unk_piece=UNK,
+        bos_piece=BOS,
+        eos_piece=EOS,
+        user_defined_symbols=[IM_START, IM_END, "\n"],
+        normalization_rule_name="identity",  # lossless round trip: no NFKC, keep spaces as written
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=1 << 16,
+        input_sentence_size=settings.max_sentences,
+        shuffle_input_sentence=True,
+        hard_vocab_limit=False,  # a tiny corpus yields a smaller vocabulary instead of an error
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    return buf.getvalue()
