@@ -18,7 +18,10 @@ from minillm_lightning.stages.base import StageModule
 
 LIGHTNING_VERBS = {"fit", "validate", "test", "predict"}
 # other verbs: name -> "module:function" taking argv (imported lazily so `minillm fit` starts fast)
-EXTRA_VERBS: dict[str, str] = {}
+EXTRA_VERBS: dict[str, str] = {
+    "generate": "minillm_lightning.commands.generate:generate_main",
+    "chat": "minillm_lightning.commands.generate:chat_main",
+}
 
 
 class MiniLLMCLI(LightningCLI):
@@ -54,6 +57,30 @@ class MiniLLMCLI(LightningCLI):
                     f"from its weights use --model.init_from {ckpt_path}"
                 )
         super()._parse_ckpt_path()
+
+
+def env_overrides(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
+    """Make ``MINILLM_<VERB>__A__B=value`` variables beat values from ``--config`` files.
+
+    jsonargparse reads environment variables as defaults, so a config file would override them. The
+    seed's users expect the opposite (an environment variable patches a recipe without editing it), so
+    the variables are turned into ``--a.b value`` arguments placed right after the last ``--config``;
+    flags written on the command line after that still win.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    if not argv or argv[0] not in LIGHTNING_VERBS:
+        return argv
+    prefix = f"MINILLM_{argv[0].upper()}__"
+    extra: list[str] = []
+    for key, value in sorted(environ.items()):
+        if key.startswith(prefix) and key != prefix + "CONFIG":
+            extra += ["--" + key[len(prefix) :].lower().replace("__", "."), value]
+    config_ends = [i + 2 for i, a in enumerate(argv) if a in ("--config", "-c")]
+    config_ends += [i + 1 for i, a in enumerate(argv) if a.startswith("--config=")]
+    if not extra or not config_ends:
+        return argv
+    at = max(config_ends)
+    return argv[:at] + extra + argv[at:]
 
 
 def run_lightning(args: list[str] | None = None) -> MiniLLMCLI:
@@ -93,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
             module, func = EXTRA_VERBS[verb].split(":")
             getattr(__import__(module, fromlist=[func]), func)(argv[1:])
         elif verb in LIGHTNING_VERBS or verb.startswith("-") and verb not in ("-h", "--help"):
-            run_lightning(None if from_shell else argv)
+            with_env = env_overrides(argv)
+            if from_shell:  # keep sys.argv truthful: DDP's launcher re-runs it for the other ranks
+                sys.argv = sys.argv[:1] + with_env
+            run_lightning(None if from_shell else with_env)
         else:
             extra = "".join(f"  {name}\n" for name in EXTRA_VERBS)
             print(USAGE.format(extra=("\nOther commands:\n" + extra) if extra else ""))

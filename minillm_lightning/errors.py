@@ -13,3 +13,7 @@ class DataError(MiniLLMError):
 
 class CheckpointError(MiniLLMError):
     """A checkpoint that cannot be used as asked."""
+
+
+class ResourceError(MiniLLMError):
+    """A run that cannot fit in the available memory (or other machine resources) as configured."""

@@ -29,21 +29,40 @@ def resume_command(argv: list[str] | None = None) -> str:
     return shlex.join(out + ["--ckpt_path", "last"])
 
 
+def last_checkpoint_path(trainer: L.Trainer) -> Path:
+    """``last.ckpt`` in the first ModelCheckpoint's directory (where ``--ckpt_path last`` looks)."""
+    cb = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    dirpath = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(trainer.default_root_dir)
+    return dirpath / (ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
+
+
 class InterruptCheckpoint(Callback):
-    """On KeyboardInterrupt or SIGTERM during fit, write ``last.ckpt`` where ModelCheckpoint keeps it.
+    """Keep ``last.ckpt`` resumable: write it on Ctrl+C or SIGTERM, and at the end of fit.
 
     Lightning turns SIGTERM into an exception raised between batches, so that checkpoint is exact;
-    Ctrl+C can land mid-step, in which case the run resumes from the last completed step.
+    Ctrl+C can land mid-step, in which case the run resumes from the last completed step. At the end
+    of fit ``last.ckpt`` is refreshed when training moved on since ModelCheckpoint last wrote it
+    (ModelCheckpoint only saves on its own schedule, e.g. after validation).
+
+    Args:
+        save_on_train_end: refresh ``last.ckpt`` when fit ends.
     """
+
+    def __init__(self, save_on_train_end: bool = True) -> None:
+        self.save_on_train_end = save_on_train_end
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.save_on_train_end or not trainer.checkpoint_callbacks or trainer.global_step == 0:
+            return
+        path = last_checkpoint_path(trainer)
+        cb = trainer.checkpoint_callback
+        if getattr(cb, "_last_global_step_saved", -1) != trainer.global_step or not path.is_file():
+            trainer.save_checkpoint(path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.training:
             return
-        cb = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
-        dirpath = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(trainer.default_root_dir)
-        path = dirpath / (ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
+        path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         kind = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl+C"
-        rank_zero_info(
-            f"\n{kind}: saved {path} at step {trainer.global_step}. Resume with:\n  {resume_command()}\n"
-        )
+        rank_zero_info(f"\n{kind}: saved {path} at step {trainer.global_step}. Resume with:\n  {resume_command()}\n")

@@ -291,8 +291,10 @@ class PretrainDataModule(L.LightningDataModule):
             "tokenizer_sha256": self.tokenizer.sha256,
             "vocab_size": self.tokenizer.vocab_size,
         }
-        if self.trainer is not None and self.trainer.is_global_zero:
-            write_stats(self.trainer.log_dir or self.trainer.default_root_dir, "pretrain", self.stats)
+        if self.trainer is not None:
+            run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: call on every rank
+            if self.trainer.is_global_zero:
+                write_stats(run_dir, "pretrain", self.stats)
 
     def _progress(self) -> int:
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0

@@ -4,10 +4,12 @@ AdamW with decay/no-decay groups and the warmup + cosine learning-rate schedule.
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -33,6 +35,29 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def rng_states() -> dict[str, Any]:
+    """Random number generator states, in types ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class StageModule(L.LightningModule):
     """Base class of the stage modules; not used directly.
 
@@ -42,7 +67,7 @@ class StageModule(L.LightningModule):
         init_from: start a NEW stage from this checkpoint's weights (optimizer and counters start fresh).
             To continue the SAME run use ``--ckpt_path`` instead.
         learning_rate: peak AdamW learning rate.
-        weight_decay: AdamW weight decay on matrices (norm weights and embeddings-free 1-D params get none).
+        weight_decay: AdamW weight decay on weight matrices and embeddings; 1-D parameters (norm weights) get none.
         betas: AdamW betas.
         warmup: warmup length: a share of the total steps when < 1, else a number of optimizer steps.
         min_lr_ratio: the cosine schedule ends at ``learning_rate * min_lr_ratio``.
@@ -144,6 +169,7 @@ class StageModule(L.LightningModule):
         checkpoint[META_KEY] = {"stage": self.stage_name, "arch": self.arch.to_dict(), "format": 1}
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.state()
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(META_KEY, {})
@@ -154,6 +180,8 @@ class StageModule(L.LightningModule):
             )
         if "tokenizer" in checkpoint and self.tokenizer is None:
             self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
 
     # ---- optimisation ----
     def configure_optimizers(self) -> dict[str, Any]:
@@ -171,9 +199,7 @@ class StageModule(L.LightningModule):
             total = int(self.trainer.estimated_stepping_batches)
         warmup = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
         warmup = max(1, warmup) if hp.warmup > 0 else 0
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

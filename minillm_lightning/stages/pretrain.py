@@ -39,5 +39,6 @@ class PretrainModule(StageModule):
             return
         nll = self.val_nll.compute()
         self.val_nll.reset()
-        self.log("val/loss", nll, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(nll))
+        # already reduced across ranks by the metric; sync_dist averages identical values (and silences a warning)
+        self.log("val/loss", nll, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(nll), sync_dist=True)

@@ -1,0 +1,96 @@
+"""SFTModule: supervised fine-tuning of a pretrained MiniGPT on conversations, loss on assistant tokens only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchmetrics import MeanMetric
+
+from minillm_lightning.errors import CheckpointError
+from minillm_lightning.losses import lm_loss
+from minillm_lightning.model import MiniGPTConfig, segment_causal_mask
+from minillm_lightning.stages.base import StageModule
+
+
+class SFTModule(StageModule):
+    """Supervised fine-tuning stage. Batches carry ``labels`` that are ``IGNORE_INDEX`` everywhere except on
+    assistant tokens, so the loss and perplexity are those of the replies; packed batches also carry
+    ``segment_ids``/``position_ids`` and attention stays within each conversation.
+
+    Args:
+        arch: backbone architecture (ignored with ``init_from``: the checkpoint's architecture is used).
+        vocab_size: tokenizer vocabulary size; linked from the data module, do not set by hand.
+        init_from: the pretrained checkpoint to fine-tune (weights only; optimizer and counters start fresh).
+            To continue the SAME SFT run use ``--ckpt_path`` instead.
+        learning_rate: peak AdamW learning rate; ~10x below pretraining so fine-tuning adjusts the pretrained
+            weights instead of overwriting them.
+        weight_decay: AdamW weight decay on matrices; 0 by default: a short run from a good initialisation
+            has little to regularise and decay only pulls weights away from the pretrained solution.
+        betas: AdamW betas.
+        warmup: warmup length (a share of the total steps when < 1, else optimizer steps); short, since
+            the weights are already trained and only the fresh AdamW moments need a few steps to settle.
+        min_lr_ratio: the cosine schedule ends at ``learning_rate * min_lr_ratio``.
+        compile: run the backbone through ``torch.compile``.
+    """
+
+    stage_name = "sft"
+    prerequisite = "minillm fit --config configs/pretrain_tiny.yaml"
+    """The command that produces the checkpoint SFT starts from (named when ``init_from`` is missing)."""
+
+    def __init__(
+        self,
+        arch: MiniGPTConfig | None = None,
+        vocab_size: int | None = None,
+        init_from: str | None = None,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup: float = 0.03,
+        min_lr_ratio: float = 0.1,
+        compile: bool = False,
+    ) -> None:
+        if init_from and not Path(init_from).is_file():
+            raise CheckpointError(
+                f"model.init_from={init_from} does not exist. SFT fine-tunes a pretrained model: run "
+                f"`{self.prerequisite}` first (or the pretrain config of your model size), or point "
+                f"model.init_from and data.tokenizer at an existing checkpoint"
+            )
+        super().__init__(arch, vocab_size, init_from, learning_rate, weight_decay, betas, warmup, min_lr_ratio, compile)
+        if not init_from:
+            self.warn_once(
+                f"SFT from random weights: set model.init_from to a pretrained checkpoint ({self.prerequisite})"
+            )
+        self.val_nll = MeanMetric()  # token-weighted mean NLL over assistant tokens -> val/loss, val/ppl
+
+    def _lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean NLL of the labelled tokens, their number, MoE auxiliary loss) of one batch."""
+        segments = batch.get("segment_ids")
+        out = self._forward(
+            batch["input_ids"],
+            position_ids=batch.get("position_ids"),
+            attn_mask=segment_causal_mask(segments) if segments is not None else None,
+        )
+        loss, n_tokens = lm_loss(out.logits, batch["labels"])
+        return loss, n_tokens, out.aux_loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _, aux = self._lm_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        if self.arch.is_moe:
+            self.log("train/moe_aux_loss", aux)
+        self.count_tokens(batch["input_ids"].numel())
+        return loss + aux
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, n_tokens, _ = self._lm_loss(batch)
+        self.val_nll.update(loss, weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.val_nll.update_called:
+            return
+        nll = self.val_nll.compute()
+        self.val_nll.reset()
+        self.log("val/loss", nll, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(nll))

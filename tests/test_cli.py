@@ -1,0 +1,139 @@
+"""The `minillm` command as users run it: real subprocesses on the shipped config and sample data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from minillm_lightning.cli import env_overrides
+
+CONFIG = "configs/pretrain_tiny.yaml"
+# a fast variant of the tiny recipe: micro model, short blocks
+FAST = [
+    "--model.init_args.arch.n_layer=2",
+    "--model.init_args.arch.dim=64",
+    "--data.init_args.seq_len=64",
+    "--data.init_args.vocab_size=1024",
+    "--trainer.log_every_n_steps=2",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    """A working directory that sees the project's configs/ and data/ but writes its own checkpoints/."""
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sample").symlink_to(ROOT / "data" / "sample")
+    return tmp_path
+
+
+def minillm(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "minillm_lightning.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_and_print_config(workdir: Path) -> None:
+    top = minillm(["--help"], workdir)
+    assert top.returncode == 0 and "fit" in top.stdout
+    helped = minillm(["fit", "--config", CONFIG, "--model.help", "minillm_lightning.PretrainModule"], workdir)
+    assert helped.returncode == 0
+    assert "peak AdamW learning rate" in helped.stdout and "init_from" in helped.stdout
+    printed = minillm(["fit", "--config", CONFIG, "--print_config"], workdir)
+    assert printed.returncode == 0
+    assert "class_path: minillm_lightning.PretrainModule" in printed.stdout
+    assert "max_steps: 600" in printed.stdout
+    assert "n_kv_head:" in printed.stdout and "sample_ratio:" in printed.stdout  # every knob is listed
+
+
+def test_env_overrides_beat_config_but_not_flags(workdir: Path) -> None:
+    env = {"MINILLM_FIT__TRAINER__MAX_STEPS": "77", "MINILLM_FIT__DATA__INIT_ARGS__VAL_SHARE": "0.2"}
+    printed = minillm(["fit", "--config", CONFIG, "--print_config"], workdir, env)
+    assert "max_steps: 77" in printed.stdout and "val_share: 0.2" in printed.stdout
+    flag = minillm(["fit", "--config", CONFIG, "--trainer.max_steps", "5", "--print_config"], workdir, env)
+    assert "max_steps: 5" in flag.stdout
+    assert env_overrides(["fit", "--trainer.max_steps", "3"], env) == ["fit", "--trainer.max_steps", "3"]
+
+
+def test_fit_writes_checkpoints_logs_config_and_stats(workdir: Path) -> None:
+    r = minillm(["fit", "--config", CONFIG, *FAST, "--trainer.max_steps=12", "--trainer.val_check_interval=6"], workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = workdir / "checkpoints" / "pretrain_tiny"
+    assert (run / "last.ckpt").is_file() and (run / "best.ckpt").is_file()
+    assert list((run / "tb").glob("version_*/events.out.tfevents.*")), "TensorBoard events missing"
+    assert list((run / "tb").glob("version_*/config.yaml")), "resolved config missing"
+    stats = list((run / "tb").glob("version_*/dataset_stats.json"))
+    assert stats and "pretrain.jsonl" in stats[0].read_text()
+    assert "MiniGPT[tiny] pretrain:" in r.stdout + r.stderr  # parameter count at start-up
+    ckpt = torch.load(run / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 12 and "tokenizer" in ckpt
+
+
+def test_sigterm_saves_and_resume_continues(workdir: Path) -> None:
+    args = ["fit", "--config", CONFIG, *FAST, "--trainer.max_steps=100000", "--trainer.val_check_interval=50"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minillm_lightning.cli", *args],
+        cwd=workdir,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    events = workdir / "checkpoints" / "pretrain_tiny" / "tb"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(events.glob("version_*/events.out.tfevents.*")):
+        time.sleep(0.5)
+    time.sleep(4)  # let some steps run
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    last = workdir / "checkpoints" / "pretrain_tiny" / "last.ckpt"
+    assert last.is_file(), out[-3000:]
+    assert "Resume with:" in out and "--ckpt_path last" in out
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert step > 0
+    r = minillm(
+        ["fit", "--config", CONFIG, *FAST, f"--trainer.max_steps={step + 4}", "--ckpt_path", "last"], workdir
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"continuing at step {step}" in r.stdout + r.stderr
+    assert torch.load(last, weights_only=True)["global_step"] == step + 4
+
+
+def test_ddp_two_cpu_processes(workdir: Path) -> None:
+    r = minillm(
+        [
+            "fit",
+            "--config",
+            CONFIG,
+            *FAST,
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=4",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            "--trainer.accelerator=cpu",
+        ],
+        workdir,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    ckpt = torch.load(workdir / "checkpoints" / "pretrain_tiny" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["world_size"] == 2
+
+
+def test_clear_errors_without_traceback(workdir: Path, tiny_pretrain_ckpt: Path) -> None:
+    bad_heads = minillm(["fit", "--config", CONFIG, "--model.init_args.arch.n_head=3"], workdir)
+    assert bad_heads.returncode != 0
+    assert "n_head=3 does not divide dim=128" in bad_heads.stderr
+    missing = minillm(["fit", "--config", CONFIG, "--data.init_args.sources=[{path: nope/*.jsonl}]"], workdir)
+    assert missing.returncode == 2 and "matches no file" in missing.stderr and "Traceback" not in missing.stderr
+    wrong = minillm(["fit", "--config", CONFIG, *FAST, "--ckpt_path", "nope.ckpt"], workdir)
+    assert wrong.returncode == 2 and "no such file" in wrong.stderr
