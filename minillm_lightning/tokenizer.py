@@ -20,6 +20,8 @@ from typing import Literal
 
 import sentencepiece as spm
 
+from minillm_lightning.errors import MiniLLMError
+
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 ModelType = Literal["bpe", "unigram", "char"]
@@ -184,6 +186,22 @@ def train_sentencepiece(texts: Iterable[str], settings: TokenizerSettings) -> by
     buf = io.BytesIO()
     byte_fallback = settings.model_type != "char"
     sentences = (line for t in texts for line in t.split("\n") if line.strip())
+    try:
+        _train(sentences, buf, settings, byte_fallback)
+    except RuntimeError as e:
+        msg = str(e)
+        if "required_chars" in msg:
+            needed = msg.split(" vs ")[-1].split(".")[0] if " vs " in msg else "more"
+            raise MiniLLMError(
+                f"tokenizer vocab_size={settings.vocab_size} is smaller than the {needed} distinct characters "
+                f"the corpus needs at character_coverage={settings.character_coverage}; raise vocab_size or lower "
+                f"character_coverage (e.g. 0.98: rarer characters then fall back to bytes)"
+            ) from None
+        raise
+    return buf.getvalue()
+
+
+def _train(sentences: Iterator[str], buf: io.BytesIO, settings: TokenizerSettings, byte_fallback: bool) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentences,
         model_writer=buf,
@@ -212,4 +230,3 @@ def train_sentencepiece(texts: Iterable[str], settings: TokenizerSettings) -> by
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    return buf.getvalue()

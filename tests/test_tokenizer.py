@@ -1,0 +1,99 @@
+"""SentencePiece training, caching, round trips and the chat template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SHARED_DATA
+
+from minillm_lightning.tokenizer import IM_END, IM_START, Tokenizer, TokenizerSettings, train_or_load
+
+SAMPLES = {
+    "en": "The quick brown fox jumps over the lazy dog.\n  Two  spaces,\ttabs and 3.14159 digits!",
+    "zh": "今天天气很好，我们去公园散步吧。机器学习是人工智能的一个分支。",
+    "emoji": "Party time 🎉🥳 — naïve café ☕ ok 👍🏽",
+    "code": 'def f(x: int) -> int:\n    """square"""\n    return x ** 2  # {braces} [ok]\n',
+}
+
+
+def _corpus() -> list[str]:
+    texts = []
+    for name in ("pretrain_en.jsonl", "pretrain_zh.jsonl"):
+        with open(SHARED_DATA / "pretrain" / name, encoding="utf-8") as f:
+            texts += [json.loads(line)["text"] for line in f]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer(tmp_path_factory) -> Tokenizer:
+    files = [SHARED_DATA / "pretrain" / "pretrain_en.jsonl", SHARED_DATA / "pretrain" / "pretrain_zh.jsonl"]
+    path, _ = train_or_load(files, _corpus(), TokenizerSettings(vocab_size=6400), tmp_path_factory.mktemp("tok"))
+    return Tokenizer.from_file(path)
+
+
+@pytest.mark.parametrize("lang", sorted(SAMPLES))
+def test_lossless_round_trip(real_tokenizer: Tokenizer, lang: str) -> None:
+    text = SAMPLES[lang]
+    ids = real_tokenizer.encode(text)
+    assert real_tokenizer.decode(ids) == text
+    assert real_tokenizer.unk_id not in ids  # byte fallback covers everything
+    print(f"{lang}: {len(text) / len(ids):.2f} chars/token")
+
+
+def test_chars_per_token_reflect_training_languages(real_tokenizer: Tokenizer) -> None:
+    """English and Chinese are in the training corpus, so both compress; emoji fall back to bytes."""
+    rate = {k: len(v) / len(real_tokenizer.encode(v)) for k, v in SAMPLES.items()}
+    assert rate["en"] > 1.5
+    assert rate["zh"] > 1.0
+    assert rate["emoji"] < rate["en"]
+
+
+def test_special_tokens(real_tokenizer: Tokenizer) -> None:
+    t = real_tokenizer
+    assert (t.pad_id, t.unk_id, t.bos_id, t.eos_id) == (0, 1, 2, 3)
+    assert t.id_to_piece(t.im_start_id) == IM_START and t.id_to_piece(t.im_end_id) == IM_END
+    assert t.encode(f"{IM_START}user")[0] == t.im_start_id
+    assert t.encode("hi", bos=True, eos=True)[0] == t.bos_id and t.encode("hi", eos=True)[-1] == t.eos_id
+
+
+def test_cache_reuse_and_force(tmp_path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world, hello tokenizer\n" * 50 + "some other words here\n" * 20)
+    settings = TokenizerSettings(vocab_size=300)
+    texts = [corpus.read_text()]
+    p1, reused1 = train_or_load([corpus], texts, settings, tmp_path / "cache")
+    p2, reused2 = train_or_load([corpus], None, settings, tmp_path / "cache")  # no text needed on a hit
+    assert (reused1, reused2) == (False, True) and p1 == p2
+    mtime = p1.stat().st_mtime_ns
+    p3, reused3 = train_or_load([corpus], texts, settings, tmp_path / "cache", force=True)
+    assert not reused3 and p3 == p1 and p3.stat().st_mtime_ns >= mtime
+    corpus.write_text(corpus.read_text() + "a change in the corpus\n")
+    p4, reused4 = train_or_load([corpus], [corpus.read_text()], settings, tmp_path / "cache")
+    assert not reused4 and p4 != p1  # a different corpus hashes to a different cache entry
+
+
+def test_char_model_type(tmp_path) -> None:
+    text = "to be or not to be, that is the question\n" * 30
+    f = tmp_path / "s.txt"
+    f.write_text(text)
+    path, _ = train_or_load([f], [text], TokenizerSettings(vocab_size=64, model_type="char"), tmp_path / "c")
+    tok = Tokenizer.from_file(path)
+    line = "to be or not"
+    assert len(tok.encode(line)) == len(line)  # one token per character
+    assert tok.decode(tok.encode(line)) == line
+
+
+def test_chat_template_text_and_generation_prompt(real_tokenizer: Tokenizer) -> None:
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = real_tokenizer.render_chat(msgs, add_generation_prompt=True)
+    assert text == f"{IM_START}system\nBe brief.{IM_END}\n{IM_START}user\nHi{IM_END}\n{IM_START}assistant\n"
+    ids, mask = real_tokenizer.encode_chat(msgs, add_generation_prompt=True)
+    assert real_tokenizer.decode(ids) == text
+    assert not any(mask)  # no assistant turn yet: nothing is trained
+    assert ids[-len(real_tokenizer.generation_prompt()) :] == real_tokenizer.generation_prompt()
+
+
+def test_wrong_file_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Tokenizer.from_file(tmp_path / "missing.model")
