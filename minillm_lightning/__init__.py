@@ -2,11 +2,16 @@
 
 from minillm_lightning.callbacks import InterruptCheckpoint
 from minillm_lightning.data.pretrain import PretrainDataModule, PretrainSource
+from minillm_lightning.generation import ContextLengthError, GenerationConfig, GenerationOutput, TextGenerator
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 from minillm_lightning.stages.pretrain import PretrainModule
 from minillm_lightning.tokenizer import Tokenizer
 
 __all__ = [
+    "ContextLengthError",
+    "GenerationConfig",
+    "GenerationOutput",
+    "TextGenerator",
     "InterruptCheckpoint",
     "MiniGPT",
     "MiniGPTConfig",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 from minillm_lightning import MiniGPTConfig, PretrainDataModule, PretrainModule
 
@@ -69,3 +70,8 @@ def tiny_pretrain_ckpt(tmp_path_factory, pretrain_dm_factory) -> Path:
     path = root / "pretrain.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+# Tiny models on a 2-core machine: one intra-op thread per process is much faster than two competing ones
+# (and DDP tests run two processes). Subprocesses inherit the variable.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)

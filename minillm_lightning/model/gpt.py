@@ -133,7 +133,9 @@ class MoE(nn.Module):
         self.n_experts, self.top_k, self.coef = config.n_experts, config.top_k, config.aux_loss_coef
         self.gate = nn.Linear(config.dim, config.n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(config.dim, config.intermediate_size) for _ in range(config.n_experts))
-        self.shared = nn.ModuleList(SwiGLU(config.dim, config.intermediate_size) for _ in range(config.n_shared_experts))
+        self.shared = nn.ModuleList(
+            SwiGLU(config.dim, config.intermediate_size) for _ in range(config.n_shared_experts)
+        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         B, T, C = x.shape
