@@ -1,6 +1,6 @@
 """minillm-lightning: train a small Llama-style language model through every stage of an LLM pipeline."""
 
-from minillm_lightning.callbacks import InterruptCheckpoint
+from minillm_lightning.callbacks import GradientHealthMonitor, InterruptCheckpoint, MemoryGuard
 from minillm_lightning.data.pretrain import PretrainDataModule, PretrainSource
 from minillm_lightning.generation import ContextLengthError, GenerationConfig, GenerationOutput, TextGenerator
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
@@ -12,7 +12,9 @@ __all__ = [
     "GenerationConfig",
     "GenerationOutput",
     "TextGenerator",
+    "GradientHealthMonitor",
     "InterruptCheckpoint",
+    "MemoryGuard",
     "MiniGPT",
     "MiniGPTConfig",
     "PretrainDataModule",
