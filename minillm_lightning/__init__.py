@@ -2,9 +2,11 @@
 
 from minillm_lightning.callbacks import GradientHealthMonitor, InterruptCheckpoint, MemoryGuard
 from minillm_lightning.data.pretrain import PretrainDataModule, PretrainSource
+from minillm_lightning.data.sft import SFTDataModule, SFTFields
 from minillm_lightning.generation import ContextLengthError, GenerationConfig, GenerationOutput, TextGenerator
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 from minillm_lightning.stages.pretrain import PretrainModule
+from minillm_lightning.stages.sft import SFTModule
 from minillm_lightning.tokenizer import Tokenizer
 
 __all__ = [
@@ -20,6 +22,9 @@ __all__ = [
     "PretrainDataModule",
     "PretrainModule",
     "PretrainSource",
+    "SFTDataModule",
+    "SFTFields",
+    "SFTModule",
     "Tokenizer",
 ]
 __version__ = "0.1.0"

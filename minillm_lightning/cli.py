@@ -128,11 +128,23 @@ def main(argv: list[str] | None = None) -> None:
             extra = "".join(f"  {name}\n" for name in EXTRA_VERBS)
             print(USAGE.format(extra=("\nOther commands:\n" + extra) if extra else ""))
             sys.exit(0 if verb in ("", "-h", "--help") else 2)
-    except MiniLLMError as e:
-        if os.environ.get("MINILLM_TRACEBACK"):
+    except Exception as e:
+        user_error = _find_user_error(e)
+        if user_error is None or os.environ.get("MINILLM_TRACEBACK"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _find_user_error(exc: BaseException | None) -> MiniLLMError | None:
+    """The MiniLLMError behind an exception, also when jsonargparse wrapped it while instantiating a class."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MiniLLMError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":
