@@ -33,6 +33,31 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
+def is_intact(path: str | os.PathLike) -> bool:
+    """True when the file is a complete zip archive whose every member passes its CRC check."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def newest_intact_checkpoint(dirs: list[str | os.PathLike]) -> tuple[Path | None, list[Path]]:
+    """The checkpoint ``--ckpt_path last`` should resume from, and the damaged ones skipped on the way.
+
+    ``last*.ckpt`` files come first (newest first), then any other checkpoint in the same directories,
+    newest first, so a truncated ``last.ckpt`` falls back to the most recent intact save.
+    """
+    files = {p for d in dirs if Path(d).is_dir() for p in Path(d).glob("*.ckpt")}
+    ordered = sorted(files, key=lambda p: (not p.name.startswith("last"), -p.stat().st_mtime))
+    skipped: list[Path] = []
+    for path in ordered:
+        if is_intact(path):
+            return path, skipped
+        skipped.append(path)
+    return None, skipped
+
+
 def checkpoint_meta(ckpt: dict[str, Any], source: str = "checkpoint") -> dict[str, Any]:
     meta = ckpt.get(META_KEY)
     if meta is None:

@@ -10,9 +10,10 @@ import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from minillm_lightning.callbacks import InterruptCheckpoint
-from minillm_lightning.checkpoint import META_KEY, load_checkpoint
+from minillm_lightning.checkpoint import META_KEY, load_checkpoint, newest_intact_checkpoint
 from minillm_lightning.errors import CheckpointError, MiniLLMError
 from minillm_lightning.stages.base import StageModule
 
@@ -57,6 +58,23 @@ class MiniLLMCLI(LightningCLI):
                     f"from its weights use --model.init_from {ckpt_path}"
                 )
         super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last``: resume from the newest intact checkpoint, skipping damaged ones loudly."""
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("ckpt_path") != "last":
+            return
+        dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        path, skipped = newest_intact_checkpoint(dirs)
+        for bad in skipped:
+            rank_zero_warn(f"!!! {bad} is truncated or corrupted; skipping it")
+        if path is None:
+            rank_zero_warn(f"--ckpt_path last: no checkpoint in {dirs}; starting from scratch")
+            cfg["ckpt_path"] = None
+        else:
+            cfg["ckpt_path"] = str(path)
+            if skipped:
+                rank_zero_warn(f"--ckpt_path last: resuming from {path} instead")
 
 
 def env_overrides(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:

@@ -1,0 +1,107 @@
+"""Checkpoints survive crashes during save; damaged checkpoints are named, and `--ckpt_path last` skips them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MICRO_ARCH, micro_trainer
+from test_cli import CONFIG, FAST, minillm, workdir  # noqa: F401  (fixture re-used)
+
+from minillm_lightning import MiniGPTConfig, PretrainModule
+from minillm_lightning.checkpoint import is_intact, load_checkpoint, newest_intact_checkpoint
+from minillm_lightning.errors import CheckpointError
+
+SAVER = """
+import sys, torch
+from lightning.fabric.utilities.cloud_io import _atomic_save
+blob = {"state_dict": {"w": torch.randn(4_000_000)}}
+i = 0
+while True:
+    blob["i"] = i
+    _atomic_save(blob, sys.argv[1])
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def test_kill_during_save_never_leaves_a_truncated_file(tmp_path: Path) -> None:
+    """SIGKILL a process that keeps rewriting a 16 MB checkpoint: the file is always complete."""
+    target = tmp_path / "last.ckpt"
+    for delay in (0.6, 1.1, 1.7):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target)], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one save finished
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert is_intact(target)
+        assert load_checkpoint(target)["state_dict"]["w"].numel() == 4_000_000
+
+
+def test_failing_writer_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch, pretrain_dm_factory) -> None:
+    dm = pretrain_dm_factory()
+    model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
+    trainer = micro_trainer(tmp_path, max_steps=2)
+    trainer.fit(model, datamodule=dm)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    before = path.read_bytes()
+
+    import fsspec.implementations.local as local
+
+    def broken_write(self, data):  # the disk fills up half-way through the write
+        self.f.write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(local.LocalFileOpener, "write", broken_write)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and is_intact(path)
+
+
+def test_damaged_checkpoints_are_named_and_skipped(tmp_path: Path, tiny_pretrain_ckpt: Path) -> None:
+    good = tmp_path / "step10.ckpt"
+    good.write_bytes(tiny_pretrain_ckpt.read_bytes())
+    time.sleep(0.01)
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(tiny_pretrain_ckpt.read_bytes()[:5000])  # truncated
+    with pytest.raises(CheckpointError, match=r"last\.ckpt is corrupted or truncated"):
+        load_checkpoint(last)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        load_checkpoint(garbage)
+    flipped = bytearray(tiny_pretrain_ckpt.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF  # a bit flip inside the weights
+    bad_crc = tmp_path / "flipped.ckpt"
+    bad_crc.write_bytes(bytes(flipped))
+    assert not is_intact(bad_crc)
+    os.utime(garbage, (time.time() + 5, time.time() + 5))  # newest, but broken
+    found, skipped = newest_intact_checkpoint([tmp_path])
+    assert found == good
+    assert skipped[0] == last and garbage in skipped
+
+
+def test_resume_last_falls_back_to_newest_intact(workdir: Path) -> None:  # noqa: F811
+    args = ["fit", "--config", CONFIG, *FAST, "--trainer.val_check_interval=4"]
+    first = minillm([*args, "--trainer.max_steps=8"], workdir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = workdir / "checkpoints" / "pretrain_tiny"
+    (run / "best.ckpt").rename(run / "intact.ckpt")
+    last = run / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:4096])
+    resumed = minillm([*args, "--trainer.max_steps=10", "--ckpt_path", "last"], workdir)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-3000:]
+    assert "last.ckpt is truncated or corrupted; skipping it" in out
+    assert "resuming from" in out and "continuing at step" in out
+    assert torch.load(last, weights_only=True)["global_step"] == 10
+    explicit = minillm([*args, "--ckpt_path", str(run / "garbage.ckpt")], workdir)
+    assert explicit.returncode == 2 and "no such file" in explicit.stderr
