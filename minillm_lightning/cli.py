@@ -22,6 +22,7 @@ LIGHTNING_VERBS = {"fit", "validate", "test", "predict"}
 EXTRA_VERBS: dict[str, str] = {
     "generate": "minillm_lightning.commands.generate:generate_main",
     "chat": "minillm_lightning.commands.generate:chat_main",
+    "download": "minillm_lightning.commands.download:download_main",
 }
 
 

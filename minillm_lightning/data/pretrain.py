@@ -250,6 +250,9 @@ class PretrainDataModule(L.LightningDataModule):
             os.replace(tmp, paths[split])
         seconds = time.perf_counter() - t0
         meta = {"dtype": np.dtype(dtype).name, "tokens_per_source": per_source, "tokenize_seconds": seconds}
+        val_tokens = sum(len(seq) + 1 for seq in tok.encode_batch([t for _, t in val])) if val else 0
+        meta["val_chars"] = sum(len(t) for _, t in val)
+        meta["val_tokens"] = val_tokens
         meta["sources"] = stats
         tmp = paths["meta"].with_suffix(".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
@@ -285,6 +288,7 @@ class PretrainDataModule(L.LightningDataModule):
             "tokens_per_source": meta["tokens_per_source"],
             "train_tokens": int(len(self.train_set.tokens)),
             "val_tokens": int(len(self.val_set.tokens)),
+            "val_chars": meta.get("val_chars", 0),
             "train_blocks": len(self.train_set),
             "val_blocks": len(self.val_set),
             "seq_len": self.seq_len,
@@ -295,6 +299,14 @@ class PretrainDataModule(L.LightningDataModule):
             run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: call on every rank
             if self.trainer.is_global_zero:
                 write_stats(run_dir, "pretrain", self.stats)
+
+    @property
+    def val_chars_per_token(self) -> float | None:
+        """Characters per token of the validation text: turns nats/token into tokenizer-independent nats/char."""
+        stats = getattr(self, "stats", None)
+        if not stats or not stats["val_chars"] or not stats["val_tokens"]:
+            return None
+        return stats["val_chars"] / stats["val_tokens"]
 
     def _progress(self) -> int:
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchmetrics import MeanMetric
 
@@ -42,3 +44,7 @@ class PretrainModule(StageModule):
         # already reduced across ranks by the metric; sync_dist averages identical values (and silences a warning)
         self.log("val/loss", nll, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(nll), sync_dist=True)
+        cpt = getattr(self.trainer.datamodule, "val_chars_per_token", None) if self._trainer else None
+        if cpt:  # per character, so models with different tokenizers compare
+            self.log("val/nats_per_char", nll / cpt, sync_dist=True)
+            self.log("val/bits_per_char", nll / cpt / math.log(2), sync_dist=True)

@@ -1,0 +1,158 @@
+"""`minillm download NAME`: fetch a public corpus into data/ and convert it to a schema we read.
+
+With ``--from PATH`` the same conversion runs on a local copy (no network), which is also how the
+conversions are tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from minillm_lightning.errors import DataError, MiniLLMError
+
+HF = "https://huggingface.co/datasets"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    url: str
+    output: str
+    about: str
+    convert: str = "copy"  # "copy" or "hh" (Anthropic HH-RLHF -> minimind preference schema)
+
+
+CORPORA: dict[str, Corpus] = {
+    "tinyshakespeare": Corpus(
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "data/tinyshakespeare/input.txt",
+        "Tiny Shakespeare, 1.1 MB of plain text (pretraining; configs/shakespeare_*.yaml)",
+    ),
+    "minimind-pretrain": Corpus(
+        f"{HF}/jingyaogong/minimind_dataset/resolve/main/pretrain_hq.jsonl",
+        "data/minimind/pretrain_hq.jsonl",
+        'minimind pretraining corpus, {"text"} lines, ~1.6 GB (Chinese)',
+    ),
+    "minimind-sft": Corpus(
+        f"{HF}/jingyaogong/minimind_dataset/resolve/main/sft_mini_512.jsonl",
+        "data/minimind/sft_mini_512.jsonl",
+        'minimind SFT conversations, {"conversations": [{"role","content"}]}, ~1.2 GB',
+    ),
+    "minimind-dpo": Corpus(
+        f"{HF}/jingyaogong/minimind_dataset/resolve/main/dpo.jsonl",
+        "data/minimind/dpo.jsonl",
+        'minimind preference pairs, {"chosen": [msgs], "rejected": [msgs]}',
+    ),
+    "alpaca": Corpus(
+        "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json",
+        "data/alpaca/alpaca_data.json",
+        'Stanford Alpaca, 52k {"instruction","input","output"} (SFT, read as-is)',
+    ),
+    "hh-rlhf": Corpus(
+        f"{HF}/Anthropic/hh-rlhf/resolve/main/helpful-base/train.jsonl.gz",
+        "data/hh-rlhf/helpful_base_train.jsonl",
+        "Anthropic HH-RLHF helpful-base, converted to our preference schema (reward/DPO)",
+        convert="hh",
+    ),
+}
+
+
+def parse_hh_dialogue(text: str) -> list[dict[str, str]]:
+    """Split an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") into chat messages."""
+    messages: list[dict[str, str]] = []
+    for chunk in text.split("\n\nHuman: ")[1:] if "\n\nHuman: " in text else []:
+        human, *assistant_parts = chunk.split("\n\nAssistant: ")
+        messages.append({"role": "user", "content": human.strip()})
+        for part in assistant_parts:
+            messages.append({"role": "assistant", "content": part.strip()})
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("transcript does not end with an Assistant turn")
+    return messages
+
+
+def convert_hh(lines: Iterator[str], write: Callable[[str], object]) -> tuple[int, int]:
+    """HH-RLHF {"chosen": text, "rejected": text} lines -> {"chosen": [msgs], "rejected": [msgs]}."""
+    kept = skipped = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        try:
+            chosen, rejected = parse_hh_dialogue(rec["chosen"]), parse_hh_dialogue(rec["rejected"])
+        except (ValueError, KeyError):
+            skipped += 1
+            continue
+        if chosen == rejected or chosen[:-1] != rejected[:-1] or any(not m["content"] for m in chosen + rejected):
+            skipped += 1  # identical answers, different prompts or empty turns teach nothing
+            continue
+        write(json.dumps({"chosen": chosen, "rejected": rejected}, ensure_ascii=False) + "\n")
+        kept += 1
+    return kept, skipped
+
+
+def _open_text(path: Path) -> Iterator[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        yield from f
+
+
+def fetch(name: str, output: Path | None = None, source: Path | None = None, log=print) -> Path:
+    """Download (or take ``source``) and convert corpus ``name``; returns the written file."""
+    if name not in CORPORA:
+        raise MiniLLMError(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)}")
+    corpus = CORPORA[name]
+    out = Path(output or corpus.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if source is None:
+            raw = Path(tmp) / Path(corpus.url).name
+            log(f"downloading {corpus.url}")
+            try:
+                with urllib.request.urlopen(corpus.url, timeout=60) as resp, open(raw, "wb") as f:
+                    shutil.copyfileobj(resp, f)
+            except OSError as e:
+                raise MiniLLMError(
+                    f"could not download {corpus.url} ({e}); fetch it by hand and run "
+                    f"`minillm download {name} --from PATH`"
+                ) from None
+        else:
+            raw = Path(source)
+            if not raw.is_file():
+                raise DataError(f"--from {raw}: no such file")
+        partial = out.with_suffix(out.suffix + ".partial")
+        if corpus.convert == "hh":
+            with open(partial, "w", encoding="utf-8") as f:
+                kept, skipped = convert_hh(_open_text(raw), f.write)
+            log(f"converted {kept} pairs ({skipped} skipped: unparsable, identical or different prompts)")
+        else:
+            shutil.copyfile(raw, partial)
+        os.replace(partial, out)
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return out
+
+
+def download_main(argv: list[str]) -> None:
+    listing = "\n".join(f"  {k:18s} {v.about}" for k, v in CORPORA.items())
+    parser = argparse.ArgumentParser(
+        prog="minillm download",
+        description=f"Fetch a public corpus into data/ in a format minillm reads.\n\ncorpora:\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("name", choices=sorted(CORPORA), help="which corpus")
+    parser.add_argument("--output", type=Path, default=None, help="where to write (default: the path listed above)")
+    parser.add_argument("--from", dest="source", type=Path, default=None, help="convert a local copy, no network")
+    args = parser.parse_args(argv)
+    fetch(args.name, args.output, args.source)
+
+
+if __name__ == "__main__":
+    download_main(sys.argv[1:])
