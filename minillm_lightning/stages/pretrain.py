@@ -8,11 +8,14 @@ import torch
 from torchmetrics import MeanMetric
 
 from minillm_lightning.losses import lm_loss
+from minillm_lightning.model import segment_causal_mask
 from minillm_lightning.stages.base import StageModule
 
 
 class PretrainModule(StageModule):
-    """Pretraining stage: causal language modelling (see :class:`StageModule` for the arguments)."""
+    """Pretraining stage: causal language modelling (see :class:`StageModule` for the arguments).
+
+    SFT reuses this module's loss and metrics; its batches only label the assistant tokens."""
 
     stage_name = "pretrain"
 
@@ -20,20 +23,32 @@ class PretrainModule(StageModule):
         super().__init__(*args, **kwargs)
         self.val_nll = MeanMetric()  # token-weighted mean NLL, reduced across ranks -> val/loss, val/ppl
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self._forward(batch["input_ids"])
+    def _lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean NLL of the labelled tokens, their number, MoE auxiliary loss) of one batch.
+
+        Packed batches (SFT) also carry ``segment_ids``/``position_ids``: attention then stays within each
+        segment and positions restart at every segment.
+        """
+        segments = batch.get("segment_ids")
+        out = self._forward(
+            batch["input_ids"],
+            position_ids=batch.get("position_ids"),
+            attn_mask=segment_causal_mask(segments) if segments is not None else None,
+        )
         loss, n_tokens = lm_loss(out.logits, batch["labels"])
-        total = loss + out.aux_loss
+        return loss, n_tokens, out.aux_loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _, aux = self._lm_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
         if self.arch.is_moe:
-            self.log("train/moe_aux_loss", out.aux_loss)
+            self.log("train/moe_aux_loss", aux)
         self.count_tokens(batch["input_ids"].numel())
-        return total
+        return loss + aux
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self._forward(batch["input_ids"])
-        loss, n_tokens = lm_loss(out.logits, batch["labels"])
+        loss, n_tokens, _ = self._lm_loss(batch)
         self.val_nll.update(loss, weight=n_tokens)
 
     def on_validation_epoch_end(self) -> None:

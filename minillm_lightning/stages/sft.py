@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from torchmetrics import MeanMetric
-
 from minillm_lightning.errors import CheckpointError
-from minillm_lightning.losses import lm_loss
-from minillm_lightning.model import MiniGPTConfig, segment_causal_mask
-from minillm_lightning.stages.base import StageModule
+from minillm_lightning.model import MiniGPTConfig
+from minillm_lightning.stages.pretrain import PretrainModule
 
 
-class SFTModule(StageModule):
+class SFTModule(PretrainModule):
     """Supervised fine-tuning stage. Batches carry ``labels`` that are ``IGNORE_INDEX`` everywhere except on
     assistant tokens, so the loss and perplexity are those of the replies; packed batches also carry
     ``segment_ids``/``position_ids`` and attention stays within each conversation.
@@ -56,41 +52,18 @@ class SFTModule(StageModule):
                 f"`{self.prerequisite}` first (or the pretrain config of your model size), or point "
                 f"model.init_from and data.tokenizer at an existing checkpoint"
             )
-        super().__init__(arch, vocab_size, init_from, learning_rate, weight_decay, betas, warmup, min_lr_ratio, compile)
+        super().__init__(
+            arch=arch,
+            vocab_size=vocab_size,
+            init_from=init_from,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            betas=betas,
+            warmup=warmup,
+            min_lr_ratio=min_lr_ratio,
+            compile=compile,
+        )
         if not init_from:
             self.warn_once(
                 f"SFT from random weights: set model.init_from to a pretrained checkpoint ({self.prerequisite})"
             )
-        self.val_nll = MeanMetric()  # token-weighted mean NLL over assistant tokens -> val/loss, val/ppl
-
-    def _lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean NLL of the labelled tokens, their number, MoE auxiliary loss) of one batch."""
-        segments = batch.get("segment_ids")
-        out = self._forward(
-            batch["input_ids"],
-            position_ids=batch.get("position_ids"),
-            attn_mask=segment_causal_mask(segments) if segments is not None else None,
-        )
-        loss, n_tokens = lm_loss(out.logits, batch["labels"])
-        return loss, n_tokens, out.aux_loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _, aux = self._lm_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach()))
-        if self.arch.is_moe:
-            self.log("train/moe_aux_loss", aux)
-        self.count_tokens(batch["input_ids"].numel())
-        return loss + aux
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, n_tokens, _ = self._lm_loss(batch)
-        self.val_nll.update(loss, weight=n_tokens)
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.val_nll.update_called:
-            return
-        nll = self.val_nll.compute()
-        self.val_nll.reset()
-        self.log("val/loss", nll, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(nll))
