@@ -1,6 +1,14 @@
 """minillm-lightning: train a small Llama-style language model through every stage of an LLM pipeline."""
 
-from minillm_lightning.callbacks import GradientHealthMonitor, InterruptCheckpoint, MemoryGuard
+from minillm_lightning.callbacks import (
+    GradientHealthMonitor,
+    InterruptCheckpoint,
+    MemoryGuard,
+    RegressionSuite,
+    SystemMonitor,
+    Throughput,
+    TrainingSummary,
+)
 from minillm_lightning.data.pretrain import PretrainDataModule, PretrainSource
 from minillm_lightning.data.sft import SFTDataModule, SFTFields
 from minillm_lightning.generation import ContextLengthError, GenerationConfig, GenerationOutput, TextGenerator
@@ -17,6 +25,10 @@ __all__ = [
     "GradientHealthMonitor",
     "InterruptCheckpoint",
     "MemoryGuard",
+    "RegressionSuite",
+    "SystemMonitor",
+    "Throughput",
+    "TrainingSummary",
     "MiniGPT",
     "MiniGPTConfig",
     "PretrainDataModule",

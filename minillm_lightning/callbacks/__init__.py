@@ -3,5 +3,18 @@
 from minillm_lightning.callbacks.gradient_health import GradientHealthMonitor
 from minillm_lightning.callbacks.interrupt import InterruptCheckpoint
 from minillm_lightning.callbacks.memory_guard import MemoryGuard
+from minillm_lightning.callbacks.regression_suite import RegressionSuite
+from minillm_lightning.callbacks.system_stats import SystemMonitor
+from minillm_lightning.callbacks.throughput import Throughput, flops_per_token
+from minillm_lightning.callbacks.training_summary import TrainingSummary
 
-__all__ = ["GradientHealthMonitor", "InterruptCheckpoint", "MemoryGuard"]
+__all__ = [
+    "GradientHealthMonitor",
+    "InterruptCheckpoint",
+    "MemoryGuard",
+    "RegressionSuite",
+    "SystemMonitor",
+    "Throughput",
+    "TrainingSummary",
+    "flops_per_token",
+]

@@ -1,0 +1,214 @@
+"""TrainingSummary: at the end of fit, a short text summary of the run, printed and written to summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from minillm_lightning.callbacks.gradient_health import GradientHealthMonitor
+from minillm_lightning.callbacks.memory_guard import GIB, MemoryGuard
+from minillm_lightning.callbacks.regression_suite import RegressionSuite
+from minillm_lightning.callbacks.system_stats import SystemMonitor
+from minillm_lightning.callbacks.throughput import Throughput
+
+MAX_DISTINCT_WARNINGS = 20
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+class TrainingSummary(Callback):
+    """At the end of fit, print a short summary (rank zero) and write ``<run dir>/summary.json``.
+
+    The run dir is ``trainer.log_dir`` (resolved on every rank in ``on_fit_start``, as it is a collective). The
+    summary holds the final and best value of ``monitor`` (tracked at every validation round, kept across
+    resumes), the run's average throughput (from a :class:`Throughput` callback when present, else tokens counted
+    here), the latest and best regression pass rate (:class:`RegressionSuite`), the counters of
+    :class:`GradientHealthMonitor` and :class:`MemoryGuard` and the last :class:`SystemMonitor` reading when
+    those callbacks are used, the Python warnings shown during fit (count and the distinct messages), and every
+    scalar in ``trainer.callback_metrics``.
+
+    Args:
+        monitor: validation metric whose final and best values are reported.
+        mode: ``min`` or ``max``: which value of ``monitor`` is best.
+        filename: name of the JSON file in the run dir.
+    """
+
+    def __init__(self, monitor: str = "val/loss", mode: Literal["min", "max"] = "min", filename: str = "summary.json"):
+        if mode not in ("min", "max"):
+            raise ValueError(f"TrainingSummary.mode must be min or max, got {mode!r}")
+        self.monitor, self.mode, self.filename = monitor, mode, filename
+        self._run_dir: Path | None = None
+        self._t0 = 0.0
+        self._tokens = 0
+        self._showwarning: Any = None
+        # state kept in checkpoints
+        self.final: float | None = None
+        self.final_step = -1
+        self.best: float | None = None
+        self.best_step = -1
+        self.warning_count = 0
+        self.warning_messages: list[str] = []
+
+    # ---- collecting ----
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: all ranks
+        self._t0, self._tokens = time.perf_counter(), 0
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = self._record_warning  # shows it as before, and counts it
+
+    def _record_warning(self, message: Any, category: type, filename: str, lineno: int, *args: Any) -> None:
+        self.warning_count += 1
+        text = f"{category.__name__}: {str(message).strip().splitlines()[0][:200]}"
+        if text not in self.warning_messages and len(self.warning_messages) < MAX_DISTINCT_WARNINGS:
+            self.warning_messages.append(text)
+        self._showwarning(message, category, filename, lineno, *args)
+
+    def _restore_warnings(self) -> None:
+        if self._showwarning is not None and warnings.showwarning == self._record_warning:
+            warnings.showwarning = self._showwarning
+        self._showwarning = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        self._tokens += ids.numel() if isinstance(ids, torch.Tensor) else 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = _scalar(trainer.callback_metrics.get(self.monitor))
+        if value is None or not math.isfinite(value):
+            return
+        self.final, self.final_step = value, trainer.global_step
+        if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
+            self.best, self.best_step = value, trainer.global_step
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_warnings()
+
+    # ---- the summary ----
+    def collect(self, trainer: L.Trainer) -> dict[str, Any]:
+        """The summary as a JSON-ready dict."""
+        module = trainer.lightning_module
+        elapsed = time.perf_counter() - self._t0
+        out: dict[str, Any] = {
+            "stage": getattr(module, "stage_name", type(module).__name__),
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "stopped_early": bool(trainer.should_stop),
+            "fit_time_s": round(elapsed, 2),
+            "validation": {
+                "monitor": self.monitor,
+                "final": self.final,
+                "final_step": self.final_step,
+                "best": self.best,
+                "best_step": self.best_step,
+            },
+        }
+
+        def find(cls: type) -> Any:
+            return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
+
+        if (tp := find(Throughput)) is not None:
+            out["throughput"] = tp.summary()
+        else:
+            tokens = self._tokens * trainer.world_size
+            out["throughput"] = {"tokens": tokens, "tokens_per_sec": tokens / elapsed if elapsed else None}
+        if (rs := find(RegressionSuite)) is not None:
+            last = rs.history[-1] if rs.history else {}
+            out["regression"] = {
+                "evaluations": len(rs.history),
+                "pass_rate": last.get("pass_rate"),
+                "step": last.get("step"),
+                "best_pass_rate": rs.best_pass_rate,
+                "best_step": rs.best_step,
+                "failing": last.get("failed", []),
+            }
+        if (gh := find(GradientHealthMonitor)) is not None:
+            out["gradient_health"] = {k: getattr(gh, k) for k in GradientHealthMonitor._STATE}
+        if (mg := find(MemoryGuard)) is not None:
+            out["memory"] = {
+                "peak_rss_gib": mg.peak_rss / GIB,
+                "peak_cuda_gib": mg.peak_cuda / GIB,
+                "warnings": mg.warnings_issued,
+                "leak_reported": mg.leak_reported,
+            }
+        if (sm := find(SystemMonitor)) is not None:
+            out["system"] = sm.summary()
+        out["warnings"] = {"count": self.warning_count, "distinct": self.warning_messages}
+        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+        out["metrics"] = {k: v for k, v in sorted(metrics.items()) if v is not None}
+        return out
+
+    @staticmethod
+    def render(summary: dict[str, Any]) -> str:
+        """The summary as a few lines of text."""
+        v, tp = summary["validation"], summary.get("throughput", {})
+        lines = [
+            f"training summary ({summary['stage']}): {summary['global_step']} steps in {summary['fit_time_s']:.1f}s"
+            + (" (stopped early)" if summary["stopped_early"] else ""),
+            f"  {v['monitor']}: final {_fmt(v['final'])} (step {v['final_step']}), best {_fmt(v['best'])} "
+            f"(step {v['best_step']})",
+            f"  throughput: {_fmt(tp.get('tokens_per_sec'), ',.0f')} tokens/s"
+            + (f", {_fmt(tp['tflops_per_device'], '.3g')} TFLOP/s per device" if tp.get("tflops_per_device") else "")
+            + (f", MFU {tp['mfu']:.1%}" if tp.get("mfu") else ""),
+        ]
+        if r := summary.get("regression"):
+            lines.append(
+                f"  regression pass rate: {_fmt(r['pass_rate'], '.2f')} (step {r['step']}), best "
+                f"{_fmt(r['best_pass_rate'], '.2f')} (step {r['best_step']})"
+            )
+        if g := summary.get("gradient_health"):
+            lines.append(
+                f"  gradients: {g['nonfinite_steps']} non-finite steps ({g['skipped_steps']} skipped), "
+                f"{g['loss_spikes']} loss spikes, max norm {g['max_norm']:.4g}"
+            )
+        if m := summary.get("memory"):
+            lines.append(f"  memory: peak RSS {m['peak_rss_gib']:.2f} GiB, {m['warnings']} warnings")
+        w = summary["warnings"]
+        lines.append(f"  warnings: {w['count']}" + "".join(f"\n    - {msg}" for msg in w["distinct"][:5]))
+        return "\n".join(lines)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_warnings()
+        if not trainer.is_global_zero:
+            return
+        summary = self.collect(trainer)
+        path = (self._run_dir or Path(trainer.default_root_dir)) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        os.replace(tmp, path)
+        rank_zero_info(self.render(summary) + f"\n  written to {path}")
+
+    _STATE = ("final", "final_step", "best", "best_step", "warning_count", "warning_messages")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for k in self._STATE:
+            if k in state_dict:
+                setattr(self, k, state_dict[k])
+
+
+__all__ = ["TrainingSummary"]
