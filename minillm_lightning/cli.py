@@ -22,7 +22,11 @@ LIGHTNING_VERBS = {"fit", "validate", "test", "predict"}
 EXTRA_VERBS: dict[str, str] = {
     "generate": "minillm_lightning.commands.generate:generate_main",
     "chat": "minillm_lightning.commands.generate:chat_main",
+    "eval": "minillm_lightning.commands.eval:eval_main",
+    "export": "minillm_lightning.commands.export:export_main",
     "download": "minillm_lightning.commands.download:download_main",
+    "pipeline": "minillm_lightning.pipeline:pipeline_main",
+    "bench": "minillm_lightning.bench:bench_main",
 }
 
 
