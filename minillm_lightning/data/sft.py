@@ -490,8 +490,10 @@ class SFTDataModule(L.LightningDataModule):
             f"SFT data: {len(train_conv)} train / {len(val_conv)} val conversations -> {len(train)} rows, "
             f"{tokens:,} tokens ({self.stats['assistant_token_share']:.0%} trained); {counts}"
         )
-        if self.trainer is not None and self.trainer.is_global_zero:
-            write_stats(self.trainer.log_dir or self.trainer.default_root_dir, "sft", self.stats)
+        if self.trainer is not None:
+            run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: call on every rank
+            if self.trainer.is_global_zero:
+                write_stats(run_dir, "sft", self.stats)
 
     def _progress(self) -> int:
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0

@@ -122,7 +122,8 @@ class StageModule(L.LightningModule):
             if missing or unexpected:
                 raise CheckpointError(f"init_from={init_from}: incompatible weights (missing {missing[:3]})")
         self.init_from = init_from
-        self._forward = torch.compile(self.model) if compile else self.model
+        # not a registered submodule (plain __dict__ entry): the weights are stored once, under `model.`
+        self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
         self._t_last: float | None = None
         self._tokens_since = 0
 

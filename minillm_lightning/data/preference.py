@@ -1,0 +1,447 @@
+"""PreferenceDataModule: pairs of a preferred and a dispreferred reply to the same prompt (reward model, DPO).
+
+Every record becomes a :class:`Pair`: the prompt turns (an optional system prompt, then user/assistant
+turns ending with a user turn) and the two final assistant replies. Both sequences are rendered with the
+project's one chat template (``Tokenizer.encode_chat``, as in SFT): ``prompt`` holds the prompt turns and
+the open ``<|im_start|>assistant\\n`` header, a ``response`` the reply's tokens and its closing
+``<|im_end|>``, which is therefore the last token of every sequence (the token a reward head reads).
+
+A batch holds, for ``chosen`` and ``rejected`` alike, ``<side>_input_ids`` (B, T), ``<side>_labels``
+(B, T) aligned with the inputs (``labels[t]`` is ``input_ids[t + 1]`` on response tokens and
+``IGNORE_INDEX`` on the prompt, the last token and padding) and ``<side>_attention_mask`` (B, T; 1 on real
+tokens), all padded to ONE length T so that a stage can run both halves as a single (2B, T) batch; plus
+``index`` (B,), each pair's position in its split (the key of cached reference log-probabilities).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from minillm_lightning.data.common import (
+    ReadStats,
+    ResumableDataLoader,
+    ResumableSampler,
+    expand_paths,
+    iter_records,
+    split_counts,
+    write_stats,
+)
+from minillm_lightning.data.sft import BadRecord, Message, SFTFields, _json_item_line, detect_format, to_messages
+from minillm_lightning.errors import CheckpointError, DataError
+from minillm_lightning.losses import IGNORE_INDEX
+from minillm_lightning.tokenizer import Tokenizer
+
+Format = Literal["auto", "minimind", "trl", "sharegpt"]
+Overflow = Literal["truncate", "drop"]
+PaddingSide = Literal["right", "left"]
+SFT_COMMAND = "minillm fit --config configs/sft_tiny.yaml"
+SIDES = ("chosen", "rejected")
+
+
+@dataclass
+class PreferenceFields:
+    """Field names of the preference schemas (the turn keys inside lists follow :class:`SFTFields`)."""
+
+    chosen: str = "chosen"
+    """The preferred reply: a list of turns (minimind), a string or list (TRL) or one turn (ShareGPT)."""
+    rejected: str = "rejected"
+    """The dispreferred reply, shaped like ``chosen``."""
+    prompt: str = "prompt"
+    """TRL: the prompt, a string (one user turn) or a list of turns."""
+    conversations: str = "conversations"
+    """ShareGPT: the turns before the two replies (ending with a user turn)."""
+    role: str | None = None
+    """Key of a turn's speaker (default: "role", or "from" for ShareGPT-style turns)."""
+    content: str | None = None
+    """Key of a turn's text (default: "content", or "value")."""
+    system: str = "system"
+    """Top-level key of an optional system prompt."""
+
+
+@dataclass
+class Pair:
+    """One preference pair: the shared prompt turns and the two final assistant turns."""
+
+    prompt: list[Message]
+    chosen: Message
+    rejected: Message
+
+
+# ---- records -> pairs ----
+def detect_preference_format(rec: dict[str, Any], fields: PreferenceFields) -> str | None:
+    """The schema of one record (minimind, trl or sharegpt), or ``None`` when it matches none."""
+    if fields.chosen not in rec or fields.rejected not in rec:
+        return None
+    if fields.prompt in rec:
+        return "trl"
+    if isinstance(rec.get(fields.conversations), list):
+        return "sharegpt"
+    if isinstance(rec[fields.chosen], list):
+        return "minimind"
+    return None
+
+
+def _conversation(turns: Any, system: Any, fields: PreferenceFields, what: str) -> list[Message]:
+    """Normalise and validate one full conversation (prompt turns + reply) with the SFT schema rules."""
+    if not isinstance(turns, list):
+        raise BadRecord("missing field", f"{what} must be a list of turns, got {type(turns).__name__}")
+    sft = SFTFields(messages="turns", role=fields.role, content=fields.content, system="system")
+    rec = {"turns": turns, "system": system}
+    try:
+        return to_messages(rec, detect_format(rec, sft) or "messages", sft)
+    except BadRecord as e:
+        raise BadRecord(e.reason, f"{what}: {e}") from None
+
+
+def _as_turns(value: Any, role: str, fields: PreferenceFields) -> list:
+    """TRL allows plain strings for the prompt (a user turn) and the replies (an assistant turn)."""
+    if isinstance(value, str):
+        return [{fields.role or "role": role, fields.content or "content": value}]
+    if isinstance(value, dict):
+        return [value]
+    return value
+
+
+def to_pair(rec: dict[str, Any], fmt: str, fields: PreferenceFields) -> Pair:
+    """Normalise one record of schema ``fmt`` to a :class:`Pair`; a record that is not a usable pair
+    (malformed turns, prompts that differ, identical replies) raises :class:`BadRecord`."""
+    chosen, rejected, system = rec.get(fields.chosen), rec.get(fields.rejected), rec.get(fields.system)
+    if fmt == "minimind":  # the prompt is implied: both lists share every turn but the last
+        full = [_conversation(reply, system, fields, side) for side, reply in zip(SIDES, (chosen, rejected))]
+    elif fmt == "trl":
+        prompt = _as_turns(rec.get(fields.prompt), "user", fields)
+        if not isinstance(prompt, list) or not prompt:
+            raise BadRecord("missing field", f"{fields.prompt!r} must be a string or a list of turns")
+        full = [
+            _conversation(prompt + _as_turns(reply, "assistant", fields), system, fields, side)
+            for side, reply in zip(SIDES, (chosen, rejected))
+        ]
+    elif fmt == "sharegpt":
+        turns = rec.get(fields.conversations)
+        for side, reply in zip(SIDES, (chosen, rejected)):
+            if not isinstance(reply, dict):
+                raise BadRecord("missing field", f"{side} must be one turn object like {{'from': 'gpt', 'value'}}")
+        full = [_conversation(turns + [reply], system, fields, side) for side, reply in zip(SIDES, (chosen, rejected))]
+    else:
+        raise ValueError(f"unknown preference format {fmt!r}")
+    (*prompt_c, reply_c), (*prompt_r, reply_r) = full
+    if prompt_c != prompt_r:
+        at = next((i for i, (a, b) in enumerate(zip(prompt_c, prompt_r), 1) if a != b), len(full[0]))
+        raise BadRecord(
+            "prompts differ",
+            f"chosen and rejected must answer the same prompt, but they differ at turn {at} "
+            f"(every turn but the final assistant reply must be identical)",
+        )
+    if reply_c["content"].strip() == reply_r["content"].strip():
+        raise BadRecord("identical responses", "chosen and rejected replies are identical (nothing to prefer)")
+    return Pair(prompt_c, reply_c, reply_r)
+
+
+# ---- pairs -> tokens ----
+def response_ids(tok: Tokenizer, reply: Message) -> list[int]:
+    """The tokens the assistant turn produces under the chat template: its content and ``<|im_end|>``.
+
+    ``encode_chat(prompt, add_generation_prompt=True) + response_ids(reply)`` equals
+    ``encode_chat(prompt + [reply])`` without the template's trailing newline.
+    """
+    ids, mask = tok.encode_chat([reply])
+    return [i for i, m in zip(ids, mask) if m]
+
+
+def build_row(prompt: list[int], response: list[int], pad_id: int, length: int, left: bool) -> tuple[list, list, list]:
+    """(input_ids, labels, attention_mask) of ``prompt + response`` padded to ``length``.
+
+    ``labels[t]`` is the token after input ``t`` when that token belongs to the response, else IGNORE_INDEX.
+    """
+    ids = prompt + response
+    labels = [IGNORE_INDEX] * (len(prompt) - 1) + response + [IGNORE_INDEX]
+    pad = length - len(ids)
+    if left:
+        return [pad_id] * pad + ids, [IGNORE_INDEX] * pad + labels, [0] * pad + [1] * len(ids)
+    return ids + [pad_id] * pad, labels + [IGNORE_INDEX] * pad, [1] * len(ids) + [0] * pad
+
+
+def collate(items: list[dict[str, Any]], pad_id: int, padding_side: PaddingSide = "right") -> dict[str, Tensor]:
+    """Pad the chosen and the rejected sequences of a batch to one common length (see the module docstring)."""
+    T = max(len(it["prompt"]) + len(it[side]) for it in items for side in SIDES)
+    batch: dict[str, Tensor] = {}
+    for side in SIDES:
+        rows = [build_row(it["prompt"], it[side], pad_id, T, padding_side == "left") for it in items]
+        for k, name in enumerate(("input_ids", "labels", "attention_mask")):
+            batch[f"{side}_{name}"] = torch.tensor([r[k] for r in rows], dtype=torch.long)
+    batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+    return batch
+
+
+class PreferenceDataset(Dataset):
+    """Tokenized pairs: ``prompt`` (incl. the assistant header), ``chosen``/``rejected`` reply tokens, ``index``."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int], list[int]]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        prompt, chosen, rejected = self.rows[i]
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "index": i}
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs for reward modelling and DPO.
+
+    Args:
+        sources: files or globs of .jsonl / .json (array) records.
+        tokenizer: the checkpoint given as ``model.init_from`` (normally the SFT checkpoint; it carries its
+            tokenizer) or a .model file. Required: the vocabulary must match the model's.
+        format: record schema, or auto (detected per file from its first record):
+            minimind ``{"chosen": [turns], "rejected": [turns]}`` (the shared prompt is every turn but the
+            last), trl ``{"prompt": str | [turns], "chosen": str | [turns], "rejected": ...}``, sharegpt
+            ``{"conversations": [turns], "chosen": {"from": "gpt", "value"}, "rejected": {...}}``.
+        fields: field names when they differ from the schemas' usual ones.
+        max_length: most tokens per sequence (prompt + reply; at most the model's ``block_size``).
+        overflow: a pair whose prompt + longer reply exceeds ``max_length``: truncate (the prompt only, from
+            the left: oldest exchanges first, keeping the system prompt, then tokens; replies are never
+            cut, a pair whose replies alone do not fit is dropped) or drop it.
+        padding_side: pad batches on the right (default; no attention mask needed under causal attention)
+            or on the left (the stages then build a padding-aware mask and positions).
+        batch_size: pairs per batch on each device (each pair is two sequences).
+        val_share: share of pairs held out for validation.
+        skip_bad_records: skip and count unusable records (malformed, prompts differ, identical replies)
+            in ``dataset_stats.json`` instead of stopping at the first one.
+        num_workers: DataLoader worker processes.
+        seed: seed of the split and the batch order.
+    """
+
+    def __init__(
+        self,
+        sources: list[str],
+        tokenizer: str | None = None,
+        format: Format = "auto",
+        fields: PreferenceFields | None = None,
+        max_length: int = 512,
+        overflow: Overflow = "truncate",
+        padding_side: PaddingSide = "right",
+        batch_size: int = 8,
+        val_share: float = 0.05,
+        skip_bad_records: bool = False,
+        num_workers: int = 0,
+        seed: int = 1337,
+    ) -> None:
+        super().__init__()
+        if isinstance(sources, str):
+            sources = [sources]
+        if not sources:
+            raise DataError("PreferenceDataModule: `sources` is empty; give at least one file or glob")
+        if max_length < 4 or batch_size <= 0 or not 0 <= val_share < 1:
+            raise ValueError("PreferenceDataModule: max_length must be >= 4, batch_size > 0, val_share in [0, 1)")
+        if format not in ("auto", "minimind", "trl", "sharegpt") or overflow not in ("truncate", "drop"):
+            raise ValueError(f"PreferenceDataModule: unknown format={format!r} or overflow={overflow!r}")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"PreferenceDataModule: padding_side must be right or left, got {padding_side!r}")
+        self.sources, self.tokenizer_path, self.format = list(sources), tokenizer, format
+        self.fields = fields if isinstance(fields, PreferenceFields) else PreferenceFields(**(fields or {}))
+        self.max_length, self.overflow, self.padding_side = max_length, overflow, padding_side
+        self.batch_size, self.val_share, self.skip_bad = batch_size, val_share, skip_bad_records
+        self.num_workers, self.seed = num_workers, seed
+        self._tokenizer: Tokenizer | None = None
+        self.train_set: PreferenceDataset | None = None
+        self.val_set: PreferenceDataset | None = None
+        self.stats: dict[str, Any] = {}
+
+    # ---- tokenizer ----
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            # checked here, not in __init__: LightningCLI reads this first (vocab_size link) and reports a
+            # MiniLLMError raised here as is
+            if not self.tokenizer_path:
+                raise DataError(
+                    "PreferenceDataModule.tokenizer is not set; set data.init_args.tokenizer to the model.init_args."
+                    "init_from checkpoint (e.g. checkpoints/sft_tiny/last.ckpt) so data and model share its tokenizer"
+                )
+            path = Path(self.tokenizer_path)
+            if not path.is_file():
+                raise CheckpointError(
+                    f"data.tokenizer={path} does not exist. It should be the checkpoint this stage starts from "
+                    f"(model.init_from), normally the SFT model: run `{SFT_COMMAND}` first, or point "
+                    f"model.init_args.init_from and data.init_args.tokenizer at an existing checkpoint"
+                )
+            self._tokenizer = Tokenizer.from_file(path)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    # ---- reading ----
+    def read(self) -> tuple[list[Pair], dict[str, Any]]:
+        """All usable pairs of all sources, and per-file statistics."""
+        pairs: list[Pair] = []
+        stats: dict[str, Any] = {}
+        for path in (p for s in self.sources for p in expand_paths(s, (".jsonl", ".json"))):
+            rs, fmt, n_before = ReadStats(), (None if self.format == "auto" else self.format), len(pairs)
+            for lineno, rec in iter_records(path, rs, self.skip_bad):
+                try:
+                    fmt = fmt or detect_preference_format(rec, self.fields)
+                    if fmt is None:
+                        raise BadRecord(
+                            "unknown schema",
+                            f"cannot tell the preference schema from the keys {sorted(rec)[:8]}; expected "
+                            f"chosen/rejected lists (minimind), prompt/chosen/rejected (trl) or conversations/"
+                            f"chosen/rejected (sharegpt); set format and the field names under fields",
+                        )
+                    pairs.append(to_pair(rec, fmt, self.fields))
+                except BadRecord as e:
+                    if self.skip_bad:
+                        rs.skip(e.reason)
+                        continue
+                    line = _json_item_line(path, lineno) if path.suffix == ".json" else lineno
+                    where = f"{path}:{line}" if line else f"{path} item {lineno}"
+                    raise DataError(
+                        f"{where}: {e} ({e.reason}); fix the record, or set skip_bad_records: true to skip "
+                        f"and count such records in dataset_stats.json"
+                    ) from None
+            kept = len(pairs) - n_before
+            stats[str(path)] = {"format": fmt, "raw_records": rs.records, "kept": kept, "skipped": rs.skipped}
+            if rs.skipped:
+                rank_zero_warn(f"{path}: skipped {sum(rs.skipped.values())} unusable records: {rs.skipped}")
+            if kept == 0:
+                rank_zero_warn(f"!!! {path} contributes NO pairs (records={rs.records}); check its schema")
+        if not pairs:
+            raise DataError(f"no usable preference pairs in {self.sources}; check the paths and the record schema")
+        return pairs, stats
+
+    def fit_prompt(self, pair: Pair, longest: int, counts: dict[str, int]) -> list[int] | None:
+        """Prompt tokens (with the assistant header) shortened so that prompt + longest reply fit ``max_length``.
+
+        Oldest exchanges go first (the system prompt stays), then tokens from the left, keeping the system
+        prompt's tokens when they leave room. ``None``: the pair is dropped.
+        """
+        tok = self.tokenizer
+        ids = tok.encode_chat(pair.prompt, add_generation_prompt=True)[0]
+        budget = self.max_length - longest
+        if len(ids) <= budget:
+            return ids
+        if self.overflow == "drop" or budget <= len(tok.generation_prompt()):
+            counts["dropped_too_long"] += 1  # not even the header and one prompt token fit next to the replies
+            return None
+        head = pair.prompt[:1] if pair.prompt[0]["role"] == "system" else []
+        rest = pair.prompt[len(head) :]
+        if len(rest) > 1:
+            counts["prompt_truncated_turns"] += 1
+        while len(ids) > budget and len(rest) > 1:
+            rest = rest[2:]  # the oldest user/assistant exchange; the final user turn always stays
+            ids = tok.encode_chat(head + rest, add_generation_prompt=True)[0]
+        if len(ids) > budget:
+            counts["prompt_cut_tokens"] += 1
+            system = tok.encode_chat(head)[0] if head else []
+            room = budget - len(system)
+            ids = system + ids[-room:] if head and room > len(tok.generation_prompt()) else ids[-budget:]
+        return ids
+
+    def encode(self, pairs: list[Pair], counts: dict[str, int]) -> list[tuple[list[int], list[int], list[int]]]:
+        rows = []
+        for pair in pairs:
+            chosen, rejected = response_ids(self.tokenizer, pair.chosen), response_ids(self.tokenizer, pair.rejected)
+            prompt = self.fit_prompt(pair, max(len(chosen), len(rejected)), counts)
+            if prompt is not None:
+                rows.append((prompt, chosen, rejected))
+        return rows
+
+    # ---- Lightning hooks ----
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        pairs, sources = self.read()
+        random.Random(self.seed).shuffle(pairs)
+        n_train, n_val = split_counts(len(pairs), self.val_share)
+        counts = {"prompt_truncated_turns": 0, "prompt_cut_tokens": 0, "dropped_too_long": 0}
+        train, val = self.encode(pairs[:n_train], counts), self.encode(pairs[n_train : n_train + n_val], counts)
+        self.train_set, self.val_set = PreferenceDataset(train), PreferenceDataset(val)
+        world = self.trainer.world_size if self.trainer else 1
+        if len(train) < world * self.batch_size:
+            raise DataError(
+                f"the preference training split has {len(train)} pairs, fewer than one batch ({self.batch_size} x "
+                f"{world} devices); add pairs or lower batch_size"
+            )
+        lengths = [len(p) + max(len(c), len(r)) for p, c, r in train]
+        self.stats = {
+            "sources": sources,
+            "train_pairs": len(train),
+            "val_pairs": len(val),
+            **counts,
+            "mean_prompt_tokens": round(sum(len(p) for p, _, _ in train) / len(train), 1),
+            "mean_response_tokens": round(sum(len(c) + len(r) for _, c, r in train) / (2 * len(train)), 1),
+            "max_sequence_tokens": max(lengths),
+            "max_length": self.max_length,
+            "tokenizer_sha256": self.tokenizer.sha256,
+            "vocab_size": self.tokenizer.vocab_size,
+        }
+        rank_zero_info(f"preference data: {len(train)} train / {len(val)} val pairs; {counts}")
+        if self.trainer is not None:
+            run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank
+            if self.trainer.is_global_zero:
+                write_stats(run_dir, "preference", self.stats)
+
+    def _collate(self):
+        return partial(collate, pad_id=self.tokenizer.pad_id, padding_side=self.padding_side)
+
+    def _progress(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        return ResumableDataLoader(
+            self.train_set,
+            ResumableSampler(len(self.train_set), world, rank, self.seed),
+            self._progress,
+            batch_size=self.batch_size,
+            drop_last=True,
+            collate_fn=self._collate(),
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, collate_fn=self._collate(), num_workers=self.num_workers
+        )
+
+    def ordered_dataloader(self, split: Literal["train", "val"], rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Every pair of a split once, in index order, sharded ``rank::world_size`` (no shuffling, no drop):
+        what a stage iterates to precompute per-pair values such as reference log-probabilities."""
+        if self.train_set is None:
+            self.setup("fit")
+        dataset = self.train_set if split == "train" else self.val_set
+        assert dataset is not None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=list(range(rank, len(dataset), world_size)),
+            collate_fn=self._collate(),
+            num_workers=self.num_workers,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokenizer_sha256": self.tokenizer.sha256, "max_length": self.max_length}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("tokenizer_sha256") not in (None, self.tokenizer.sha256):
+            raise DataError(
+                "the checkpoint was trained with a different tokenizer than data.tokenizer "
+                f"({state['tokenizer_sha256'][:12]} vs {self.tokenizer.sha256[:12]}); resume with the same settings"
+            )
