@@ -12,6 +12,8 @@ from minillm_lightning.callbacks import (
 from minillm_lightning.data.preference import PreferenceDataModule
 from minillm_lightning.data.pretrain import PretrainDataModule, PretrainSource
 from minillm_lightning.data.sft import SFTDataModule, SFTFields
+from minillm_lightning.evaluation import TASKS, LogLikelihoodScorer
+from minillm_lightning.export import export_hf
 from minillm_lightning.generation import ContextLengthError, GenerationConfig, GenerationOutput, TextGenerator
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 from minillm_lightning.stages.dpo import DPOModule
@@ -21,6 +23,9 @@ from minillm_lightning.stages.sft import SFTModule
 from minillm_lightning.tokenizer import Tokenizer
 
 __all__ = [
+    "TASKS",
+    "LogLikelihoodScorer",
+    "export_hf",
     "DPOModule",
     "PreferenceDataModule",
     "RewardModel",

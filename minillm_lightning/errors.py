@@ -17,3 +17,7 @@ class CheckpointError(MiniLLMError):
 
 class ResourceError(MiniLLMError):
     """A run that cannot fit in the available memory (or other machine resources) as configured."""
+
+
+class ConfigError(MiniLLMError):
+    """Settings that contradict each other (e.g. a data length above the model context)."""

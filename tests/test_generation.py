@@ -218,20 +218,6 @@ def test_training_mode_restored(model: MiniGPT) -> None:
         model.eval()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu(model: MiniGPT) -> None:
-    """On the GPU: cache == no cache, batched == one by one, the CUDA generator reproducible, same tokens as CPU."""
-    cpu = TextGenerator(model, stop_tokens=(STOP,)).generate(PROMPTS, greedy())
-    cuda = TextGenerator(MiniGPT(model.config).cuda().eval(), stop_tokens=(STOP,))
-    cuda.model.load_state_dict(model.state_dict())
-    out = cuda.generate(PROMPTS, greedy())
-    assert out == cuda.generate(PROMPTS, greedy(use_cache=False))
-    assert out == [cuda.generate([p], greedy())[0] for p in PROMPTS]
-    assert sum(a == b for a, b in zip(out, cpu)) >= len(PROMPTS) - 1  # different kernels: allow one near-tie flip
-    cfg = GenerationConfig(max_new_tokens=20, top_k=20, seed=1)
-    assert cuda.generate(PROMPTS, cfg) == cuda.generate(PROMPTS, cfg)
-
-
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="top_p"):
         GenerationConfig(top_p=0.0)

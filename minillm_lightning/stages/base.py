@@ -20,6 +20,7 @@ from minillm_lightning.checkpoint import (
     checkpoint_meta,
     load_checkpoint,
 )
+from minillm_lightning.errors import ConfigError
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -144,7 +145,7 @@ class StageModule(L.LightningModule):
             self.tokenizer = dm_tok
         seq_len = getattr(dm, "seq_len", None) or getattr(dm, "max_length", None)
         if seq_len is not None and seq_len > self.arch.block_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data sequence length {seq_len} exceeds the model context block_size={self.arch.block_size}; "
                 f"lower the data module's length or raise model.arch.block_size"
             )

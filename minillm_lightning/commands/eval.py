@@ -1,0 +1,177 @@
+"""``minillm eval``: zero-shot benchmarks of a checkpoint, offline from local copies of the data sets.
+
+minillm eval --checkpoint checkpoints/pretrain_tiny/best.ckpt
+minillm eval --checkpoint ckpt.ckpt --tasks hellaswag,piqa --limit 200 --device cuda
+minillm eval --checkpoint ckpt.ckpt --tasks wikitext2 --text my_notes.txt     # perplexity of any text file too
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillm_lightning.checkpoint import checkpoint_meta, load_backbone
+from minillm_lightning.errors import CheckpointError, MiniLLMError
+from minillm_lightning.evaluation import TASKS, LogLikelihoodScorer, harness_lm, results_table, run_tasks
+from minillm_lightning.tokenizer import Tokenizer
+
+# --harness: our task names -> lm-evaluation-harness task names
+HARNESS_TASKS = {"wikitext2": "wikitext", "lambada": "lambada_openai"}
+
+
+def default_data_dir() -> Path:
+    """``../shared/data/eval`` when it exists (seen from the working directory or the project root), else
+    ``data/eval``."""
+    project = Path(__file__).resolve().parents[2]
+    for base in (Path.cwd(), project):
+        if (base.parent / "shared" / "data" / "eval").is_dir():
+            return base.parent / "shared" / "data" / "eval"
+    return Path("data/eval")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="minillm eval",
+        description="Zero-shot evaluation (lm-eval-harness prompt formats and metrics) of a checkpoint of any stage.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint (.ckpt) of any stage; it carries its tokenizer")
+    p.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"comma-separated tasks among {', '.join(TASKS)} (default: all)",
+    )
+    p.add_argument(
+        "--text", action="append", default=[], help="also report perplexity and bits per byte of this text file"
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="directory of the task files (default: ../shared/data/eval if it exists, else data/eval)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    p.add_argument("--no-download", action="store_true", help="fail on a missing task file instead of downloading it")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument(
+        "--stride", type=int, default=None, help="perplexity: tokens a rolling window advances (default block_size/2)"
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype while scoring"
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="results JSON (default: <checkpoint dir>/eval_<checkpoint stem>_<YYYYmmdd-HHMMSS>.json)",
+    )
+    p.add_argument(
+        "--harness",
+        action="store_true",
+        help="run the tasks through lm-evaluation-harness (pip install 'lm_eval>=0.4,<0.5') instead of the "
+        "built-in scorer; its task names are accepted too",
+    )
+    p.add_argument(
+        "--harness-include",
+        type=Path,
+        default=None,
+        help="--harness: directory of lm-eval task YAMLs to use instead of lm-eval's own (keeps lookups local)",
+    )
+    return p
+
+
+def _device(name: str) -> str:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MiniLLMError("--device cuda: no CUDA device is available; use --device cpu")
+    return "cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu")
+
+
+def _run_harness(scorer: LogLikelihoodScorer, tasks: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    lm = harness_lm(scorer)
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    names = [HARNESS_TASKS.get(t, t) for t in tasks]
+    if args.harness_include:
+        manager = TaskManager(
+            include_path=str(args.harness_include), include_defaults=False, metadata={"data_dir": str(args.data_dir)}
+        )
+    else:
+        manager = TaskManager()
+    out = simple_evaluate(model=lm, tasks=names, limit=args.limit, task_manager=manager, log_samples=False)
+    return {name: {k: v for k, v in metrics.items() if k != "alias"} for name, metrics in out["results"].items()}
+
+
+def eval_main(argv: list[str]) -> None:
+    """``minillm eval``: score the tasks, print a table, write the results JSON next to the checkpoint."""
+    args = _parser().parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise MiniLLMError("--limit must be >= 1")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] + [f"text:{p}" for p in args.text]
+    if args.harness and args.text:
+        raise MiniLLMError("--text is scored by the built-in scorer only; drop --harness or --text")
+    if not args.harness:
+        unknown = [t for t in tasks if t not in TASKS and not t.startswith("text:")]
+        if unknown:
+            raise MiniLLMError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    for t in tasks:
+        if t.startswith("text:") and not Path(t[5:]).is_file():
+            raise MiniLLMError(f"--text {t[5:]}: no such file")
+    args.data_dir = args.data_dir or default_data_dir()
+    ckpt_path = Path(args.checkpoint)
+    model, ckpt = load_backbone(ckpt_path)
+    try:
+        tokenizer = Tokenizer.from_checkpoint(ckpt, str(ckpt_path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    stage = checkpoint_meta(ckpt, str(ckpt_path)).get("stage", "unknown")
+    device = _device(args.device)
+    model.to(device=device, dtype=getattr(torch, args.dtype))
+    scorer = LogLikelihoodScorer(model, tokenizer, batch_size=args.batch_size)
+    print(
+        f"evaluating {ckpt_path} ({stage}, {model.num_parameters() / 1e6:.2f}M parameters) on {device}", file=sys.stderr
+    )
+    t0 = time.perf_counter()
+    if args.harness:
+        results = _run_harness(scorer, tasks, args)
+    else:
+        log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+        results = run_tasks(scorer, tasks, args.data_dir, args.limit, not args.no_download, args.stride, log)
+    stamp = datetime.now()
+    report = {
+        "checkpoint": str(ckpt_path.resolve()),
+        "stage": stage,
+        "arch": checkpoint_meta(ckpt)["arch"],
+        "parameters": model.num_parameters(),
+        "timestamp": stamp.isoformat(timespec="seconds"),
+        "settings": {
+            "tasks": tasks,
+            "data_dir": str(Path(args.data_dir).resolve()),
+            "limit": args.limit,
+            "batch_size": args.batch_size,
+            "stride": args.stride or model.config.block_size // 2,
+            "device": device,
+            "dtype": args.dtype,
+            "scorer": "lm-evaluation-harness" if args.harness else "minillm",
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+        "results": results,
+    }
+    out = args.output or ckpt_path.parent / f"eval_{ckpt_path.stem}_{stamp:%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)
+    if not args.harness:
+        print(results_table(results))
+    else:
+        print(json.dumps(results, indent=2))
+    print(f"results written to {out}", file=sys.stderr)
