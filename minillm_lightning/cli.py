@@ -106,13 +106,13 @@ def env_overrides(argv: list[str], environ: dict[str, str] | None = None) -> lis
     return argv[:at] + extra + argv[at:]
 
 
-def run_lightning(args: list[str] | None = None) -> MiniLLMCLI:
+def run_lightning(args: list[str] | None = None, **cli_kwargs) -> MiniLLMCLI:
+    """The LightningCLI behind ``minillm fit|validate|test|predict`` (``cli_kwargs`` override its settings,
+    e.g. ``run=False`` to instantiate without running; then ``args`` carry no subcommand)."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
-    return MiniLLMCLI(
-        StageModule,
-        LightningDataModule,
+    settings = dict(
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
@@ -120,6 +120,7 @@ def run_lightning(args: list[str] | None = None) -> MiniLLMCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [InterruptCheckpoint()]},
     )
+    return MiniLLMCLI(StageModule, LightningDataModule, **{**settings, **cli_kwargs})
 
 
 USAGE = """usage: minillm <command> [options]

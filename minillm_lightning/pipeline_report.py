@@ -75,9 +75,6 @@ def report(results: dict[str, dict[str, Any]], stages: dict[str, Any], n_prompts
         got = answers(model, tok, prompts)
         rate = sum(ok for _, _, ok in got) / len(got)
         first = got[0][1].replace("\n", " ").replace("|", "/")[:60]
-        rows.append(
-            f"| {name} | {info['wall_s']:.0f} | {steps} | {metric_cell} | {ppl:.2f} | {rate:.0%} | {first} |"
-        )
+        rows.append(f"| {name} | {info['wall_s']:.0f} | {steps} | {metric_cell} | {ppl:.2f} | {rate:.0%} | {first} |")
         samples.append(f"\n**{name}**\n" + "\n".join(f"- {q} -> {a!r}" for q, a, _ in got[:n_prompts]))
     return "\n".join(rows) + "\n\nSample answers (greedy, chat template):\n" + "\n".join(samples) + "\n"
-

@@ -71,6 +71,7 @@ def tiny_pretrain_ckpt(tmp_path_factory, pretrain_dm_factory) -> Path:
     trainer.save_checkpoint(path)
     return path
 
+
 # Tiny models on a 2-core machine: one intra-op thread per process is much faster than two competing ones
 # (and DDP tests run two processes). Subprocesses inherit the variable.
 os.environ["OMP_NUM_THREADS"] = "1"

@@ -100,9 +100,7 @@ def test_sigterm_saves_and_resume_continues(workdir: Path) -> None:
     assert "Resume with:" in out and "--ckpt_path last" in out
     step = torch.load(last, weights_only=True)["global_step"]
     assert step > 0
-    r = minillm(
-        ["fit", "--config", CONFIG, *FAST, f"--trainer.max_steps={step + 4}", "--ckpt_path", "last"], workdir
-    )
+    r = minillm(["fit", "--config", CONFIG, *FAST, f"--trainer.max_steps={step + 4}", "--ckpt_path", "last"], workdir)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"continuing at step {step}" in r.stdout + r.stderr
     assert torch.load(last, weights_only=True)["global_step"] == step + 4

@@ -10,7 +10,12 @@ from test_cli import minillm, workdir  # noqa: F401  (fixture re-used)
 
 from minillm_lightning.pipeline import final_scalars
 
-DDP = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"]
+DDP = [
+    "--trainer.devices=2",
+    "--trainer.strategy=ddp",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+]
 
 
 def _stage_args(stage: str, ckpt: Path) -> list[str]:
@@ -30,8 +35,8 @@ def test_stage_runs_under_ddp(stage: str, workdir: Path, tiny_pretrain_ckpt: Pat
         extra = [
             "--trainer.max_steps=2",
             "--model.init_args.reward_model=null",
-            "--model.init_args.reward_fn=minillm_lightning.rewards.ContainsReward",
-            "--model.init_args.reward_fn_args={target: plus}",
+            "--model.init_args.reward_fn=minillm_lightning.rewards.ArithmeticReward",
+            "--data.init_args.max_length=96",  # + 32 new tokens = the micro model's context
         ]
     r = minillm(["fit", *_stage_args(stage, tiny_pretrain_ckpt), *DDP, *extra], workdir, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

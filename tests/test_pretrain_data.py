@@ -120,7 +120,7 @@ def test_multi_megabyte_line_is_read(tmp_path) -> None:
 def test_vocab_too_small_for_the_characters_is_explained(tmp_path) -> None:
     dm = _dm(tmp_path, [{"path": str(SHARED_DATA / "pretrain" / "pretrain_zh.jsonl")}], vocab_size=300)
     with pytest.raises(MiniLLMError, match="raise vocab_size or lower character_coverage"):
-        dm.tokenizer
+        _ = dm.tokenizer
 
 
 def test_bad_sizes_are_refused(tmp_path) -> None:

@@ -250,9 +250,8 @@ class PretrainDataModule(L.LightningDataModule):
             os.replace(tmp, paths[split])
         seconds = time.perf_counter() - t0
         meta = {"dtype": np.dtype(dtype).name, "tokens_per_source": per_source, "tokenize_seconds": seconds}
-        val_tokens = sum(len(seq) + 1 for seq in tok.encode_batch([t for _, t in val])) if val else 0
         meta["val_chars"] = sum(len(t) for _, t in val)
-        meta["val_tokens"] = val_tokens
+        meta["val_tokens"] = int(paths["val"].stat().st_size // np.dtype(dtype).itemsize)
         meta["sources"] = stats
         tmp = paths["meta"].with_suffix(".tmp")
         tmp.write_text(json.dumps(meta, indent=2))

@@ -193,8 +193,9 @@ class StageModule(L.LightningModule):
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused AdamW: fastest on GPU, but Lightning refuses it with 16-mixed's GradScaler plus clipping
-        fused = all(p.is_cuda for p in self.parameters()) and self.trainer.precision not in ("16-mixed", "16")
+        # fused AdamW: fastest on GPU, but Lightning's mixed-precision plugin refuses it with gradient clipping
+        mixed = "mixed" in str(self.trainer.precision)
+        fused = all(p.is_cuda for p in self.parameters()) and not (mixed and self.trainer.gradient_clip_val)
         opt = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused or None)
         total = self.trainer.max_steps
         if total is None or total < 0:

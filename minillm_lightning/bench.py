@@ -1,0 +1,747 @@
+"""``minillm bench``: training speed through Lightning and a plain PyTorch loop, decoding speed, data preparation
+speed, and the wall clock of a complete ``minillm fit``. What every number means: docs/performance.md.
+
+minillm bench                                                   # pretrain_tiny + pretrain_small, all sections
+minillm bench --config configs/pretrain_tiny.yaml --steps 50 --warmup 5 --sections train,loop
+minillm bench --fit-wall configs/shakespeare_char.yaml          # wall clock and final val/nats_per_char
+
+Training runs are built from the YAML exactly as ``minillm fit`` builds them (LightningCLI with ``run=False``),
+with the logger, checkpointing, progress bar, validation and the config's callbacks switched off. The plain loop
+trains a copy of the same initial model on the same data module's loader with the same optimizer, schedule,
+precision and clipping, alternating with the Lightning runs; both record their losses, and the table reports
+how far apart they are (0 on a CPU: the comparison is like for like).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import psutil
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from minillm_lightning.callbacks.throughput import compute_dtype, flops_per_token
+from minillm_lightning.generation import GenerationConfig, TextGenerator
+from minillm_lightning.losses import lm_loss
+from minillm_lightning.model import MiniGPT, MiniGPTConfig
+
+SECTIONS = ("train", "loop", "decode", "data")
+DEFAULT_CONFIGS = ["configs/pretrain_tiny.yaml", "configs/pretrain_small.yaml"]
+DECODE_PROMPT_LEN = 16  # random prompt tokens before the timed new tokens
+MB = 1024 * 1024
+CPU = torch.device("cpu")
+
+__all__ = ["StepClock", "bench_main", "flops_per_token", "measure_peak_flops", "plain_loop_run"]
+
+
+# ---- the machine ----
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int, min_seconds: float = 1.0) -> float:
+    """This machine's matmul FLOP/s in ``dtype``: an ``n x n`` matmul (2*n^3 FLOPs) repeated for ``min_seconds``.
+
+    The MFU denominator: what the hardware does on the best case our models reduce to, measured, not a datasheet
+    figure (a CPU has none, and one of several intra-op threads may be all a loaded machine gives us).
+    """
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    for _ in range(2):  # warm up the kernels (and the GPU clocks)
+        a @ b
+    _sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - t0 < min_seconds:
+        a @ b
+        reps += 1
+        if reps % 8 == 0 or device.type != "cuda":
+            _sync(device)
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _datasheet_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Lightning's table of peak TFLOP/s for known GPUs (for reference next to the measured peak)."""
+    if device.type != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    flops = get_available_flops(device, dtype)
+    return flops / 1e12 if flops else None
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+# ---- timing shared by the Lightning run and the plain loop ----
+
+
+@dataclass
+class StepClock:
+    """Wall time of optimizer steps ``warmup+1 .. warmup+steps`` and how much of it passed between batches.
+
+    Both loops call :meth:`batch_start` when a batch is on the device and compute is about to start, and
+    :meth:`batch_end` after the batch (and the optimizer step it completed, if any). The measured window runs
+    from the end of warmup step ``warmup`` to the end of step ``warmup + steps``, so it holds exactly ``steps``
+    steps, each with the gap before it: the time spent fetching the next batch, moving it to the device and, for
+    Lightning, the loop's own bookkeeping between the hooks. The gaps are host time (no device synchronisation per
+    step), so on a GPU they count what the host waited for, not what the device idled.
+    """
+
+    warmup: int
+    steps: int
+    device: torch.device
+    losses: list[torch.Tensor] = field(default_factory=list)
+    t0: float | None = None
+    t1: float | None = None
+    wait: float = 0.0
+    tokens: int = 0
+    peak_rss: int = 0
+    _last_end: float | None = None
+
+    @property
+    def measuring(self) -> bool:
+        return self.t0 is not None and self.t1 is None
+
+    def batch_start(self) -> None:
+        now = time.perf_counter()
+        if self.measuring and self._last_end is not None:
+            self.wait += now - self._last_end
+
+    def batch_end(self, optimizer_steps: int, tokens: int, loss: torch.Tensor) -> None:
+        """Record a finished batch; ``optimizer_steps`` is the number of optimizer steps taken so far."""
+        self.losses.append(loss.detach().float())
+        if self.measuring:
+            self.tokens += tokens
+            self.peak_rss = max(self.peak_rss, _rss())
+            if optimizer_steps >= self.warmup + self.steps:
+                _sync(self.device)
+                self.t1 = time.perf_counter()
+        elif self.t0 is None and optimizer_steps >= self.warmup:
+            _sync(self.device)
+            self.t0 = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+        self._last_end = time.perf_counter()
+
+    def result(self, flops_per_tok: int, peak_flops: float | None) -> dict[str, Any]:
+        """ms per optimizer step, tokens/s, achieved TFLOP/s, MFU, data-wait share, peak memory, the losses."""
+        if self.t0 is None or self.t1 is None:
+            raise RuntimeError("the run ended before the measured steps did (fewer batches than warmup + steps?)")
+        seconds = self.t1 - self.t0
+        flops = flops_per_tok * self.tokens / seconds
+        return {
+            "ms_per_step": 1000 * seconds / self.steps,
+            "tokens_per_sec": self.tokens / seconds,
+            "tflops": flops / 1e12,
+            "mfu": flops / peak_flops if peak_flops else None,
+            "data_wait_share": self.wait / seconds,
+            "peak_rss_mb": self.peak_rss / MB,
+            "cuda_peak_mb": torch.cuda.max_memory_allocated(self.device) / MB if self.device.type == "cuda" else None,
+            "losses": [float(x) for x in self.losses],
+        }
+
+
+class _ClockCallback(Callback):
+    """Feeds a :class:`StepClock` from Lightning's batch hooks."""
+
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self.clock.batch_start()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.clock.batch_end(trainer.global_step, batch["input_ids"].numel(), outputs["loss"])
+
+
+# ---- building a run from a config, as `minillm fit` does ----
+
+
+def instantiate(config: str, overrides: list[str]) -> Any:
+    """The LightningCLI of ``minillm fit --config config overrides...``, instantiated but not run.
+
+    Mirrors :func:`minillm_lightning.cli.run_lightning` with ``run=False`` (no subcommand then) and without the
+    SaveConfigCallback (a benchmark must not write config.yaml next to real runs).
+    """
+    from minillm_lightning.cli import run_lightning
+
+    with warnings.catch_warnings():  # our own argv (`bench ...`) is not meant for the CLI: say nothing about it
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return run_lightning(["--config", config, *overrides], run=False, save_config_callback=None)
+
+
+def bench_overrides(args: argparse.Namespace, root: str) -> list[str]:
+    """Arguments that turn a config's run into a measured run: ``warmup + steps`` steps, nothing else."""
+    out = [
+        "--trainer.callbacks=[]",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+        f"--trainer.max_steps={args.warmup + args.steps}",
+        "--trainer.max_epochs=-1",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.devices=1",
+        f"--trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+    ]
+    if args.precision:
+        out.append(f"--trainer.precision={args.precision}")
+    return out + [o if o.startswith("--") else "--" + o for o in args.override]
+
+
+# ---- training: Lightning vs a plain PyTorch loop ----
+
+
+def lightning_run(cli: Any, init_state: dict[str, torch.Tensor], warmup: int, steps: int) -> StepClock:
+    """One measured ``Trainer.fit`` of the CLI's model and data module, from ``init_state``, on a fresh Trainer."""
+    module = cli.model
+    module.model.load_state_dict(init_state)
+    module._t_last, module._tokens_since = None, 0  # the module's own tokens/s window starts afresh
+    clock = StepClock(warmup, steps, cli.trainer.strategy.root_device)
+    trainer = cli.instantiate_trainer(callbacks=[_ClockCallback(clock)])
+    trainer.fit(module, datamodule=cli.datamodule)
+    return clock
+
+
+def _optimizer(module: L.LightningModule, max_steps: int, precision: str) -> tuple[Any, Any]:
+    """The module's own ``configure_optimizers`` (param groups, AdamW, warmup-cosine), outside any Trainer.
+
+    It reads only ``trainer.max_steps`` and ``trainer.precision``; a stand-in provides them, so the plain loop
+    optimises with exactly the code the Lightning run uses.
+    """
+    module.trainer = SimpleNamespace(max_steps=max_steps, precision=precision)
+    try:
+        conf = module.configure_optimizers()
+    finally:
+        module.trainer = None
+    return conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+
+
+def _batches(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
+    """Endless epochs over ``loader``, setting the sampler's epoch as Lightning's fit loop does."""
+    epoch = 0
+    while True:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def plain_loop_run(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    init_state: dict[str, torch.Tensor],
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    precision: str,
+    clip_val: float | None = None,
+    clip_algorithm: str = "norm",
+    accumulate: int = 1,
+) -> StepClock:
+    """Train ``module``'s backbone for ``warmup + steps`` optimizer steps in plain PyTorch (no Trainer).
+
+    What ``PretrainModule.training_step`` computes (backbone + ``lm_loss`` + MoE auxiliary loss), on
+    ``datamodule.train_dataloader()``, with the module's optimizer and schedule, autocast for ``bf16-mixed``,
+    loss / ``accumulate`` per batch and gradient clipping before each optimizer step, as Lightning does.
+    """
+    precision = str(precision)
+    if precision in ("32-true", "32", "bf16-mixed"):
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+    else:
+        raise ValueError(f"the plain loop supports precision 32-true and bf16-mixed, not {precision}")
+    module.model.load_state_dict(init_state)
+    module.to(device).train()
+    opt, sched = _optimizer(module, warmup + steps, precision)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    clock = StepClock(warmup, steps, device)
+    n_batches = n_steps = 0
+    data = _batches(datamodule.train_dataloader())
+    while n_steps < warmup + steps:
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
+        clock.batch_start()
+        with autocast:
+            out = module._forward(batch["input_ids"])
+            loss = (lm_loss(out.logits, batch["labels"])[0] + out.aux_loss) / accumulate
+        loss.backward()
+        n_batches += 1
+        if n_batches % accumulate == 0:
+            if clip_val:
+                if clip_algorithm == "value":
+                    torch.nn.utils.clip_grad_value_(params, clip_val)
+                else:
+                    torch.nn.utils.clip_grad_norm_(params, clip_val)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            n_steps += 1
+        clock.batch_end(n_steps, batch["input_ids"].numel(), loss)
+    return clock
+
+
+def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-metric medians over repetitions (peak memory: the maximum); losses of the first repetition."""
+    row: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        if key == "losses":
+            row[key] = runs[0][key]
+        elif not values:
+            row[key] = None
+        else:
+            row[key] = max(values) if key.endswith("_mb") else statistics.median(values)
+    row["ms_per_step_all"] = [r["ms_per_step"] for r in runs]
+    return row
+
+
+def train_sections(cli: Any, args: argparse.Namespace, sections: set[str], peak: float | None) -> dict[str, Any]:
+    """The ``train`` (Lightning) and ``loop`` (plain PyTorch) sections, alternating repetitions."""
+    module, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    init_state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    plain = copy.deepcopy(module) if "loop" in sections else None  # before any Trainer touches the module
+    fpt = flops_per_token(module.arch, dm.seq_len)
+    device = trainer.strategy.root_device
+    runs: dict[str, list[dict[str, Any]]] = {"train": [], "loop": []}
+    for rep in range(args.repeats):
+        order = ["train", "loop"] if rep % 2 == 0 else ["loop", "train"]  # alternate: drift hits both alike
+        for name in [s for s in order if s in sections]:
+            if name == "train":
+                clock = lightning_run(cli, init_state, args.warmup, args.steps)
+            else:
+                clock = plain_loop_run(
+                    plain,
+                    dm,
+                    init_state,
+                    args.warmup,
+                    args.steps,
+                    device,
+                    trainer.precision,
+                    trainer.gradient_clip_val,
+                    trainer.gradient_clip_algorithm or "norm",
+                    trainer.accumulate_grad_batches,
+                )
+            runs[name].append(clock.result(fpt, peak))
+    out = {name: _median_row(r) for name, r in runs.items() if r}
+    if "train" in out and "loop" in out:
+        ratios = [a["ms_per_step"] / b["ms_per_step"] for a, b in zip(runs["train"], runs["loop"])]
+        out["loop"]["lightning_overhead"] = statistics.median(ratios)
+        la, lb = out["train"]["losses"], out["loop"]["losses"]
+        out["loop"]["loss_max_abs_diff"] = max(abs(a - b) for a, b in zip(la, lb))
+    return out
+
+
+# ---- decoding ----
+
+
+def _timed(fn: Callable[[], Any], device: torch.device = CPU) -> tuple[float, Any]:
+    """(seconds, result) of ``fn()``, the device synchronised before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return time.perf_counter() - t0, result
+
+
+def _hf_model(model: MiniGPT) -> Any:
+    """A Hugging Face ``LlamaForCausalLM`` (``MixtralForCausalLM`` for MoE) with ``model``'s weights."""
+    from transformers import AutoModelForCausalLM
+
+    from minillm_lightning.model.hf_convert import to_hf_config, to_hf_state_dict
+
+    p = next(model.parameters())
+    hf = AutoModelForCausalLM.from_config(to_hf_config(model.config))
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"Hugging Face weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return hf.to(device=p.device, dtype=p.dtype).eval()
+
+
+def decode_section(
+    arch: MiniGPTConfig, device: torch.device, dtype: torch.dtype, lengths: list[int], beam_len: int
+) -> dict[str, Any]:
+    """Greedy tokens/s with and without the KV cache, beam search (4 beams) vs greedy, and HF ``generate``.
+
+    Random weights (speed does not depend on them); batch 1, a random prompt of ``DECODE_PROMPT_LEN`` tokens, no
+    stop tokens so every run produces exactly its length. The context is extended when it is too short.
+    """
+    need = DECODE_PROMPT_LEN + max([*lengths, beam_len])
+    extended = need > arch.block_size
+    arch = replace(arch, block_size=max(need, arch.block_size), gradient_checkpointing=False)
+    torch.manual_seed(0)
+    model = MiniGPT(arch).to(device=device, dtype=dtype).eval()
+    prompt = torch.randint(4, arch.vocab_size, (DECODE_PROMPT_LEN,)).tolist()
+    gen = TextGenerator(model, stop_tokens=(), pad_id=0)
+
+    def run(n: int, **kw: Any) -> tuple[float, list[int]]:
+        cfg = GenerationConfig(max_new_tokens=n, temperature=0.0, stop_tokens=(), **kw)
+        return _timed(lambda: gen.generate([prompt], cfg)[0], device)
+
+    run(8)
+    run(8, use_cache=False)
+    out: dict[str, Any] = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "prompt_tokens": DECODE_PROMPT_LEN,
+        "block_size": arch.block_size,
+        "block_size_extended": extended,
+        "lengths": {},
+    }
+    ours: dict[int, list[int]] = {}
+    for n in lengths:
+        t_cache, ours[n] = run(n)
+        t_full, _ = run(n, use_cache=False)
+        out["lengths"][str(n)] = {
+            "cache_tokens_per_sec": n / t_cache,
+            "no_cache_tokens_per_sec": n / t_full,
+            "cache_speedup": t_full / t_cache,
+        }
+    run(8, num_beams=4)
+    t_greedy, _ = run(beam_len)
+    t_beam, _ = run(beam_len, num_beams=4)
+    out["beam"] = {
+        "new_tokens": beam_len,
+        "num_beams": 4,
+        "greedy_tokens_per_sec": beam_len / t_greedy,
+        "beam_tokens_per_sec": beam_len / t_beam,
+        "beam_cost": t_beam / t_greedy,
+    }
+    try:
+        hf = _hf_model(model)
+    except ImportError:
+        out["hf"] = None
+        return out
+    ids = torch.tensor([prompt], device=device)
+
+    def hf_run(n: int) -> tuple[float, list[int]]:
+        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
+        with torch.inference_mode():
+            t, seq = _timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), **kw), device)
+        return t, seq[0, ids.shape[1] :].tolist()
+
+    hf_run(8)
+    out["hf"] = {}
+    for n in lengths:
+        t, tokens = hf_run(n)
+        ours_rate = out["lengths"][str(n)]["cache_tokens_per_sec"]
+        out["hf"][str(n)] = {
+            "tokens_per_sec": n / t,
+            "ours_vs_hf": ours_rate / (n / t),
+            "same_tokens": tokens == ours[n],
+        }
+    return out
+
+
+# ---- data preparation ----
+
+
+def data_section(cli: Any) -> dict[str, Any]:
+    """Tokenizer training time and tokenization throughput of the pretraining corpus, into a temporary cache."""
+    from minillm_lightning.data.pretrain import PretrainDataModule
+    from minillm_lightning.tokenizer import Tokenizer, train_or_load
+
+    dm = cli.datamodule
+    if not isinstance(dm, PretrainDataModule):
+        return {"skipped": f"{type(dm).__name__}: the data section measures PretrainDataModule corpora"}
+    train, val, _ = dm.documents()
+    with tempfile.TemporaryDirectory(prefix="minillm-bench-") as tmp:
+        texts = (t for _, t in train)
+        t_train, (path, _) = _timed(
+            lambda: train_or_load(
+                dm._files(), texts, dm.tok_settings, Path(tmp) / "tok", force=True, log=lambda *_: None
+            )
+        )
+        tok = Tokenizer.from_file(path)
+        docs = [t for _, t in train + val]
+        t_encode, ids = _timed(lambda: tok.encode_batch(docs))
+        n_tokens = sum(len(x) for x in ids)
+        init = {**cli.config.data.init_args.as_dict(), "cache_dir": tmp, "tokenizer": str(path)}
+        fresh = type(dm)(**init)
+        t_cache, _ = _timed(fresh.prepare_data)
+        meta = json.loads(fresh._cache_paths()["meta"].read_text())
+    cached = sum(meta["tokens_per_source"].values())
+    return {
+        "corpus_chars": sum(len(d) for d in docs),
+        "tokenizer": f"{dm.tok_settings.model_type} {tok.vocab_size}",
+        "tokenizer_train_s": t_train,
+        "encode_tokens_per_sec": n_tokens / t_encode,
+        "chars_per_token": sum(len(d) for d in docs) / max(n_tokens, 1),
+        "cache_tokens": cached,
+        "cache_build_s": t_cache,
+        "cache_tokens_per_sec": cached / t_cache,
+    }
+
+
+# ---- one config ----
+
+
+def bench_config(config: str, args: argparse.Namespace, sections: set[str], peaks: dict[str, float]) -> dict:
+    """All requested sections for one config."""
+    with tempfile.TemporaryDirectory(prefix="minillm-bench-") as root:
+        cli = instantiate(config, bench_overrides(args, root))
+        module, dm, trainer = cli.model, cli.datamodule, cli.trainer
+        arch: MiniGPTConfig = module.arch
+        device = trainer.strategy.root_device
+        dtype = compute_dtype(trainer.precision)
+        key = f"{device.type}/{str(dtype).removeprefix('torch.')}"
+        if key not in peaks and sections & {"train", "loop"}:
+            n = args.peak_n or (8192 if device.type == "cuda" else 2048)
+            peaks[key] = measure_peak_flops(device, dtype, n)
+        seq_len = getattr(dm, "seq_len", None) or getattr(dm, "max_length", None)
+        result: dict[str, Any] = {
+            "model": {
+                "arch": f"{arch.n_layer}x{arch.dim}, {arch.n_head}/{arch.n_kv_head} heads, vocab {arch.vocab_size}",
+                "params": module.model.num_parameters(),
+                "non_embedding_params": module.model.num_parameters(exclude_embeddings=True),
+                "flops_per_token": flops_per_token(arch, seq_len),
+                "seq_len": seq_len,
+                "batch_size": dm.batch_size,
+                "tokens_per_step": dm.batch_size * seq_len * trainer.accumulate_grad_batches,
+                "precision": str(trainer.precision),
+                "device": str(device),
+                "peak_tflops": peaks[key] / 1e12 if key in peaks else None,
+                "datasheet_tflops": _datasheet_flops(device, dtype),
+            }
+        }
+        if sections & {"train", "loop"}:
+            if type(module).__name__ != "PretrainModule":
+                raise ValueError(f"{config}: bench trains PretrainModule configs only, not {type(module).__name__}")
+            result.update(train_sections(cli, args, sections, peaks.get(key)))
+        if "decode" in sections:
+            dec_dtype = torch.bfloat16 if device.type == "cuda" and dtype == torch.bfloat16 else torch.float32
+            result["decode"] = decode_section(arch, device, dec_dtype, args.decode_lengths, args.beam_length)
+        if "data" in sections:
+            result["data"] = data_section(cli)
+    return result
+
+
+# ---- a whole `minillm fit`, wall clock ----
+
+
+def _events_file(workdir: Path, config: str, since: float) -> Path | None:
+    """The newest TensorBoard events file the run wrote under its logger/root directory."""
+    import yaml
+
+    trainer_cfg = (yaml.safe_load(Path(config).read_text()) or {}).get("trainer", {}) or {}
+    logger = trainer_cfg.get("logger")
+    save_dir = logger.get("init_args", {}).get("save_dir") if isinstance(logger, dict) else None
+    roots = [d for d in (save_dir, trainer_cfg.get("default_root_dir"), "lightning_logs") if d]
+    found = [p for r in roots if (workdir / r).is_dir() for p in (workdir / r).rglob("events.out.tfevents.*")]
+    found = [p for p in found if p.stat().st_mtime >= since]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def fit_wall(config: str, keep: bool, overrides: list[str]) -> dict[str, Any]:
+    """Time ``minillm fit --config config`` as a subprocess and read its final validation numbers.
+
+    Without ``keep`` the run happens in a temporary directory that mirrors the current one through symbolic links
+    (so relative data paths and the tokenizer/token cache are shared) except ``checkpoints/`` and
+    ``lightning_logs/``, where it writes its own.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config_path = str(Path(config).resolve())
+    cmd = [sys.executable, "-m", "minillm_lightning.cli", "fit", "--config", config_path]
+    cmd += [o if o.startswith("--") else "--" + o for o in overrides]
+    with tempfile.TemporaryDirectory(prefix="minillm-fit-") as tmp:
+        workdir = Path.cwd() if keep else Path(tmp)
+        if not keep:
+            for entry in Path.cwd().iterdir():
+                if entry.name not in ("checkpoints", "lightning_logs"):
+                    (workdir / entry.name).symlink_to(entry.resolve())
+        since = time.time() - 1
+        t0 = time.perf_counter()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        log = proc.stdout + proc.stderr
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log[-3000:]}")
+        out: dict[str, Any] = {
+            "config": config,
+            "wall_s": wall,
+            "tokenizer": next((s for s in ("trained", "reused from cache") if f"({s})" in log), "given"),
+            "token_cache": "built" if "\ntokenized " in "\n" + log else "reused",
+            "run_dir": str(workdir) if keep else None,
+        }
+        events = _events_file(workdir, config_path, since)
+        if events is None:
+            out["note"] = "no TensorBoard events found: val/loss and val/nats_per_char unknown"
+            return out
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        for tag in ("val/loss", "val/nats_per_char", "train/loss"):
+            if tag in tags:
+                last = acc.Scalars(tag)[-1]
+                out[tag.replace("/", "_")] = last.value
+                out["final_step"] = max(out.get("final_step", 0), last.step)
+    return out
+
+
+# ---- command line ----
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="minillm bench",
+        description="Training, decoding and data-preparation speed of configs; see docs/performance.md.",
+    )
+    p.add_argument(
+        "--config", action="append", default=None, help=f"config to measure (repeatable; default {DEFAULT_CONFIGS})"
+    )
+    p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per repetition")
+    p.add_argument("--warmup", type=int, default=3, help="optimizer steps run before measuring (>= 1)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating Lightning / plain-loop repetitions (median)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    p.add_argument("--precision", default=None, help="override the configs' trainer.precision (e.g. 32-true)")
+    p.add_argument("--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--decode-lengths", type=_ints, default=[128, 256, 512], help="new tokens per decode run")
+    p.add_argument("--beam-length", type=int, default=128, help="new tokens of the beam search vs greedy run")
+    p.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak FLOP/s (cpu 2048, gpu 8192)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every run, e.g. data.init_args.batch_size=8 (repeatable)",
+    )
+    p.add_argument("--output", default=None, help="write the results as JSON to this file")
+    p.add_argument("--fit-wall", metavar="CONFIG", default=None, help="time a complete `minillm fit --config CONFIG`")
+    p.add_argument("--keep", action="store_true", help="--fit-wall: run in the current directory and keep the run")
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
+        p.error("--warmup, --steps and --repeats must be >= 1")
+    bad = set((args.sections or ",".join(SECTIONS)).split(",")) - set(SECTIONS)
+    if bad:
+        p.error(f"--sections: unknown {sorted(bad)}; choose from {','.join(SECTIONS)}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def _fmt(x: Any, unit: str = "", digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{digits}g}{unit}" if abs(x) < 1000 else f"{x:,.0f}{unit}"
+    return f"{x:,}{unit}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The human-readable summary of :func:`bench_main`'s results."""
+    lines = []
+    m = results["machine"]
+    lines.append(f"machine: {m['device_name']}, torch {m['torch']}, lightning {m['lightning']}, {m['threads']} threads")
+    for config, r in results["configs"].items():
+        mi = r["model"]
+        lines.append(
+            f"\n{config}: {mi['arch']}, {mi['params'] / 1e6:.2f}M params, seq {mi['seq_len']} x batch "
+            f"{mi['batch_size']}, {mi['precision']} on {mi['device']}, {mi['flops_per_token'] / 1e6:.2f} MFLOP/token, "
+            f"peak {_fmt(mi['peak_tflops'], ' TFLOP/s')}"
+        )
+        for name, label in (("train", "Lightning "), ("loop", "plain loop")):
+            if name in r:
+                t = r[name]
+                mfu = f"{100 * t['mfu']:.1f}%" if t["mfu"] is not None else "-"
+                extra = f"  Lightning/plain x{t['lightning_overhead']:.3f}" if "lightning_overhead" in t else ""
+                lines.append(
+                    f"  {label}  {_fmt(t['ms_per_step'], ' ms/step')}  {_fmt(t['tokens_per_sec'], ' tok/s')}  MFU {mfu}"
+                    f"  data wait {100 * t['data_wait_share']:.1f}%  RSS {_fmt(t['peak_rss_mb'], ' MB')}"
+                    f"  CUDA {_fmt(t['cuda_peak_mb'], ' MB')}{extra}"
+                )
+        if "loop" in r and "loss_max_abs_diff" in r["loop"]:
+            lines.append(f"  losses Lightning vs plain: max |diff| {r['loop']['loss_max_abs_diff']:.3g}")
+        if "decode" in r:
+            d = r["decode"]
+            ext = ", block_size extended" if d["block_size_extended"] else ""
+            lines.append(f"  decode ({d['dtype']}, batch 1, greedy, prompt {d['prompt_tokens']}{ext}):")
+            for n, v in d["lengths"].items():
+                hf = (d["hf"] or {}).get(n)
+                hf_txt = f"  HF {_fmt(hf['tokens_per_sec'], ' tok/s')} (ours x{hf['ours_vs_hf']:.2f})" if hf else ""
+                lines.append(
+                    f"    {n:>5} new: cache {_fmt(v['cache_tokens_per_sec'], ' tok/s')}  no cache "
+                    f"{_fmt(v['no_cache_tokens_per_sec'], ' tok/s')} (cache x{v['cache_speedup']:.2f}){hf_txt}"
+                )
+            b = d["beam"]
+            lines.append(
+                f"    beam {b['num_beams']} @ {b['new_tokens']}: {_fmt(b['beam_tokens_per_sec'], ' tok/s')} vs greedy "
+                f"{_fmt(b['greedy_tokens_per_sec'], ' tok/s')} (x{b['beam_cost']:.2f} time)"
+            )
+        if "data" in r:
+            d = r["data"]
+            if "skipped" in d:
+                lines.append(f"  data: skipped ({d['skipped']})")
+            else:
+                lines.append(
+                    f"  data: tokenizer ({d['tokenizer']}) trained in {_fmt(d['tokenizer_train_s'], ' s')}, encode "
+                    f"{_fmt(d['encode_tokens_per_sec'], ' tok/s')}, cache of {_fmt(d['cache_tokens'])} tokens built "
+                    f"in {_fmt(d['cache_build_s'], ' s')} ({_fmt(d['cache_tokens_per_sec'], ' tok/s')})"
+                )
+    if results.get("fit_wall"):
+        f = results["fit_wall"]
+        lines.append(
+            f"\nminillm fit --config {f['config']}: {_fmt(f['wall_s'], ' s')} wall (tokenizer {f['tokenizer']}, "
+            f"token cache {f['token_cache']}), "
+            f"val/loss {_fmt(f.get('val_loss'))}, val/nats_per_char {_fmt(f.get('val_nats_per_char'))} "
+            f"at step {f.get('final_step', '-')}"
+        )
+    return "\n".join(lines)
+
+
+def bench_main(argv: list[str]) -> dict[str, Any]:
+    """Entry point of ``minillm bench``; returns the results it prints (and writes with ``--output``)."""
+    args = parse_args(argv)
+    only_wall = args.fit_wall is not None and args.config is None and args.sections is None
+    configs = [] if only_wall else (args.config or DEFAULT_CONFIGS)
+    sections = set((args.sections or ",".join(SECTIONS)).split(","))
+    device = torch.device(args.device)
+    results: dict[str, Any] = {
+        "machine": {
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}",
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "args": {k: v for k, v in vars(args).items()},
+        "configs": {},
+    }
+    peaks: dict[str, float] = {}
+    for config in configs:
+        results["configs"][config] = bench_config(config, args, sections, peaks)
+    results["machine"]["peak_tflops"] = {k: v / 1e12 for k, v in peaks.items()}
+    if args.fit_wall:
+        results["fit_wall"] = fit_wall(args.fit_wall, args.keep, args.override)
+    results["machine"]["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(format_table(results))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nwrote {args.output}")
+    return results

@@ -1,0 +1,362 @@
+"""PromptDataModule: prompts for the RL stage, rendered with the shared chat template up to the open assistant header.
+
+A record is a plain ``{"prompt": "..."}`` (one user turn, optional top-level ``system``) or a conversation in
+one of the SFT schemas (messages / ShareGPT / Alpaca without ``output``) whose last turn is the user's: the
+policy writes the next assistant reply. ``Tokenizer.encode_chat(..., add_generation_prompt=True)`` renders
+it, the same template SFT trained on.
+
+Batches are dicts of lists (prompts have different lengths; the RL stage left-pads them itself):
+``prompt_ids`` (token ids), ``messages`` (the conversation, for re-rendering with a reward model's
+template), ``prompt`` (the last user message, what a reward function reads) and ``index`` (dataset rows).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from minillm_lightning.data.common import (
+    ReadStats,
+    ResumableDataLoader,
+    ResumableSampler,
+    expand_paths,
+    iter_records,
+    split_counts,
+    write_stats,
+)
+from minillm_lightning.data.sft import ROLE_ALIASES, BadRecord, SFTFields, _json_item_line, detect_format, to_messages
+from minillm_lightning.errors import CheckpointError, DataError
+from minillm_lightning.tokenizer import Tokenizer
+
+PromptFormat = Literal["auto", "prompt", "messages", "sharegpt", "alpaca"]
+Message = dict[str, str]
+SFT_COMMAND = "minillm fit --config configs/sft_tiny.yaml"
+_PLACEHOLDER = "<reply>"  # stands in for the missing reply so the SFT schema parser validates the turns
+
+
+@dataclass
+class PromptFields(SFTFields):
+    """Field names of the prompt schemas; the conversation fields are those of SFT."""
+
+    prompt: str = "prompt"
+    """Plain schema: the key holding the user prompt."""
+
+
+@dataclass
+class PromptExample:
+    """One prompt: its template token ids, its conversation and its last user message."""
+
+    ids: list[int]
+    messages: list[Message]
+    text: str
+
+
+def detect_prompt_format(rec: dict[str, Any], fields: PromptFields) -> str | None:
+    """The schema of one prompt record, or ``None`` when it matches none."""
+    if isinstance(rec.get(fields.prompt), str):
+        return "prompt"
+    fmt = detect_format(rec, fields)
+    if fmt is None and fields.instruction in rec:  # an Alpaca record without output is a prompt
+        return "alpaca"
+    return fmt
+
+
+def to_prompt_messages(
+    rec: dict[str, Any], fmt: str, fields: PromptFields, final_reply: str = "error"
+) -> tuple[list[Message], bool]:
+    """Normalise one record to ``[{"role", "content"}, ...]`` ending with a user turn.
+
+    Returns (messages, whether a final assistant reply was dropped). A conversation that ends with an
+    assistant reply is an error, or with ``final_reply="drop"`` becomes the conversation before that reply.
+    """
+    if fmt == "prompt":
+        value = rec.get(fields.prompt)
+        if not isinstance(value, str):
+            what = "missing" if value is None else f"a {type(value).__name__}, not a string"
+            raise BadRecord("missing field", f"field {fields.prompt!r} is {what} (keys here: {sorted(rec)[:8]})")
+        if not value.strip():
+            raise BadRecord("empty content", f"field {fields.prompt!r} is empty")
+        messages = [{"role": "user", "content": value}]
+        system = rec.get(fields.system)
+        if isinstance(system, str) and system.strip():
+            messages.insert(0, {"role": "system", "content": system})
+        return messages, False
+    if fmt == "alpaca":
+        output = rec.get(fields.output)
+        has_reply = isinstance(output, str) and bool(output.strip())
+        if has_reply and final_reply == "error":
+            raise _final_reply_error(f"field {fields.output!r} holds a reply")
+        return to_messages({**rec, fields.output: _PLACEHOLDER}, fmt, fields)[:-1], has_reply
+    role_key = fields.role or ("role" if fmt == "messages" else "from")
+    content_key = fields.content or ("content" if fmt == "messages" else "value")
+    key = fields.messages or next((k for k in ("conversations", "messages") if isinstance(rec.get(k), list)), None)
+    turns = rec.get(key) if key else None
+    last = turns[-1] if isinstance(turns, list) and turns else None
+    if isinstance(last, dict) and ROLE_ALIASES.get(last.get(role_key)) == "user":
+        placeholder = {role_key: "assistant", content_key: _PLACEHOLDER}
+        return to_messages({**rec, key: [*turns, placeholder]}, fmt, fields)[:-1], False
+    messages = to_messages(rec, fmt, fields)  # validates; a valid conversation here ends with a reply
+    if final_reply == "error":
+        raise _final_reply_error("the conversation ends with an assistant reply")
+    return messages[:-1], True
+
+
+def _final_reply_error(what: str) -> BadRecord:
+    return BadRecord(
+        "ends with a reply",
+        f"{what}, but a prompt must end with the user's turn; set final_reply: drop to use the conversation "
+        f"before its last reply as the prompt (e.g. to reuse SFT data)",
+    )
+
+
+class PromptDataset(Dataset):
+    def __init__(self, rows: list[PromptExample]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        return {"prompt_ids": row.ids, "messages": row.messages, "prompt": row.text, "index": i}
+
+
+def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Lists per field (no padding: prompt lengths differ and the RL stage left-pads); ``index`` as a tensor."""
+    batch: dict[str, Any] = {k: [it[k] for it in items] for k in ("prompt_ids", "messages", "prompt")}
+    batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+    return batch
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for PPO / GRPO, rendered with the chat template and ending with the open assistant header.
+
+    Args:
+        sources: files or globs of .jsonl / .json (array) prompt records.
+        tokenizer: the tokenizer: the checkpoint given as ``model.init_from`` (the SFT policy; it carries its
+            tokenizer) or a .model file. Required: the policy's vocabulary must match.
+        format: record schema: prompt (``{"prompt": "...", "system": "..."}``), messages, sharegpt, alpaca
+            (``{"instruction", "input"}``) or auto (detected per file from its first record).
+        fields: field names when they differ from the schema's usual ones.
+        final_reply: a conversation that ends with an assistant reply: ``error`` (default), or ``drop`` the
+            reply and use the conversation before it (lets SFT data serve as prompts).
+        system_prompt: system prompt given to prompts that have none (``None``: leave them without).
+        max_length: most prompt tokens (template included). The RL stage also needs room for the response:
+            ``max_length + max_new_tokens`` must fit the model's ``block_size``.
+        overflow: a longer prompt: ``truncate`` (drop its oldest exchanges, keeping the system prompt and the
+            last user turn; dropped if that alone is still too long) or ``drop`` it.
+        batch_size: prompts per rollout on each device (GRPO samples ``group_size`` responses for each).
+        val_share: share of prompts held out; validation generates for them and logs ``val/reward_mean``.
+        skip_bad_records: skip and count malformed records instead of stopping at the first one.
+        num_workers: DataLoader worker processes.
+        seed: seed of the split and the prompt order.
+    """
+
+    def __init__(
+        self,
+        sources: list[str],
+        tokenizer: str | None = None,
+        format: PromptFormat = "auto",
+        fields: PromptFields | None = None,
+        final_reply: Literal["error", "drop"] = "error",
+        system_prompt: str | None = None,
+        max_length: int = 128,
+        overflow: Literal["truncate", "drop"] = "truncate",
+        batch_size: int = 16,
+        val_share: float = 0.05,
+        skip_bad_records: bool = False,
+        num_workers: int = 0,
+        seed: int = 1337,
+    ) -> None:
+        super().__init__()
+        if isinstance(sources, str):
+            sources = [sources]
+        if not sources:
+            raise DataError("PromptDataModule: `sources` is empty; give at least one file or glob")
+        if max_length < 2 or batch_size <= 0 or not 0 <= val_share < 1:
+            raise ValueError("PromptDataModule: max_length must be >= 2, batch_size positive and val_share in [0, 1)")
+        if format not in ("auto", "prompt", "messages", "sharegpt", "alpaca"):
+            raise ValueError(f"PromptDataModule: unknown format={format!r}")
+        if overflow not in ("truncate", "drop") or final_reply not in ("error", "drop"):
+            raise ValueError(f"PromptDataModule: unknown overflow={overflow!r} or final_reply={final_reply!r}")
+        self.sources, self.tokenizer_path, self.format = list(sources), tokenizer, format
+        self.fields = fields if isinstance(fields, PromptFields) else PromptFields(**(fields or {}))
+        self.final_reply, self.system_prompt, self.max_length, self.overflow = (
+            final_reply,
+            system_prompt,
+            max_length,
+            overflow,
+        )
+        self.batch_size, self.val_share, self.skip_bad = batch_size, val_share, skip_bad_records
+        self.num_workers, self.seed = num_workers, seed
+        self._tokenizer: Tokenizer | None = None
+        self.train_set: PromptDataset | None = None
+        self.val_set: PromptDataset | None = None
+        self.stats: dict[str, Any] = {}
+
+    # ---- tokenizer ----
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            # raised here rather than in __init__ so LightningCLI (which reads vocab_size first) shows it as is
+            if not self.tokenizer_path:
+                raise DataError(
+                    "PromptDataModule.tokenizer is not set; set data.init_args.tokenizer to the model.init_args."
+                    "init_from checkpoint (the SFT policy, e.g. checkpoints/sft_tiny/last.ckpt) so data and model "
+                    "share its tokenizer"
+                )
+            path = Path(self.tokenizer_path)
+            if not path.is_file():
+                raise CheckpointError(
+                    f"data.tokenizer={path} does not exist. It should be the SFT checkpoint the policy starts from "
+                    f"(model.init_from): run `{SFT_COMMAND}` first, or point model.init_args.init_from and "
+                    f"data.init_args.tokenizer at an existing checkpoint"
+                )
+            self._tokenizer = Tokenizer.from_file(path)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    # ---- reading ----
+    def read(self) -> tuple[list[list[Message]], dict[str, Any]]:
+        """The prompt conversations of all sources (each ending with a user turn) and per-file statistics."""
+        prompts: list[list[Message]] = []
+        stats: dict[str, Any] = {}
+        for path in (p for s in self.sources for p in expand_paths(s, (".jsonl", ".json"))):
+            rs, fmt, n_before = ReadStats(), (None if self.format == "auto" else self.format), len(prompts)
+            replies_dropped = 0
+            for lineno, rec in iter_records(path, rs, self.skip_bad):
+                try:
+                    fmt = fmt or detect_prompt_format(rec, self.fields)
+                    if fmt is None:
+                        raise BadRecord(
+                            "unknown schema",
+                            f"cannot tell the prompt schema from the keys {sorted(rec)[:8]}; expected "
+                            f"{{{self.fields.prompt!r}: ...}} or a conversation, or set format and fields",
+                        )
+                    messages, dropped = to_prompt_messages(rec, fmt, self.fields, self.final_reply)
+                except BadRecord as e:
+                    if self.skip_bad:
+                        rs.skip(e.reason)
+                        continue
+                    line = _json_item_line(path, lineno) if path.suffix == ".json" else lineno
+                    where = f"{path}:{line}" if line else f"{path} item {lineno}"
+                    raise DataError(
+                        f"{where}: {e} ({e.reason}); fix the record, or set skip_bad_records: true to skip "
+                        f"and count such records in dataset_stats.json"
+                    ) from None
+                replies_dropped += dropped
+                if self.system_prompt and messages[0]["role"] != "system":
+                    messages.insert(0, {"role": "system", "content": self.system_prompt})
+                prompts.append(messages)
+            kept = len(prompts) - n_before
+            stats[str(path)] = {
+                "format": fmt,
+                "raw_records": rs.records,
+                "kept": kept,
+                "skipped": rs.skipped,
+                "final_replies_dropped": replies_dropped,
+            }
+            if rs.skipped:
+                rank_zero_warn(f"{path}: skipped {sum(rs.skipped.values())} malformed records: {rs.skipped}")
+            if kept == 0:
+                rank_zero_warn(f"!!! {path} contributes NO prompts (records={rs.records}); check its schema")
+        if not prompts:
+            raise DataError(f"no usable prompts in {self.sources}; check the paths and the record schema")
+        return prompts, stats
+
+    def encode(self, messages: list[Message], counts: dict[str, int]) -> PromptExample | None:
+        """Template ids of one prompt fitted to ``max_length`` per the overflow policy (None: dropped)."""
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+        if len(ids) > self.max_length and self.overflow == "truncate":
+            head = messages[:1] if messages[0]["role"] == "system" else []
+            body = messages[len(head) :]
+            if len(body) > 1:
+                counts["truncated_turns"] += 1
+            while len(ids) > self.max_length and len(body) > 1:
+                body = body[2:]  # the oldest user/assistant exchange goes first; the last user turn stays
+                ids = self.tokenizer.encode_chat(head + body, add_generation_prompt=True)[0]
+            messages = head + body
+        if len(ids) > self.max_length:
+            counts["dropped_too_long"] += 1
+            return None
+        return PromptExample(ids, messages, messages[-1]["content"])
+
+    # ---- Lightning hooks ----
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        prompts, sources = self.read()
+        random.Random(self.seed).shuffle(prompts)
+        counts = {"truncated_turns": 0, "dropped_too_long": 0}
+        rows = [ex for m in prompts if (ex := self.encode(m, counts)) is not None]
+        n_train, n_val = split_counts(len(rows), self.val_share)
+        self.train_set, self.val_set = PromptDataset(rows[:n_train]), PromptDataset(rows[n_train : n_train + n_val])
+        world = self.trainer.world_size if self.trainer else 1
+        if n_train < world * self.batch_size:
+            raise DataError(
+                f"the prompt training split has {n_train} prompts, fewer than one batch ({self.batch_size} x "
+                f"{world} devices); add prompts or lower batch_size"
+            )
+        lengths = [len(r.ids) for r in rows]
+        self.stats = {
+            "sources": sources,
+            "train_prompts": n_train,
+            "val_prompts": n_val,
+            **counts,
+            "prompt_tokens_mean": round(sum(lengths) / len(lengths), 2),
+            "prompt_tokens_max": max(lengths),
+            "max_length": self.max_length,
+            "tokenizer_sha256": self.tokenizer.sha256,
+            "vocab_size": self.tokenizer.vocab_size,
+        }
+        rank_zero_info(
+            f"prompt data: {n_train} train / {n_val} val prompts, {self.stats['prompt_tokens_mean']:.1f} tokens "
+            f"on average (longest {self.stats['prompt_tokens_max']}); {counts}"
+        )
+        if self.trainer is not None:
+            run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank
+            if self.trainer.is_global_zero:
+                write_stats(run_dir, "prompts", self.stats)
+
+    def _progress(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        return ResumableDataLoader(
+            self.train_set,
+            ResumableSampler(len(self.train_set), world, rank, self.seed),
+            self._progress,
+            batch_size=self.batch_size,
+            drop_last=True,
+            collate_fn=collate_prompts,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, collate_fn=collate_prompts, num_workers=self.num_workers
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokenizer_sha256": self.tokenizer.sha256, "max_length": self.max_length}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("tokenizer_sha256") not in (None, self.tokenizer.sha256):
+            raise DataError(
+                "the checkpoint was trained with a different tokenizer than data.tokenizer "
+                f"({state['tokenizer_sha256'][:12]} vs {self.tokenizer.sha256[:12]}); resume with the same settings"
+            )

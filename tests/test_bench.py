@@ -1,0 +1,109 @@
+"""``minillm bench`` on a micro config: every section runs end to end and reports positive numbers, the plain
+PyTorch loop reproduces the Lightning run's losses exactly, and the FLOPs formula matches a hand count.
+No timing assertions: the numbers depend on the machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, SAMPLE
+
+from minillm_lightning.bench import bench_main, flops_per_token
+from minillm_lightning.model import MiniGPTConfig
+
+MICRO = dict(size="custom", n_layer=2, dim=64, n_head=4, n_kv_head=2, block_size=64)
+
+
+def micro_config(tmp: Path, **trainer: object) -> Path:
+    """configs/pretrain_tiny.yaml with a micro model, 32-token blocks and a small corpus cached under ``tmp``."""
+    cfg = yaml.safe_load((ROOT / "configs" / "pretrain_tiny.yaml").read_text())
+    cfg["model"]["init_args"]["arch"] = MICRO
+    cfg["data"]["init_args"].update(
+        sources=[{"path": str(SAMPLE / "pretrain.jsonl")}],
+        seq_len=32,
+        vocab_size=512,
+        sample_ratio=0.3,
+        cache_dir=str(tmp / "cache"),
+    )
+    cfg["trainer"].update(trainer)
+    path = tmp / "micro.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory) -> tuple[dict, str]:
+    tmp = tmp_path_factory.mktemp("bench")
+    config = str(micro_config(tmp))
+    out = tmp / "bench.json"
+    argv = ["--config", config, "--steps", "3", "--warmup", "1", "--repeats", "1", "--device", "cpu"]
+    argv += ["--peak-n", "128", "--decode-lengths", "4,8", "--beam-length", "4", "--output", str(out)]
+    bench_main(argv)
+    return json.loads(out.read_text()), config
+
+
+def _positive(d: dict, keys: list[str]) -> None:
+    for k in keys:
+        assert isinstance(d[k], (int, float)) and d[k] > 0, (k, d[k])
+
+
+def test_every_section_reports_positive_numbers(bench_run) -> None:
+    results, config = bench_run
+    assert results["machine"]["peak_tflops"]["cpu/float32"] > 0
+    r = results["configs"][config]
+    _positive(r["model"], ["params", "non_embedding_params", "flops_per_token", "tokens_per_step", "peak_tflops"])
+    for name in ("train", "loop"):
+        _positive(r[name], ["ms_per_step", "tokens_per_sec", "tflops", "mfu", "peak_rss_mb"])
+        assert 0 <= r[name]["data_wait_share"] < 1
+        assert r[name]["cuda_peak_mb"] is None
+    assert r["loop"]["lightning_overhead"] > 0
+    dec = r["decode"]
+    assert set(dec["lengths"]) == {"4", "8"} and not dec["block_size_extended"]
+    for row in dec["lengths"].values():
+        _positive(row, ["cache_tokens_per_sec", "no_cache_tokens_per_sec", "cache_speedup"])
+    _positive(dec["beam"], ["greedy_tokens_per_sec", "beam_tokens_per_sec", "beam_cost"])
+    if dec["hf"] is not None:  # transformers installed: same weights, same greedy tokens
+        for row in dec["hf"].values():
+            _positive(row, ["tokens_per_sec", "ours_vs_hf"])
+            assert row["same_tokens"]
+    _positive(r["data"], ["tokenizer_train_s", "encode_tokens_per_sec", "cache_tokens", "cache_tokens_per_sec"])
+
+
+def test_plain_loop_reproduces_lightning_losses(bench_run) -> None:
+    """Same initial weights, batches, optimizer, schedule and clipping: the two loops are comparable step for step."""
+    results, config = bench_run
+    r = results["configs"][config]
+    assert len(r["train"]["losses"]) == 4  # warmup + measured steps
+    assert r["loop"]["losses"] == r["train"]["losses"]
+    assert r["loop"]["loss_max_abs_diff"] == 0.0
+
+
+def test_flops_per_token_by_hand(bench_run) -> None:
+    """2 layers, d=64, 4 heads of 16 (2 kv heads), SwiGLU width 192 (8/3*64 rounded up to 64), vocab 512, T=32.
+
+    Per layer: q and o 2*64*64 = 8192, k and v 2*64*32 = 4096, MLP 3*64*192 = 36864 -> 49152; two layers 98304;
+    output head 512*64 = 32768 (counted once although tied: the embedding lookup is no matmul) -> N = 131072.
+    Training FLOPs per token: 6*N = 786432 plus attention 12*L*d_attn*T = 12*2*64*32 = 49152 -> 835584.
+    """
+    cfg = MiniGPTConfig(**MICRO, vocab_size=512)
+    assert cfg.intermediate_size == 192
+    assert flops_per_token(cfg, 32) == 835_584
+    assert flops_per_token(cfg, 32, training=False) == 835_584 // 3
+    results, config = bench_run
+    assert results["configs"][config]["model"]["flops_per_token"] == flops_per_token(
+        MiniGPTConfig(**MICRO, vocab_size=int(results["configs"][config]["model"]["arch"].split()[-1])), 32
+    )
+
+
+def test_fit_wall_reads_final_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = micro_config(tmp_path, max_steps=4, val_check_interval=4, limit_val_batches=2, log_every_n_steps=2)
+    monkeypatch.chdir(tmp_path)
+    results = bench_main(["--fit-wall", str(config)])
+    wall = results["fit_wall"]
+    assert results["configs"] == {}
+    assert wall["wall_s"] > 0 and wall["final_step"] >= 3  # TensorBoard step of the last validation
+    assert wall["val_loss"] > 0 and wall["val_nats_per_char"] > 0
+    assert not (tmp_path / "checkpoints").exists()  # written into a temporary directory, not here
