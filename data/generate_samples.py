@@ -53,11 +53,16 @@ def zh_sum(a: int, b: int) -> str:
 def qa_pairs(rng: random.Random) -> list[tuple[str, str, str]]:
     """(question, correct answer, wrong answer) in both languages."""
     out = []
+    other = random.Random(1)  # a separate stream, so the other sample files stay as they were
     for a in range(11):
         for b in range(11):
             wrong = a + b + rng.choice([-2, -1, 1, 2, 3])
-            out.append((f"What is {a} plus {b}?", en_sum(a, b), f"{a} plus {b} equals {max(wrong, 0)}."))
-            out.append((f"{a}加{b}等于几？", zh_sum(a, b), f"{a}加{b}等于{max(wrong, 0)}。"))
+            bad_en, bad_zh = f"{a} plus {b} equals {max(wrong, 0)}.", f"{a}加{b}等于{max(wrong, 0)}。"
+            if other.random() < 0.5:  # a true sum of the wrong numbers: a reward model must read the question
+                a2, b2 = other.choice([(b2, a2) for a2, b2 in [(a + 1, b), (a, b + 1), (max(a - 1, 0), b + 2)]])
+                bad_en, bad_zh = en_sum(a2, b2), zh_sum(a2, b2)
+            out.append((f"What is {a} plus {b}?", en_sum(a, b), bad_en))
+            out.append((f"{a}加{b}等于几？", zh_sum(a, b), bad_zh))
     for en, zh, sound, sound_zh, legs, home, home_zh in ANIMALS:
         other = rng.choice([x for x in ANIMALS if x[2] != sound])
         out.append((f"What sound does a {en} make?", f"A {en} says {sound}.", f"A {en} says {other[2]}."))
