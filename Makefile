@@ -6,7 +6,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test lint train-pretrain train-sft tensorboard clean
+.PHONY: setup quickstart test lint train-pretrain train-sft train-reward train-dpo train-rlhf pipeline bench \
+	shakespeare tensorboard clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,8 +31,27 @@ lint: $(STAMP)
 train-pretrain: $(STAMP)
 	$(BIN)/minillm fit --config configs/pretrain_tiny.yaml
 
-train-sft: $(STAMP)
+train-sft: $(STAMP)  ## needs train-pretrain
 	$(BIN)/minillm fit --config configs/sft_tiny.yaml
+
+train-reward: $(STAMP)  ## needs train-sft
+	$(BIN)/minillm fit --config configs/reward_tiny.yaml
+
+train-dpo: $(STAMP)  ## needs train-sft
+	$(BIN)/minillm fit --config configs/dpo_tiny.yaml
+
+train-rlhf: $(STAMP)  ## needs train-sft and train-reward
+	$(BIN)/minillm fit --config configs/ppo_tiny.yaml
+
+pipeline: $(STAMP)  ## pretrain -> SFT -> reward -> PPO, SFT -> DPO, then a comparison table
+	$(BIN)/minillm pipeline --output checkpoints/pipeline --size tiny
+
+bench: $(STAMP)  ## speed and memory of the tiny recipe (README "Performance")
+	$(BIN)/minillm bench --config configs/pretrain_tiny.yaml --output checkpoints/bench.json
+
+shakespeare: $(STAMP)
+	test -f data/tinyshakespeare/input.txt || $(BIN)/minillm download tinyshakespeare
+	$(BIN)/minillm fit --config configs/shakespeare_char.yaml
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir checkpoints

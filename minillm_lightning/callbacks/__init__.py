@@ -1,5 +1,6 @@
 """Lightning callbacks shipped with minillm-lightning."""
 
+from minillm_lightning.callbacks.completion_writer import CompletionWriter
 from minillm_lightning.callbacks.gradient_health import GradientHealthMonitor
 from minillm_lightning.callbacks.interrupt import InterruptCheckpoint
 from minillm_lightning.callbacks.memory_guard import MemoryGuard
@@ -9,6 +10,7 @@ from minillm_lightning.callbacks.throughput import Throughput, flops_per_token
 from minillm_lightning.callbacks.training_summary import TrainingSummary
 
 __all__ = [
+    "CompletionWriter",
     "GradientHealthMonitor",
     "InterruptCheckpoint",
     "MemoryGuard",

@@ -293,6 +293,11 @@ class PromptDataModule(L.LightningDataModule):
 
     # ---- Lightning hooks ----
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":  # every prompt, in file order (`minillm predict` writes one completion each)
+            counts = {"truncated_turns": 0, "dropped_too_long": 0}
+            prompts, _ = self.read()
+            self.predict_set = PromptDataset([ex for m in prompts if (ex := self.encode(m, counts)) is not None])
+            return
         if self.train_set is not None:
             return
         prompts, sources = self.read()
@@ -344,6 +349,9 @@ class PromptDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.predict_set, batch_size=self.batch_size, collate_fn=collate_prompts)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None

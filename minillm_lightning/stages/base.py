@@ -185,6 +185,23 @@ class StageModule(L.LightningModule):
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
 
+    # ---- prediction (`minillm predict`): completions of a PromptDataModule's prompts ----
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Generate a completion per prompt with ``self.generation_config`` (set by CompletionWriter; greedy
+        128 tokens by default) and return ``{"index", "prompt", "completion"}`` records."""
+        from minillm_lightning.generation import GenerationConfig, TextGenerator
+
+        if self.tokenizer is None:
+            raise CheckpointError("prediction needs a tokenizer: set model.init_from and data.tokenizer")
+        cfg = getattr(self, "generation_config", None) or GenerationConfig(max_new_tokens=128, temperature=0.0)
+        gen = TextGenerator(self.model, self.tokenizer)
+        outputs = gen.generate(batch["prompt_ids"], cfg)
+        stops = set(gen.stop_tokens)
+        return [
+            {"index": int(i), "prompt": p, "completion": self.tokenizer.decode([t for t in toks if t not in stops])}
+            for i, p, toks in zip(batch["index"], batch["prompt"], outputs)
+        ]
+
     # ---- optimisation ----
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -1,0 +1,83 @@
+"""SIGTERM during fit saves a resumable checkpoint in every stage (PPO mid-rollout included); predict writes JSONL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import minillm, workdir  # noqa: F401  (fixture re-used)
+
+
+def _args(stage: str, ckpt: Path) -> list[str]:
+    args = [
+        "fit",
+        "--config",
+        f"configs/{stage}_tiny.yaml",
+        f"--model.init_args.init_from={ckpt}",
+        f"--data.init_args.tokenizer={ckpt}",
+        "--trainer.max_steps=100000",
+        "--trainer.enable_progress_bar=false",
+    ]
+    if stage == "ppo":
+        args += [
+            "--model.init_args.reward_model=null",
+            "--model.init_args.reward_fn=minillm_lightning.rewards.ArithmeticReward",
+            "--data.init_args.max_length=96",
+        ]
+    else:
+        args += ["--data.init_args.max_length=128"]
+    return args
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo"])
+def test_sigterm_checkpoints_every_stage(stage: str, workdir: Path, tiny_pretrain_ckpt: Path) -> None:  # noqa: F811
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minillm_lightning.cli", *_args(stage, tiny_pretrain_ckpt)],
+        cwd=workdir,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    run = workdir / "checkpoints" / f"{stage}_tiny"
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(run.glob("tb/version_*/events.out.tfevents.*")):
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    last = run / "last.ckpt"
+    assert last.is_file(), out[-3000:]
+    assert "Resume with:" in out and "--ckpt_path last" in out
+    step = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+    assert step > 0
+
+
+def test_predict_writes_one_completion_per_prompt(workdir: Path, tiny_pretrain_ckpt: Path) -> None:  # noqa: F811
+    prompts = workdir / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} plus 1?"}) + "\n" for i in range(5)))
+    out = workdir / "out.jsonl"
+    r = minillm(
+        [
+            "predict",
+            "--config",
+            "configs/predict.yaml",
+            f"--model.init_args.init_from={tiny_pretrain_ckpt}",
+            f"--data.init_args.tokenizer={tiny_pretrain_ckpt}",
+            f"--data.init_args.sources=[{prompts}]",
+            f"--trainer.callbacks.init_args.output={out}",
+            "--trainer.callbacks.init_args.max_new_tokens=8",
+        ],
+        workdir,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(5))
+    assert rows[2]["prompt"] == "What is 2 plus 1?" and isinstance(rows[2]["completion"], str)
