@@ -39,8 +39,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", (), "val/loss"),
     Stage("sft", ("pretrain",), "val/loss"),
     Stage("reward", ("sft",), "val/accuracy", True),
-    Stage("ppo", ("sft", "reward"), "env/reward_mean", True),
-    Stage("dpo", ("sft",), "rewards/accuracies", True),
+    Stage("ppo", ("sft", "reward"), "val/eval_reward_mean", True),
+    Stage("dpo", ("sft",), "val/rewards/accuracies", True),
 )
 
 

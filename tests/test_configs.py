@@ -56,3 +56,25 @@ def test_fsdp_strategy_config_resolves_the_block_policy(capsys, monkeypatch) -> 
 
     fsdp = FSDPStrategy(auto_wrap_policy={Block}, activation_checkpointing_policy={Block}, state_dict_type="sharded")
     assert fsdp._state_dict_type == "sharded"
+
+
+def test_pipeline_runs_every_tiny_recipe_one_step_and_resumes(tmp_path: Path) -> None:
+    """`minillm pipeline --max_steps 2`: every stage's shipped tiny config really trains, chained through its
+    predecessor's checkpoint; a rerun skips the finished stages; the report has one row per stage."""
+    import subprocess
+    import sys
+
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "data").mkdir()
+    for sub in ("sample", "regression"):
+        (tmp_path / "data" / sub).symlink_to(ROOT / "data" / sub)
+    cmd = [sys.executable, "-m", "minillm_lightning.cli", "pipeline", "--output", "out", "--max_steps", "2"]
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
+        assert (tmp_path / "out" / f"{stage}_tiny" / "DONE.json").is_file(), stage
+        assert f"| {stage} |" in first.stdout
+    sft_config = yaml.safe_load((tmp_path / "out" / "configs" / "sft_tiny.yaml").read_text())
+    assert sft_config["model"]["init_args"]["init_from"].startswith("out/pretrain_tiny/")
+    again = subprocess.run([*cmd, "--stages", "pretrain,sft"], cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.count("already done") == 2

@@ -67,3 +67,26 @@ def test_reward_accuracy_is_reduced_across_ranks(workdir: Path, tiny_pretrain_ck
         values[devices] = final_scalars(out)
     assert values[1]["val/accuracy"] == pytest.approx(values[2]["val/accuracy"], abs=1e-6)
     assert values[1]["val/loss"] == pytest.approx(values[2]["val/loss"], rel=1e-4)
+
+
+def test_ddp_resume_is_exact_with_the_same_world_size(workdir: Path) -> None:  # noqa: F811
+    """8 DDP steps straight == 4 DDP steps + `--ckpt_path last` + 4 more: identical weights (constant LR so the
+    schedule does not depend on max_steps)."""
+    from test_cli import CONFIG, FAST
+
+    base = ["fit", "--config", CONFIG, *FAST, *DDP, "--trainer.val_check_interval=100", "--trainer.limit_val_batches=0"]
+    base += ["--model.init_args.warmup=0", "--model.init_args.min_lr_ratio=1.0"]
+    run = workdir / "checkpoints" / "pretrain_tiny"
+
+    def fit(*extra: str) -> dict:
+        r = minillm([*base, *extra], workdir, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        return torch.load(run / "last.ckpt", weights_only=True)
+
+    straight = fit("--trainer.max_steps=8")["state_dict"]
+    (run / "last.ckpt").unlink()
+    assert fit("--trainer.max_steps=4")["global_step"] == 4
+    resumed = fit("--trainer.max_steps=8", "--ckpt_path", "last")
+    assert resumed["global_step"] == 8
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed["state_dict"][name], value, rtol=0, atol=0, msg=name)

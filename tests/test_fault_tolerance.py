@@ -105,3 +105,56 @@ def test_resume_last_falls_back_to_newest_intact(workdir: Path) -> None:  # noqa
     assert torch.load(last, weights_only=True)["global_step"] == 10
     explicit = minillm([*args, "--ckpt_path", str(run / "garbage.ckpt")], workdir)
     assert explicit.returncode == 2 and "no such file" in explicit.stderr
+
+
+def test_dataloader_worker_crash_is_an_error_with_a_checkpoint(
+    tmp_path: Path, pretrain_dm_factory, monkeypatch
+) -> None:
+    """A worker process that dies mid-epoch surfaces as an error (not a hang) and last.ckpt is written."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from minillm_lightning.callbacks import InterruptCheckpoint
+    from minillm_lightning.callbacks.interrupt import is_worker_crash
+    from minillm_lightning.data.pretrain import PackedBlocks
+
+    original = PackedBlocks.__getitem__
+    parent = os.getpid()
+    served = {"n": 0}
+
+    def dying(self, i):
+        if os.getpid() != parent:
+            served["n"] += 1  # counts inside the (forked) worker
+            if served["n"] > 40:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, i)
+
+    monkeypatch.setattr(PackedBlocks, "__getitem__", dying)
+    dm = pretrain_dm_factory(num_workers=1)
+    model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
+    trainer = micro_trainer(
+        tmp_path,
+        max_steps=1000,
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), InterruptCheckpoint()],
+    )
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="DataLoader worker") as info:
+        trainer.fit(model, datamodule=dm)
+    assert time.time() - t0 < 120
+    assert is_worker_crash(info.value)
+    assert (tmp_path / "last.ckpt").is_file() and trainer.global_step > 0
+
+
+def test_incompatible_init_from_and_too_long_sequences(tmp_path: Path, tiny_pretrain_ckpt: Path, pretrain_dm_factory):
+    from minillm_lightning.errors import ConfigError
+
+    ckpt = torch.load(tiny_pretrain_ckpt, weights_only=True)
+    ckpt["minillm"]["arch"]["n_layer"] += 1  # the config promises a layer the weights do not have
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(ckpt, foreign)
+    with pytest.raises(CheckpointError, match="incompatible weights"):
+        PretrainModule(init_from=str(foreign))
+    dm = pretrain_dm_factory(seq_len=256)  # the micro model's context is 128
+    model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
+    with pytest.raises(ConfigError, match="exceeds the model context block_size=128"):
+        micro_trainer(tmp_path, max_steps=1).fit(model, datamodule=dm)

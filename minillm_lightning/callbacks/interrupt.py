@@ -29,6 +29,11 @@ def resume_command(argv: list[str] | None = None) -> str:
     return shlex.join(out + ["--ckpt_path", "last"])
 
 
+def is_worker_crash(exception: BaseException) -> bool:
+    """PyTorch's error when a DataLoader worker process exits unexpectedly (killed, out of memory, segfault)."""
+    return isinstance(exception, RuntimeError) and "DataLoader worker" in str(exception)
+
+
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
     """``last.ckpt`` in the first ModelCheckpoint's directory (where ``--ckpt_path last`` looks)."""
     cb = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -60,9 +65,11 @@ class InterruptCheckpoint(Callback):
             trainer.save_checkpoint(path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.training:
+        worker_died = is_worker_crash(exception)
+        if not (isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or worker_died) or not trainer.training:
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         kind = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl+C"
+        kind = "A DataLoader worker died" if worker_died else kind
         rank_zero_info(f"\n{kind}: saved {path} at step {trainer.global_step}. Resume with:\n  {resume_command()}\n")
