@@ -46,17 +46,19 @@ class PretrainSource:
 
 
 class PackedBlocks(Dataset):
-    """Non-overlapping (input, target) windows of ``seq_len`` tokens over one flat token array."""
+    """(input, target) windows of ``seq_len`` tokens over one flat token array, starting every ``stride``
+    tokens (``stride = seq_len``: non-overlapping blocks; ``stride = 1``: every offset, like nanoGPT's
+    random windows, but as a permutation so no window repeats within an epoch)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
-        self.tokens, self.seq_len = tokens, seq_len
-        self.n = max(0, (len(tokens) - 1) // seq_len)
+    def __init__(self, tokens: np.ndarray, seq_len: int, stride: int | None = None) -> None:
+        self.tokens, self.seq_len, self.stride = tokens, seq_len, stride or seq_len
+        self.n = max(0, (len(tokens) - 1 - seq_len) // self.stride + 1) if len(tokens) > seq_len else 0
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        start = i * self.seq_len
+        start = i * self.stride
         chunk = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
         return {"input_ids": chunk[:-1], "labels": chunk[1:]}
 
@@ -80,6 +82,8 @@ class PretrainDataModule(L.LightningDataModule):
         skip_bad_records: skip and count malformed lines instead of stopping at the first one.
         num_workers: DataLoader worker processes.
         seed: seed of document sampling and of the batch order.
+        block_stride: training windows start every ``block_stride`` tokens (default ``seq_len``: disjoint
+            blocks). Smaller strides give overlapping windows at more offsets, which helps small corpora.
     """
 
     def __init__(
@@ -99,8 +103,12 @@ class PretrainDataModule(L.LightningDataModule):
         skip_bad_records: bool = False,
         num_workers: int = 0,
         seed: int = 1337,
+        block_stride: int | None = None,
     ) -> None:
         super().__init__()
+        if block_stride is not None and not 1 <= block_stride <= seq_len:
+            raise ValueError(f"PretrainDataModule.block_stride must be in [1, seq_len={seq_len}], got {block_stride}")
+        self.block_stride = block_stride
         if not sources:
             raise DataError("PretrainDataModule: `sources` is empty; give at least one file or glob")
         for name, value in [("seq_len", seq_len), ("batch_size", batch_size), ("vocab_size", vocab_size)]:
@@ -271,7 +279,7 @@ class PretrainDataModule(L.LightningDataModule):
         def load(p: Path) -> np.ndarray:
             return np.memmap(p, dtype=dtype, mode="r") if p.stat().st_size else np.zeros(0, dtype=dtype)
 
-        self.train_set = PackedBlocks(load(paths["train"]), self.seq_len)
+        self.train_set = PackedBlocks(load(paths["train"]), self.seq_len, self.block_stride)
         self.val_set = PackedBlocks(load(paths["val"]), self.seq_len)
         world = self.trainer.world_size if self.trainer else 1
         if len(self.train_set) < world * self.batch_size:

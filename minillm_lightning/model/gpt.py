@@ -32,10 +32,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # normalise in float32 for stability under bf16/fp16, as Llama does
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # normalise in float32 for stability under bf16/fp16, as Llama does (one fused kernel)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_cache(config: MiniGPTConfig) -> tuple[Tensor, Tensor]:
@@ -163,14 +161,14 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MoE(config) if config.is_moe else SwiGLU(config.dim, config.intermediate_size)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor | None]:
         x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer))
         h = self.mlp(self.post_attention_layernorm(x))
-        h, aux = h if isinstance(h, tuple) else (h, x.new_zeros(()))
+        h, aux = h if isinstance(h, tuple) else (h, None)  # dense blocks have no auxiliary loss
         return x + self.drop(h), aux
 
 
@@ -179,7 +177,7 @@ class MiniGPT(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -242,7 +240,8 @@ class MiniGPT(nn.Module):
                 x, aux = checkpoint(block, x, cos, sin, attn_mask, None, i, use_reentrant=False)
             else:
                 x, aux = block(x, cos, sin, attn_mask, cache, i)
-            aux_total = aux_total + aux
+            if aux is not None:
+                aux_total = aux_total + aux
         if cache is not None:
             cache.pos += T
         x = self.norm(x)
