@@ -55,14 +55,31 @@ class InterruptCheckpoint(Callback):
 
     def __init__(self, save_on_train_end: bool = True) -> None:
         self.save_on_train_end = save_on_train_end
+        self._saved_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        # the last step of a max_steps run: save while the loops still say "mid-epoch", so that a later
+        # `--ckpt_path last` with a larger max_steps continues the same epoch exactly (a save in on_train_end
+        # would come after Lightning marked the epoch finished, and the resumed run would start a new one)
+        if self.save_on_train_end and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            self._save_if_stale(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.save_on_train_end or not trainer.checkpoint_callbacks or trainer.global_step == 0:
+        if self.save_on_train_end:
+            self._save_if_stale(trainer)
+
+    def _save_if_stale(self, trainer: L.Trainer) -> None:
+        if not trainer.checkpoint_callbacks or trainer.global_step == 0 or self._saved_step == trainer.global_step:
             return
-        path = last_checkpoint_path(trainer)
-        cb = trainer.checkpoint_callback
-        if getattr(cb, "_last_global_step_saved", -1) != trainer.global_step or not path.is_file():
-            trainer.save_checkpoint(path)
+        cb = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.save_last), None)
+        if cb is not None:
+            if cb._last_global_step_saved != trainer.global_step:
+                # through ModelCheckpoint, so it knows this step is saved and does not write an "epoch finished"
+                # copy of it at the end of the epoch
+                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+        else:
+            trainer.save_checkpoint(last_checkpoint_path(trainer))
+        self._saved_step = trainer.global_step
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         worker_died = is_worker_crash(exception)
