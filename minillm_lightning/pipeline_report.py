@@ -56,7 +56,7 @@ def report(results: dict[str, dict[str, Any]], stages: dict[str, Any], n_prompts
     """A markdown table (one row per stage) plus each stage's answers to the first ``n_prompts`` prompts."""
     prompts = load_prompts(PROMPT_FILES)
     rows = [
-        "| stage | wall (s) | checkpoint step | stage metric | held-out reply ppl | regression pass | answer to prompt 1 |",
+        "| stage | wall (s) | checkpoint step | stage metric | held-out reply ppl | regression pass | answer 1 |",
         "|---|---|---|---|---|---|---|",
     ]
     samples: list[str] = []

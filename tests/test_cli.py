@@ -42,6 +42,21 @@ def minillm(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def wait_for_training(run_dir: Path, timeout: float = 240) -> None:
+    """Block until the run has logged a training scalar (so optimizer steps have happened)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for version in run_dir.glob("tb/version_*"):
+            acc = EventAccumulator(str(version))
+            acc.Reload()
+            if any(t.startswith(("train/", "env/")) for t in acc.Tags().get("scalars", [])):
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"no training step logged in {run_dir} within {timeout}s")
+
+
 def test_help_and_print_config(workdir: Path) -> None:
     top = minillm(["--help"], workdir)
     assert top.returncode == 0 and "fit" in top.stdout
@@ -88,11 +103,7 @@ def test_sigterm_saves_and_resume_continues(workdir: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    events = workdir / "checkpoints" / "pretrain_tiny" / "tb"
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(events.glob("version_*/events.out.tfevents.*")):
-        time.sleep(0.5)
-    time.sleep(4)  # let some steps run
+    wait_for_training(workdir / "checkpoints" / "pretrain_tiny")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     last = workdir / "checkpoints" / "pretrain_tiny" / "last.ckpt"

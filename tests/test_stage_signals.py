@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_cli import minillm, workdir  # noqa: F401  (fixture re-used)
+from test_cli import minillm, wait_for_training, workdir  # noqa: F401  (fixture re-used)
 
 
 def _args(stage: str, ckpt: Path) -> list[str]:
@@ -47,10 +46,7 @@ def test_sigterm_checkpoints_every_stage(stage: str, workdir: Path, tiny_pretrai
         text=True,
     )
     run = workdir / "checkpoints" / f"{stage}_tiny"
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(run.glob("tb/version_*/events.out.tfevents.*")):
-        time.sleep(0.5)
-    time.sleep(3)
+    wait_for_training(run)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=180)
     last = run / "last.ckpt"

@@ -83,7 +83,8 @@ class InterruptCheckpoint(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         worker_died = is_worker_crash(exception)
-        if not (isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or worker_died) or not trainer.training:
+        fitting = trainer.state.fn == "fit"  # also mid-validation or sanity check inside fit
+        if not (isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or worker_died) or not fitting:
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
