@@ -63,18 +63,28 @@ def qa_pairs(rng: random.Random) -> list[tuple[str, str, str]]:
                 bad_en, bad_zh = en_sum(a2, b2), zh_sum(a2, b2)
             out.append((f"What is {a} plus {b}?", en_sum(a, b), bad_en))
             out.append((f"{a}加{b}等于几？", zh_sum(a, b), bad_zh))
-    for en, zh, sound, sound_zh, legs, home, home_zh in ANIMALS:
+    for en, zh, sound, sound_zh, legs, home, _home_zh in ANIMALS:
         other = rng.choice([x for x in ANIMALS if x[2] != sound])
         out.append((f"What sound does a {en} make?", f"A {en} says {sound}.", f"A {en} says {other[2]}."))
         out.append((f"{zh}怎么叫？", f"{zh}的叫声是{sound_zh}。", f"{zh}的叫声是{other[3]}。"))
-        out.append((f"How many legs does a {en} have?", f"A {en} has {EN_NUM[legs]} legs.",
-                    f"A {en} has {EN_NUM[6 - legs]} legs."))
+        out.append(
+            (
+                f"How many legs does a {en} have?",
+                f"A {en} has {EN_NUM[legs]} legs.",
+                f"A {en} has {EN_NUM[6 - legs]} legs.",
+            )
+        )
         out.append((f"{zh}有几条腿？", f"{zh}有{ZH_NUM[legs]}条腿。", f"{zh}有{ZH_NUM[6 - legs]}条腿。"))
         out.append((f"Where does a {en} live?", f"A {en} lives {home}.", f"A {en} lives on the moon."))
     for thing, colour, thing_zh, colour_zh in COLOURS:
         other = rng.choice([c for c in COLOURS if c[1] != colour])
-        out.append((f"What colour is {thing}?", f"{thing[0].upper() + thing[1:]} is {colour}.",
-                    f"{thing[0].upper() + thing[1:]} is {other[1]}."))
+        out.append(
+            (
+                f"What colour is {thing}?",
+                f"{thing[0].upper() + thing[1:]} is {colour}.",
+                f"{thing[0].upper() + thing[1:]} is {other[1]}.",
+            )
+        )
         out.append((f"{thing_zh}是什么颜色的？", f"{thing_zh}是{colour_zh}的。", f"{thing_zh}是{other[3]}的。"))
     return out
 
@@ -92,29 +102,40 @@ def pretrain_docs(rng: random.Random, n: int) -> list[str]:
         elif kind < 0.55:
             picks = rng.sample(ANIMALS, 3)
             if rng.random() < 0.5:
-                docs.append(" ".join(
-                    f"A {en} says {s}. A {en} has {EN_NUM[legs]} legs and lives {home}."
-                    for en, _, s, _, legs, home, _ in picks))
+                docs.append(
+                    " ".join(
+                        f"A {en} says {s}. A {en} has {EN_NUM[legs]} legs and lives {home}."
+                        for en, _, s, _, legs, home, _ in picks
+                    )
+                )
             else:
-                docs.append("".join(f"{zh}的叫声是{s}。{zh}有{ZH_NUM[legs]}条腿，住在{h}。"
-                                    for _, zh, _, s, legs, _, h in picks))
+                docs.append(
+                    "".join(
+                        f"{zh}的叫声是{s}。{zh}有{ZH_NUM[legs]}条腿，住在{h}。" for _, zh, _, s, legs, _, h in picks
+                    )
+                )
         elif kind < 0.75:
             picks = rng.sample(COLOURS, 3)
             if rng.random() < 0.5:
-                docs.append("Colours are everywhere. " + " ".join(
-                    f"{t[0].upper() + t[1:]} is {c}." for t, c, _, _ in picks))
+                docs.append(
+                    "Colours are everywhere. " + " ".join(f"{t[0].upper() + t[1:]} is {c}." for t, c, _, _ in picks)
+                )
             else:
                 docs.append("颜色无处不在。" + "".join(f"{t}是{c}的。" for _, _, t, c in picks))
         else:
             a, b = rng.randint(1, 9), rng.randint(1, 9)
             if rng.random() < 0.5:
                 name, (fruit, _) = rng.choice(NAMES), rng.choice(FRUITS)
-                docs.append(f"{name} had {EN_NUM[a]} {fruit}s. A friend gave {name} {EN_NUM[b]} more. "
-                            f"Now {name} has {EN_NUM[a + b]} {fruit}s. {a} plus {b} equals {a + b}.")
+                docs.append(
+                    f"{name} had {EN_NUM[a]} {fruit}s. A friend gave {name} {EN_NUM[b]} more. "
+                    f"Now {name} has {EN_NUM[a + b]} {fruit}s. {a} plus {b} equals {a + b}."
+                )
             else:
                 name, (_, fruit) = rng.choice(NAMES_ZH), rng.choice(FRUITS)
-                docs.append(f"{name}有{ZH_NUM[a]}个{fruit}，朋友又给了{name}{ZH_NUM[b]}个。"
-                            f"现在{name}有{ZH_NUM[a + b]}个{fruit}。{a}加{b}等于{a + b}。")
+                docs.append(
+                    f"{name}有{ZH_NUM[a]}个{fruit}，朋友又给了{name}{ZH_NUM[b]}个。"
+                    f"现在{name}有{ZH_NUM[a + b]}个{fruit}。{a}加{b}等于{a + b}。"
+                )
     return docs
 
 
@@ -145,8 +166,12 @@ def main() -> None:
     pref = []
     for q, good, bad in rng.sample(qa, min(len(qa), 400)):
         prompt = [{"role": "user", "content": q}]
-        pref.append({"chosen": prompt + [{"role": "assistant", "content": good}],
-                     "rejected": prompt + [{"role": "assistant", "content": bad}]})
+        pref.append(
+            {
+                "chosen": prompt + [{"role": "assistant", "content": good}],
+                "rejected": prompt + [{"role": "assistant", "content": bad}],
+            }
+        )
     write("preference.jsonl", pref)
     write("prompts.jsonl", [{"prompt": q} for q, _, _ in rng.sample(qa, 200)])
 
