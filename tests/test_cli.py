@@ -93,7 +93,8 @@ def test_fit_writes_checkpoints_logs_config_and_stats(workdir: Path) -> None:
     assert ckpt["global_step"] == 12 and "tokenizer" in ckpt
 
 
-def test_sigterm_saves_and_resume_continues(workdir: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_and_resume_continues(workdir: Path, sig: signal.Signals) -> None:
     args = ["fit", "--config", CONFIG, *FAST, "--trainer.max_steps=100000", "--trainer.val_check_interval=50"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "minillm_lightning.cli", *args],
@@ -104,7 +105,7 @@ def test_sigterm_saves_and_resume_continues(workdir: Path) -> None:
         text=True,
     )
     wait_for_training(workdir / "checkpoints" / "pretrain_tiny")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     last = workdir / "checkpoints" / "pretrain_tiny" / "last.ckpt"
     assert last.is_file(), out[-3000:]
