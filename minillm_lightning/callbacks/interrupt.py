@@ -59,27 +59,28 @@ class InterruptCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         # the last step of a max_steps run: save while the loops still say "mid-epoch", so that a later
-        # `--ckpt_path last` with a larger max_steps continues the same epoch exactly (a save in on_train_end
-        # would come after Lightning marked the epoch finished, and the resumed run would start a new one)
+        # `--ckpt_path last` with a larger max_steps continues the same epoch exactly (a save at the end of
+        # the epoch or of fit comes after Lightning marked the epoch finished: the resumed run would start a
+        # new epoch). A validation at this step still updates best.ckpt and last.ckpt afterwards. The shipped
+        # configs set ModelCheckpoint(save_on_train_epoch_end=False) so it does not overwrite this save with an
+        # "epoch finished" copy when the run stops mid-epoch.
         if self.save_on_train_end and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
-            self._save_if_stale(trainer)
+            self._save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.save_on_train_end:
-            self._save_if_stale(trainer)
-
-    def _save_if_stale(self, trainer: L.Trainer) -> None:
-        if not trainer.checkpoint_callbacks or trainer.global_step == 0 or self._saved_step == trainer.global_step:
+        if not self.save_on_train_end or self._saved_step == trainer.global_step:
             return
-        cb = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.save_last), None)
-        if cb is not None:
-            if cb._last_global_step_saved != trainer.global_step:
-                # through ModelCheckpoint, so it knows this step is saved and does not write an "epoch finished"
-                # copy of it at the end of the epoch
-                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
-        else:
+        cb = trainer.checkpoint_callback
+        if getattr(cb, "_last_global_step_saved", -1) != trainer.global_step:
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.checkpoint_callbacks and trainer.global_step > 0 and self._saved_step != trainer.global_step:
             trainer.save_checkpoint(last_checkpoint_path(trainer))
-        self._saved_step = trainer.global_step
+            self._saved_step = trainer.global_step
+            for cb in trainer.checkpoint_callbacks:  # ModelCheckpoint would otherwise rewrite it in on_train_end
+                if isinstance(cb, ModelCheckpoint) and hasattr(cb, "_last_checkpoint_saved"):
+                    cb._last_checkpoint_saved = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         worker_died = is_worker_crash(exception)
