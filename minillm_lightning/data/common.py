@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from minillm_lightning.errors import DataError
+from minillm_lightning.errors import CheckpointError, DataError
+from minillm_lightning.tokenizer import Tokenizer
 
 
 def expand_paths(pattern: str, suffixes: tuple[str, ...] = (".jsonl", ".json", ".txt")) -> list[Path]:
@@ -179,3 +180,28 @@ def write_stats(run_dir: str | os.PathLike | None, name: str, stats: dict[str, A
     tmp.write_text(json.dumps(current, indent=2, ensure_ascii=False))
     os.replace(tmp, path)
     return path
+
+
+def checkpoint_tokenizer(path: str | None, owner: str, prerequisite: str, example: str) -> Tokenizer:
+    """The tokenizer of the checkpoint a chat stage starts from (``data.tokenizer`` = ``model.init_from``).
+
+    Called from the data modules' ``tokenizer`` property rather than ``__init__``: LightningCLI reads it first
+    (the ``vocab_size`` link) and shows a MiniLLMError raised there as is, while one raised in ``__init__``
+    reaches the user wrapped. A missing file names the command that produces it.
+    """
+    if not path:
+        raise DataError(
+            f"{owner}.tokenizer is not set; set data.init_args.tokenizer to the model.init_args.init_from "
+            f"checkpoint (e.g. {example}) so data and model share its tokenizer"
+        )
+    file = Path(path)
+    if not file.is_file():
+        # checkpoints/<run>/last.ckpt is written by configs/<run>.yaml: name that config when it exists
+        own = f"minillm fit --config {Path('configs') / f'{file.parent.name}.yaml'}"
+        own = f" (for this checkpoint: `{own}`)" if Path(own.split()[-1]).is_file() and own != prerequisite else ""
+        raise CheckpointError(
+            f"data.tokenizer={file} does not exist. It should be the checkpoint this stage starts from "
+            f"(model.init_from): run `{prerequisite}` first{own}, or point model.init_args.init_from and "
+            f"data.init_args.tokenizer at an existing checkpoint"
+        )
+    return Tokenizer.from_file(file)

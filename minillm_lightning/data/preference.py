@@ -18,7 +18,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -31,13 +30,14 @@ from minillm_lightning.data.common import (
     ReadStats,
     ResumableDataLoader,
     ResumableSampler,
+    checkpoint_tokenizer,
     expand_paths,
     iter_records,
     split_counts,
     write_stats,
 )
 from minillm_lightning.data.sft import BadRecord, Message, SFTFields, _json_item_line, detect_format, to_messages
-from minillm_lightning.errors import CheckpointError, DataError
+from minillm_lightning.errors import DataError
 from minillm_lightning.losses import IGNORE_INDEX
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -263,21 +263,9 @@ class PreferenceDataModule(L.LightningDataModule):
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            # checked here, not in __init__: LightningCLI reads this first (vocab_size link) and reports a
-            # MiniLLMError raised here as is
-            if not self.tokenizer_path:
-                raise DataError(
-                    "PreferenceDataModule.tokenizer is not set; set data.init_args.tokenizer to the model.init_args."
-                    "init_from checkpoint (e.g. checkpoints/sft_tiny/last.ckpt) so data and model share its tokenizer"
-                )
-            path = Path(self.tokenizer_path)
-            if not path.is_file():
-                raise CheckpointError(
-                    f"data.tokenizer={path} does not exist. It should be the checkpoint this stage starts from "
-                    f"(model.init_from), normally the SFT model: run `{SFT_COMMAND}` first, or point "
-                    f"model.init_args.init_from and data.init_args.tokenizer at an existing checkpoint"
-                )
-            self._tokenizer = Tokenizer.from_file(path)
+            self._tokenizer = checkpoint_tokenizer(
+                self.tokenizer_path, "PreferenceDataModule", SFT_COMMAND, "checkpoints/sft_tiny/last.ckpt"
+            )
         return self._tokenizer
 
     @property

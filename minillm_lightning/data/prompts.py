@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -26,13 +25,14 @@ from minillm_lightning.data.common import (
     ReadStats,
     ResumableDataLoader,
     ResumableSampler,
+    checkpoint_tokenizer,
     expand_paths,
     iter_records,
     split_counts,
     write_stats,
 )
 from minillm_lightning.data.sft import ROLE_ALIASES, BadRecord, SFTFields, _json_item_line, detect_format, to_messages
-from minillm_lightning.errors import CheckpointError, DataError
+from minillm_lightning.errors import DataError
 from minillm_lightning.tokenizer import Tokenizer
 
 PromptFormat = Literal["auto", "prompt", "messages", "sharegpt", "alpaca"]
@@ -205,21 +205,9 @@ class PromptDataModule(L.LightningDataModule):
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            # raised here rather than in __init__ so LightningCLI (which reads vocab_size first) shows it as is
-            if not self.tokenizer_path:
-                raise DataError(
-                    "PromptDataModule.tokenizer is not set; set data.init_args.tokenizer to the model.init_args."
-                    "init_from checkpoint (the SFT policy, e.g. checkpoints/sft_tiny/last.ckpt) so data and model "
-                    "share its tokenizer"
-                )
-            path = Path(self.tokenizer_path)
-            if not path.is_file():
-                raise CheckpointError(
-                    f"data.tokenizer={path} does not exist. It should be the SFT checkpoint the policy starts from "
-                    f"(model.init_from): run `{SFT_COMMAND}` first, or point model.init_args.init_from and "
-                    f"data.init_args.tokenizer at an existing checkpoint"
-                )
-            self._tokenizer = Tokenizer.from_file(path)
+            self._tokenizer = checkpoint_tokenizer(
+                self.tokenizer_path, "PromptDataModule", SFT_COMMAND, "checkpoints/sft_tiny/last.ckpt"
+            )
         return self._tokenizer
 
     @property

@@ -28,12 +28,13 @@ from minillm_lightning.data.common import (
     ReadStats,
     ResumableDataLoader,
     ResumableSampler,
+    checkpoint_tokenizer,
     expand_paths,
     iter_records,
     split_counts,
     write_stats,
 )
-from minillm_lightning.errors import CheckpointError, DataError
+from minillm_lightning.errors import DataError
 from minillm_lightning.losses import IGNORE_INDEX
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -342,26 +343,9 @@ class SFTDataModule(L.LightningDataModule):
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            # checked here, not in __init__: LightningCLI reads this first (vocab_size link) and reports a
-            # MiniLLMError raised here as is, while one raised in __init__ reaches the user wrapped
-            if not self.tokenizer_path:
-                raise DataError(
-                    "SFTDataModule.tokenizer is not set; set data.init_args.tokenizer to the model.init_args."
-                    "init_from checkpoint (e.g. checkpoints/pretrain_tiny/last.ckpt) so data and model share its "
-                    "tokenizer"
-                )
-            path = Path(self.tokenizer_path)
-            if not path.is_file():
-                # checkpoints/<run>/last.ckpt is written by configs/<run>.yaml: name that config when it exists
-                config = Path("configs") / f"{path.parent.name}.yaml"
-                own = f"minillm fit --config {config}"
-                own = f" (for this checkpoint: `{own}`)" if config.is_file() and own != PRETRAIN_COMMAND else ""
-                raise CheckpointError(
-                    f"data.tokenizer={path} does not exist. It should be the checkpoint SFT starts from "
-                    f"(model.init_from): run pretraining first, `{PRETRAIN_COMMAND}`{own}, or point "
-                    f"model.init_args.init_from and data.init_args.tokenizer at an existing checkpoint"
-                )
-            self._tokenizer = Tokenizer.from_file(path)
+            self._tokenizer = checkpoint_tokenizer(
+                self.tokenizer_path, "SFTDataModule", PRETRAIN_COMMAND, "checkpoints/pretrain_tiny/last.ckpt"
+            )
         return self._tokenizer
 
     @property
