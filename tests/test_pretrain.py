@@ -57,17 +57,19 @@ def test_loss_falls_and_checkpoint_is_self_contained(tmp_path, pretrain_dm_facto
     torch.testing.assert_close(backbone(x).logits, model.model.eval()(x).logits)
 
 
-def test_exact_resume_mid_epoch(tmp_path, pretrain_dm_factory) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_exact_resume_mid_epoch(tmp_path, pretrain_dm_factory, optimizer: str) -> None:
     """N steps straight == N/2 steps, save, resume, N/2 steps: identical losses and weights.
 
     The corpus is cut to ~11 batches per epoch so the run crosses epoch boundaries and stops mid-epoch.
+    With Muon the momentum buffers and AdamW moments must round-trip through the checkpoint too.
     """
     n, half = 30, 15
 
     def run(root, ckpt_path=None, max_steps=n, save_at=None):
         L.seed_everything(0)
         dm = pretrain_dm_factory(sample_ratio=0.05)
-        model = _model(dm)
+        model = _model(dm, optimizer=optimizer)
         rec = LossRecorder()
         cbs = [rec]
         if save_at:

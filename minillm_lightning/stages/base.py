@@ -22,6 +22,7 @@ from minillm_lightning.checkpoint import (
 )
 from minillm_lightning.errors import ConfigError
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
+from minillm_lightning.optim import MuonAdamW, muon_param_groups
 from minillm_lightning.tokenizer import Tokenizer
 
 
@@ -73,6 +74,10 @@ class StageModule(L.LightningModule):
         warmup: warmup length: a share of the total steps when < 1, else a number of optimizer steps.
         min_lr_ratio: the cosine schedule ends at ``learning_rate * min_lr_ratio``.
         compile: run the backbone through ``torch.compile`` (faster steps after a one-off compile cost).
+        optimizer: ``adamw``, or ``muon``: Muon (orthogonalised momentum) on the transformer blocks' weight
+            matrices and AdamW at ``learning_rate`` on embeddings, head and norms; trains a small model from
+            scratch in fewer steps (configs/shakespeare_char.yaml). Not with FSDP or DeepSpeed (sharded matrices).
+        muon_learning_rate: peak Muon learning rate (follows the same warmup/cosine schedule).
     """
 
     stage_name = "base"
@@ -88,8 +93,14 @@ class StageModule(L.LightningModule):
         warmup: float = 0.02,
         min_lr_ratio: float = 0.1,
         compile: bool = False,
+        optimizer: str = "adamw",
+        muon_learning_rate: float = 0.02,
     ) -> None:
         super().__init__()
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+        if muon_learning_rate <= 0:
+            raise ValueError(f"muon_learning_rate must be positive, got {muon_learning_rate}")
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {learning_rate}")
         if warmup < 0 or not 0 <= min_lr_ratio <= 1:
@@ -205,15 +216,7 @@ class StageModule(L.LightningModule):
     # ---- optimisation ----
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused AdamW: fastest on GPU, but Lightning's mixed-precision plugin refuses it with gradient clipping
-        mixed = "mixed" in str(self.trainer.precision)
-        fused = all(p.is_cuda for p in self.parameters()) and not (mixed and self.trainer.gradient_clip_val)
-        opt = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused or None)
+        opt = self._muon_optimizer() if hp.get("optimizer", "adamw") == "muon" else self._adamw_optimizer()
         total = self.trainer.max_steps
         if total is None or total < 0:
             # only when no max_steps is set: estimating touches the train loader, see Lightning's caveat
@@ -222,6 +225,30 @@ class StageModule(L.LightningModule):
         warmup = max(1, warmup) if hp.warmup > 0 else 0
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
+
+    def _adamw_optimizer(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # fused AdamW: fastest on GPU, but Lightning's mixed-precision plugin refuses it with gradient clipping
+        mixed = "mixed" in str(self.trainer.precision)
+        fused = all(p.is_cuda for p in self.parameters()) and not (mixed and self.trainer.gradient_clip_val)
+        return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused or None)
+
+    def _muon_optimizer(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        strategy = type(getattr(self.trainer, "strategy", None)).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise ConfigError(
+                f"model.optimizer=muon needs whole weight matrices but {strategy} shards them; "
+                f"use model.optimizer=adamw with this strategy, or DDP"
+            )
+        lrs = dict(lr=hp.learning_rate, muon_lr=hp.muon_learning_rate)
+        groups = muon_param_groups(self, **lrs, weight_decay=hp.weight_decay)
+        return MuonAdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:

@@ -1,0 +1,159 @@
+"""Muon for the transformer's weight matrices with AdamW for everything else, as one ``torch.optim.Optimizer``.
+
+Muon (Jordan et al., 2024; used by modded-nanogpt and Moonlight) replaces each hidden weight matrix's momentum
+update by its nearest semi-orthogonal matrix, computed with a few Newton-Schulz iterations. Embeddings, the output
+head, norm weights and heads with a single output row stay on AdamW. One optimizer object (not two) keeps
+Lightning's automatic optimization, gradient clipping, accumulation, LR schedulers and checkpoints unchanged;
+each param group carries ``use_muon`` to say which update it gets.
+
+Matrices of the same shape are orthogonalised together in one batched matmul chain: on a small model this
+halves the optimizer's cost compared with one matrix at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+# quintic Newton-Schulz coefficients tuned for fast convergence of the singular values towards ~1 (Keller Jordan)
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximate ``U @ V^T`` of the SVD ``g = U S V^T`` for a (..., m, n) batch of matrices; the singular values
+    of the result lie roughly in [0.7, 1.2] (enough for Muon; exactness is not the goal)."""
+    a, b, c = NS_COEFFS
+    x = g.float()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    wide = x.size(-2) <= x.size(-1)
+    if not wide:
+        x = x.mT
+    fma = torch.baddbmm if x.dim() == 3 else torch.addmm  # fused multiply-adds: fewer passes over memory
+    for _ in range(steps):
+        A = x @ x.mT
+        B = fma(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        x = fma(x, B, x, beta=a)  # a*x + B@x
+    return (x if wide else x.mT).to(g.dtype)
+
+
+def muon_param_groups(
+    module: nn.Module, *, lr: float, muon_lr: float, weight_decay: float, muon_prefix: str = "layers."
+) -> list[dict]:
+    """Split a MiniGPT(-holding) module's trainable parameters into Muon and AdamW groups.
+
+    Muon: the 2-D weights of the transformer blocks (attention and MLP projections) found under ``muon_prefix``,
+    except MoE routers. AdamW: embeddings, the output head, norm weights (no decay), routers, scalar heads.
+    """
+    muon, decay, no_decay = [], [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        in_blocks = f".{muon_prefix}" in f".{name}"
+        if p.dim() == 2 and in_blocks and min(p.shape) > 1 and not name.endswith("mlp.gate.weight"):
+            muon.append(p)
+        elif p.dim() >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": muon, "lr": muon_lr, "weight_decay": 0.0, "use_muon": True},
+        {"params": decay, "lr": lr, "weight_decay": weight_decay, "use_muon": False},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0, "use_muon": False},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on groups with ``use_muon=True``, AdamW (decoupled weight decay) on the others.
+
+    Args:
+        params: param groups, each with ``use_muon`` (default False); see :func:`muon_param_groups`.
+        lr: default learning rate (per-group ``lr`` wins).
+        betas, eps, weight_decay: AdamW settings; ``weight_decay`` also decays Muon matrices (``p *= 1 - lr*wd``).
+        momentum: Muon momentum (Nesterov).
+        ns_steps: Newton-Schulz iterations.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+    ) -> None:
+        if lr <= 0 or not 0 <= momentum < 1 or ns_steps < 1:
+            raise ValueError(f"MuonAdamW: need lr > 0, 0 <= momentum < 1, ns_steps >= 1; got {lr, momentum, ns_steps}")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps, use_muon=False
+        )
+        super().__init__(params, defaults)
+        for g in self.param_groups:
+            if g["use_muon"] and any(p.dim() != 2 for p in g["params"]):
+                raise ValueError("MuonAdamW: Muon groups may only hold 2-D weight matrices")
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (self._muon if group["use_muon"] else self._adamw)(group, params)
+        return loss
+
+    def _muon(self, group: dict, params: list[Tensor]) -> None:
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        by_shape: dict[tuple[int, ...], list[Tensor]] = defaultdict(list)
+        for p in params:
+            by_shape[tuple(p.shape)].append(p)
+        for shape, ps in by_shape.items():
+            bufs = []
+            for p in ps:
+                st = self.state[p]
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(st["momentum_buffer"])
+            grads = [p.grad for p in ps]
+            torch._foreach_mul_(bufs, mom)
+            torch._foreach_add_(bufs, grads)
+            updates = torch._foreach_add(grads, bufs, alpha=mom)  # Nesterov: g + mom * buf
+            ortho = orthogonalize(torch.stack(updates), group["ns_steps"])
+            scale = math.sqrt(max(1.0, shape[0] / shape[1]))  # keep the update's RMS independent of the aspect
+            if wd:
+                torch._foreach_mul_(ps, 1 - lr * wd)
+            torch._foreach_add_(ps, list(ortho.unbind(0)), alpha=-lr * scale)
+
+    def _adamw(self, group: dict, params: list[Tensor]) -> None:
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        exp_avg, exp_avg_sq, steps = [], [], []
+        for p in params:
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+            st["step"] += 1
+            exp_avg.append(st["exp_avg"])
+            exp_avg_sq.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+        grads = [p.grad for p in params]
+        torch._foreach_lerp_(exp_avg, grads, 1 - b1)
+        torch._foreach_mul_(exp_avg_sq, b2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - b2)
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        # step counts live on the CPU (no device sync); params that missed steps keep their own bias correction
+        ts = [float(s) for s in steps]
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, [math.sqrt(1 - b2**t) for t in ts])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avg, denom, [-lr / (1 - b1**t) for t in ts])

@@ -1,0 +1,130 @@
+"""MuonAdamW: Newton-Schulz against the SVD, the AdamW half against torch.optim.AdamW, the Muon half against a
+per-matrix re-implementation, the param split, and training under Lightning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import MICRO_ARCH, micro_trainer
+from torch import nn
+
+from minillm_lightning import MiniGPTConfig, PretrainModule
+from minillm_lightning.errors import ConfigError
+from minillm_lightning.model import MiniGPT
+from minillm_lightning.optim import MuonAdamW, muon_param_groups, orthogonalize
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (16, 48), (48, 16)])
+def test_orthogonalize_approximates_the_polar_factor(shape) -> None:
+    torch.manual_seed(0)
+    g = torch.randn(*shape) @ torch.diag(torch.logspace(-1, 0.5, shape[1]))  # condition ~30
+    o = orthogonalize(g, steps=5)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    polar = u @ vh
+    s = torch.linalg.svdvals(o)
+    assert s.min() > 0.5 and s.max() < 1.3, s  # singular values pushed towards 1 (not exactly: quintic NS)
+    cos = (o * polar).sum() / (o.norm() * polar.norm())
+    assert cos > 0.95, cos
+    # a batch is orthogonalised matrix by matrix
+    batch = torch.stack([g, 2 * g.flip(0)])
+    ob = orthogonalize(batch)
+    torch.testing.assert_close(ob[0], o, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ob[1], orthogonalize(2 * g.flip(0)), rtol=1e-4, atol=1e-5)
+
+
+def _adam_params(seed: int) -> list[nn.Parameter]:
+    torch.manual_seed(seed)
+    return [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
+
+
+def test_adamw_groups_match_torch_adamw() -> None:
+    ours, ref = _adam_params(0), _adam_params(0)
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    opt = MuonAdamW([{"params": ours[:1], "weight_decay": 0.1}, {"params": ours[1:], "weight_decay": 0.0}], **kw)
+    ref_opt = torch.optim.AdamW(
+        [{"params": ref[:1], "weight_decay": 0.1}, {"params": ref[1:], "weight_decay": 0.0}], **kw
+    )
+    for step in range(6):
+        torch.manual_seed(100 + step)
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_step_matches_a_per_matrix_reimplementation() -> None:
+    """Nesterov momentum, NS orthogonalisation, sqrt(rows/cols) scale for tall matrices, decoupled decay;
+    three matrices of two shapes (two are batched together)."""
+    torch.manual_seed(0)
+    shapes = [(8, 8), (12, 4), (8, 8)]
+    ours = [nn.Parameter(torch.randn(*s)) for s in shapes]
+    ref = [p.detach().clone() for p in ours]
+    lr, mom, wd = 0.05, 0.9, 0.1
+    opt = MuonAdamW([{"params": ours, "use_muon": True, "weight_decay": wd}], lr=lr, momentum=mom)
+    bufs = [torch.zeros_like(p) for p in ref]
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _step in range(3):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (w, g) in enumerate(zip(ref, grads)):
+            bufs[i] = mom * bufs[i] + g
+            x = g + mom * bufs[i]
+            x = x / x.norm()
+            tall = x.shape[0] > x.shape[1]
+            x = x.T if tall else x
+            for _ in range(5):
+                A = x @ x.T
+                x = a * x + (b * A + c * A @ A) @ x
+            x = x.T if tall else x
+            ref[i] = w * (1 - lr * wd) - lr * math.sqrt(max(1, w.shape[0] / w.shape[1])) * x
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-4, atol=1e-5)
+
+
+def test_param_split_keeps_embeddings_head_norms_and_routers_on_adamw() -> None:
+    model = MiniGPT(MiniGPTConfig(**{**MICRO_ARCH, "n_experts": 2, "top_k": 1, "tie_embeddings": False}))
+    groups = muon_param_groups(model, lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in groups if g["use_muon"] for p in g["params"]}
+    adam = {names[id(p)] for g in groups if not g["use_muon"] for p in g["params"]}
+    assert muon and all(n.startswith("layers.") and "norm" not in n for n in muon)
+    assert {"embed_tokens.weight", "lm_head.weight", "norm.weight"} <= adam
+    assert not any(n.endswith("mlp.gate.weight") for n in muon)  # MoE router
+    assert any("experts" in n and n.endswith("down_proj.weight") for n in muon)
+    assert muon | adam == set(names.values()) and not muon & adam
+    with pytest.raises(ValueError, match="2-D"):
+        MuonAdamW([{"params": [nn.Parameter(torch.zeros(3))], "use_muon": True}])
+
+
+def test_muon_trains_under_lightning_and_refuses_sharded_strategies(tmp_path, pretrain_dm_factory) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    dm = pretrain_dm_factory()
+    model = PretrainModule(
+        arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, optimizer="muon", learning_rate=3e-3
+    )
+    losses: list[float] = []
+
+    class Rec(__import__("lightning").pytorch.callbacks.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    trainer = micro_trainer(tmp_path, max_steps=40, callbacks=[Rec()])
+    trainer.fit(model, datamodule=dm)
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, MuonAdamW) and any(g["use_muon"] for g in opt.param_groups)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    model.trainer = SimpleNamespace(strategy=FSDPStrategy(), max_steps=10, precision="32-true")
+    with pytest.raises(ConfigError, match="model.optimizer=adamw"):
+        model.configure_optimizers()
+    with pytest.raises(ValueError, match="optimizer must be"):
+        PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, optimizer="sgd")
