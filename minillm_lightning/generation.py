@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minillm_lightning.errors import MiniLLMError
+from minillm_lightning.model.decode import DecodeWeights, decode_step
 from minillm_lightning.model.gpt import MiniGPT, padded_causal_mask
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -149,6 +150,8 @@ class _Batch:
         self.padded = any(len(p) < t for p in prompts)  # no padding: plain causal attention, faster kernels
         self.prompt_len = self.length = t
         self.cache = model.new_cache(n, t + max_new) if cache else None
+        # one-token steps of a MiniGPT with a cache take the lean path (model/decode.py); other models use forward
+        self.fast = DecodeWeights(model) if cache and isinstance(model, MiniGPT) else None
 
     def prefill(self) -> Tensor:
         """Logits (N, V) for the token after each prompt."""
@@ -160,6 +163,10 @@ class _Batch:
         self.length += 1
         if self.cache is None:
             return self._forward(self.ids[:, : self.length])
+        if self.fast is not None:
+            keep = self.keep[:, : self.length] if self.padded else None
+            positions = self.pos[:, self.length - 1]
+            return decode_step(self.model, self.fast, tokens, positions, self.cache, keep)
         return self._forward(tokens[:, None])
 
     def reorder(self, index: Tensor) -> None:

@@ -257,3 +257,58 @@ def tiny_tokenizer(tiny_pretrain_ckpt):
     from minillm_lightning.tokenizer import Tokenizer
 
     return Tokenizer.from_checkpoint(load_checkpoint(tiny_pretrain_ckpt))
+
+
+# ---- the lean one-token decoding step (model/decode.py) equals MiniGPT.forward ----
+
+
+@pytest.mark.parametrize(
+    "arch, dtype",
+    [
+        (dict(n_head=4, n_kv_head=2), torch.float32),  # grouped-query attention
+        (dict(n_head=4, n_kv_head=4, n_experts=3, top_k=2, n_shared_experts=1), torch.float32),  # MoE MLPs
+        # bf16 (dense: in bf16 a rounding difference can flip an MoE routing choice, in either path)
+        (dict(n_head=4, n_kv_head=2), torch.bfloat16),
+    ],
+)
+def test_decode_step_equals_forward_on_a_padded_batch(arch: dict, dtype: torch.dtype) -> None:
+    from minillm_lightning.model.decode import DecodeWeights, decode_step
+    from minillm_lightning.model.gpt import padded_causal_mask
+
+    torch.manual_seed(0)
+    cfg = MiniGPTConfig(vocab_size=67, block_size=32, n_layer=2, dim=64, init_std=0.5, **arch)
+    model = MiniGPT(cfg).eval().to(dtype)
+    B, T, new = 3, 6, 5
+    ids = torch.randint(5, 67, (B, T + new))
+    keep = torch.ones(B, T + new, dtype=torch.bool)
+    keep[1, :2] = keep[2, :5] = False  # rows 1 and 2 are left-padded
+    pos = (keep.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(ids, position_ids=pos, attn_mask=padded_causal_mask(keep, T + new)).logits.float()
+        cache = model.new_cache(B, T + new)
+        model(ids[:, :T], position_ids=pos[:, :T], attn_mask=padded_causal_mask(keep[:, :T], T), cache=cache)
+        weights = DecodeWeights(model)
+        # bf16: both paths round differently (fused vs separate matmuls); bound by ~2% of the logit scale
+        scale = full.abs().max().item()
+        tol = dict(rtol=0, atol=1e-4) if dtype == torch.float32 else dict(rtol=0, atol=0.02 * scale)
+        for t in range(T, T + new):
+            logits = decode_step(model, weights, ids[:, t], pos[:, t], cache, keep[:, : t + 1])
+            torch.testing.assert_close(logits, full[:, t], **tol)
+        assert cache.pos == T + new
+        with pytest.raises(ValueError, match="KV cache full"):
+            decode_step(model, weights, ids[:, 0], pos[:, 0], cache, None)
+
+
+def test_decode_weights_follow_the_current_parameters(gen: TextGenerator, model: MiniGPT) -> None:
+    """The fused weights are rebuilt per generate call: after an update the output follows the new weights."""
+    before = gen.generate(PROMPTS[:1], greedy())[0]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            model.layers[0].self_attn.q_proj.weight.mul_(-3.0)
+            model.layers[1].mlp.up_proj.weight.mul_(-2.0)
+        changed = gen.generate(PROMPTS[:1], greedy())[0]
+        assert changed == gen.generate(PROMPTS[:1], greedy(use_cache=False))[0]
+        assert changed != before
+    finally:
+        model.load_state_dict(saved)

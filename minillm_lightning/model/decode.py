@@ -1,0 +1,94 @@
+"""A lean one-token decoding step for MiniGPT with a KV cache (what `TextGenerator` runs after the prompt).
+
+`MiniGPT.forward` handles every case (training, masks, packed sequences, prompts); decoding one token per row
+calls it hundreds of times on tiny tensors, where per-operator overhead, not arithmetic, sets the speed. This
+step computes the same function with fewer, larger operators:
+
+- q, k and v come from one matmul, as do the SwiGLU gate and up projections (weights concatenated once per
+  `generate` call in :class:`DecodeWeights`, so they can never be stale);
+- rotary embedding is applied to q and k together;
+- attention of a single query is two small matmuls over the cache, grouped-query heads handled by a reshape
+  instead of repeating keys.
+
+It is checked against `MiniGPT.forward` (logits and greedy tokens) in tests/test_generation.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minillm_lightning.model.gpt import KVCache, MiniGPT, RMSNorm, SwiGLU
+
+
+class DecodeWeights:
+    """Per-layer concatenated [q; k; v] and [gate; up] weights of a model, taken at construction time."""
+
+    def __init__(self, model: MiniGPT) -> None:
+        with torch.no_grad():
+            self.qkv = [
+                torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight])
+                for b in model.layers
+            ]
+            self.gate_up = [
+                torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]) if isinstance(b.mlp, SwiGLU) else None
+                for b in model.layers
+            ]
+
+
+def _norm(norm: RMSNorm, x: Tensor) -> Tensor:
+    if x.dtype == torch.float32:  # one kernel; other dtypes normalise in float32 as RMSNorm.forward does
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm(x)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+@torch.no_grad()
+def decode_step(
+    model: MiniGPT, weights: DecodeWeights, tokens: Tensor, positions: Tensor, cache: KVCache, keep: Tensor | None
+) -> Tensor:
+    """Append one token per row and return float32 logits (B, V) for the next one.
+
+    Args:
+        tokens: (B,) the new tokens.
+        positions: (B,) their RoPE positions (differ per row when prompts were left-padded).
+        cache: the KV cache after the prompt; written at ``cache.pos`` and advanced by one.
+        keep: (B, cache.pos + 1) False at left padding, or None when no row is padded.
+    """
+    cfg = model.config
+    B, nh, nkv, hs = tokens.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    pos, end = cache.pos, cache.pos + 1
+    if end > cache.max_len:
+        raise ValueError(f"KV cache full: {end} > {cache.max_len}")
+    dtype = model.embed_tokens.weight.dtype
+    cos = model.rope_cos[positions].to(dtype)[:, None, :]  # (B, 1, hs)
+    sin = model.rope_sin[positions].to(dtype)[:, None, :]
+    masked = None if keep is None else ~keep[:, None, None, :end]  # (B, 1, 1, S)
+    x = model.embed_tokens(tokens)  # (B, C)
+    for i, block in enumerate(model.layers):
+        attn = block.self_attn
+        qkv = F.linear(_norm(block.input_layernorm, x), weights.qkv[i])  # (B, (nh + 2 nkv) hs)
+        qk = _rotate(qkv[:, : (nh + nkv) * hs].view(B, nh + nkv, hs), cos, sin)
+        cache.k[i][:, :, pos] = qk[:, nh:]
+        cache.v[i][:, :, pos] = qkv[:, (nh + nkv) * hs :].view(B, nkv, hs)
+        q = qk[:, :nh].reshape(B, nkv, nh // nkv, hs)  # query heads grouped by the kv head they share
+        scores = (q @ cache.k[i][:, :, :end].mT).float() * (1.0 / math.sqrt(hs))  # (B, nkv, group, S)
+        if masked is not None:
+            scores = scores.masked_fill(masked, float("-inf"))
+        y = scores.softmax(-1).to(dtype) @ cache.v[i][:, :, :end]  # (B, nkv, group, hs)
+        x = x + attn.o_proj(y.reshape(B, nh * hs))
+        h = _norm(block.post_attention_layernorm, x)
+        if weights.gate_up[i] is None:  # MoE: the routed experts as in training
+            x = x + block.mlp(h[:, None])[0][:, 0]
+        else:
+            gate, up = F.linear(h, weights.gate_up[i]).chunk(2, dim=-1)
+            x = x + block.mlp.down_proj(F.silu(gate) * up)
+    cache.pos = end
+    return model.lm_head(_norm(model.norm, x)).float()
