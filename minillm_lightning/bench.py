@@ -4,6 +4,7 @@ speed, and the wall clock of a complete ``minillm fit``. What every number means
 minillm bench                                                   # pretrain_tiny + pretrain_small, all sections
 minillm bench --config configs/pretrain_tiny.yaml --steps 50 --warmup 5 --sections train,loop
 minillm bench --fit-wall configs/shakespeare_char.yaml          # wall clock and final val/nats_per_char
+minillm bench --config configs/pretrain_tiny.yaml --sections dpo   # a DPO step against an SFT step
 
 Training runs are built from the YAML exactly as ``minillm fit`` builds them (LightningCLI with ``run=False``),
 with the logger, checkpointing, progress bar, validation and the config's callbacks switched off. The plain loop
@@ -37,12 +38,13 @@ import psutil
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from minillm_lightning.bench_dpo import dpo_section, format_dpo
 from minillm_lightning.callbacks.throughput import compute_dtype, flops_per_token
 from minillm_lightning.generation import GenerationConfig, TextGenerator
 from minillm_lightning.losses import lm_loss
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 
-SECTIONS = ("train", "loop", "decode", "data")
+SECTIONS = ("train", "loop", "decode", "data", "dpo")
 DEFAULT_CONFIGS = ["configs/pretrain_tiny.yaml", "configs/pretrain_small.yaml"]
 DECODE_PROMPT_LEN = 16  # random prompt tokens before the timed new tokens
 MB = 1024 * 1024
@@ -535,6 +537,9 @@ def bench_config(config: str, args: argparse.Namespace, sections: set[str], peak
             result["decode"] = decode_section(arch, device, dec_dtype, args.decode_lengths, args.beam_length)
         if "data" in sections:
             result["data"] = data_section(cli)
+        if "dpo" in sections:
+            pairs = max(1, dm.batch_size // 2)  # 2 x pairs sequences: the config's own batch size
+            result["dpo"] = dpo_section(arch, device, dtype, pairs, seq_len, args.steps, args.warmup, args.repeats)
     return result
 
 
@@ -695,6 +700,8 @@ def format_table(results: dict[str, Any]) -> str:
                 f"    beam {b['num_beams']} @ {b['new_tokens']}: {_fmt(b['beam_tokens_per_sec'], ' tok/s')} vs greedy "
                 f"{_fmt(b['greedy_tokens_per_sec'], ' tok/s')} (x{b['beam_cost']:.2f} time)"
             )
+        if "dpo" in r:
+            lines.append(format_dpo(r["dpo"]))
         if "data" in r:
             d = r["data"]
             if "skipped" in d:

@@ -40,6 +40,7 @@ def bench_run(tmp_path_factory) -> tuple[dict, str]:
     config = str(micro_config(tmp))
     out = tmp / "bench.json"
     argv = ["--config", config, "--steps", "3", "--warmup", "1", "--repeats", "1", "--device", "cpu"]
+    argv += ["--sections", "train,loop,decode,data,dpo"]
     argv += ["--peak-n", "128", "--decode-lengths", "4,8", "--beam-length", "4", "--output", str(out)]
     bench_main(argv)
     return json.loads(out.read_text()), config
@@ -70,6 +71,35 @@ def test_every_section_reports_positive_numbers(bench_run) -> None:
             _positive(row, ["tokens_per_sec", "ours_vs_hf"])
             assert row["same_tokens"]
     _positive(r["data"], ["tokenizer_train_s", "encode_tokens_per_sec", "cache_tokens", "cache_tokens_per_sec"])
+    dpo = r["dpo"]
+    assert dpo["pairs"] == r["model"]["batch_size"] // 2 and dpo["seq_len"] == 32
+    _positive(dpo["ms_per_step"], ["sft", "dpo", "dpo_precomputed"])
+    _positive(dpo, ["dpo_vs_sft", "dpo_precomputed_vs_sft"])
+
+
+def test_dpo_bench_batch_and_losses_are_real() -> None:
+    """The synthetic pairs: prompt shared, labels are the next reply tokens, pads unlabelled; the three timed
+    losses are those of the stage modules (DPO = ln 2 at step 0, precomputed reference = recomputed)."""
+    import math
+
+    import torch
+
+    from minillm_lightning.bench_dpo import preference_batch
+    from minillm_lightning.losses import IGNORE_INDEX
+    from minillm_lightning.stages.dpo import DPOModule
+
+    arch = MiniGPTConfig(**{**MICRO, "vocab_size": 50})
+    b = preference_batch(arch, pairs=3, seq_len=16, device=torch.device("cpu"))
+    assert torch.equal(b["chosen_input_ids"][:, :4], b["rejected_input_ids"][:, :4])
+    for side in ("chosen", "rejected"):
+        ids, mask, labels = (b[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+        assert (labels[:, :3] == IGNORE_INDEX).all()  # positions predicting prompt tokens
+        real = labels != IGNORE_INDEX
+        assert torch.equal(labels[:, :-1][real[:, :-1]], ids[:, 1:][real[:, :-1]])
+        assert (mask[:, 1:][real[:, :-1]] == 1).all() and real.sum() > 0
+    dpo = DPOModule(arch=arch)
+    loss = dpo._step(b, "train")[0]
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
 
 
 def test_plain_loop_reproduces_lightning_losses(bench_run) -> None:
