@@ -166,7 +166,10 @@ class _Batch:
         if self.fast is not None:
             keep = self.keep[:, : self.length] if self.padded else None
             positions = self.pos[:, self.length - 1]
-            return decode_step(self.model, self.fast, tokens, positions, self.cache, keep)
+            if not tokens.is_cuda:
+                return decode_step(self.model, self.fast, tokens, positions, self.cache, keep)
+            with sdpa_kernel(DECODE_BACKENDS):
+                return decode_step(self.model, self.fast, tokens, positions, self.cache, keep)
         return self._forward(tokens[:, None])
 
     def reorder(self, index: Tensor) -> None:

@@ -7,15 +7,13 @@ step computes the same function with fewer, larger operators:
 - q, k and v come from one matmul, as do the SwiGLU gate and up projections (weights concatenated once per
   `generate` call in :class:`DecodeWeights`, so they can never be stale);
 - rotary embedding is applied to q and k together;
-- attention of a single query is two small matmuls over the cache, grouped-query heads handled by a reshape
-  instead of repeating keys.
+- the single query's attention is one SDPA call in which the query heads sharing a kv head are that head's
+  "queries" (a reshape), so keys are never repeated and no causal mask is needed.
 
 It is checked against `MiniGPT.forward` (logits and greedy tokens) in tests/test_generation.py.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +68,7 @@ def decode_step(
     dtype = model.embed_tokens.weight.dtype
     cos = model.rope_cos[positions].to(dtype)[:, None, :]  # (B, 1, hs)
     sin = model.rope_sin[positions].to(dtype)[:, None, :]
-    masked = None if keep is None else ~keep[:, None, None, :end]  # (B, 1, 1, S)
+    visible = None if keep is None else keep[:, None, None, :end]  # (B, 1, 1, S)
     x = model.embed_tokens(tokens)  # (B, C)
     for i, block in enumerate(model.layers):
         attn = block.self_attn
@@ -79,10 +77,8 @@ def decode_step(
         cache.k[i][:, :, pos] = qk[:, nh:]
         cache.v[i][:, :, pos] = qkv[:, (nh + nkv) * hs :].view(B, nkv, hs)
         q = qk[:, :nh].reshape(B, nkv, nh // nkv, hs)  # query heads grouped by the kv head they share
-        scores = (q @ cache.k[i][:, :, :end].mT).float() * (1.0 / math.sqrt(hs))  # (B, nkv, group, S)
-        if masked is not None:
-            scores = scores.masked_fill(masked, float("-inf"))
-        y = scores.softmax(-1).to(dtype) @ cache.v[i][:, :, :end]  # (B, nkv, group, hs)
+        # the group's queries attend to all cached keys of their kv head: no causal mask, no repeated keys
+        y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :end], cache.v[i][:, :, :end], attn_mask=visible)
         x = x + attn.o_proj(y.reshape(B, nh * hs))
         h = _norm(block.post_attention_layernorm, x)
         if weights.gate_up[i] is None:  # MoE: the routed experts as in training
