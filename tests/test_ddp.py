@@ -69,13 +69,15 @@ def test_reward_accuracy_is_reduced_across_ranks(workdir: Path, tiny_pretrain_ck
     assert values[1]["val/loss"] == pytest.approx(values[2]["val/loss"], rel=1e-4)
 
 
-def test_ddp_resume_is_exact_with_the_same_world_size(workdir: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_resume_is_exact_with_the_same_world_size(workdir: Path, optimizer: str) -> None:  # noqa: F811
     """8 DDP steps straight == 4 DDP steps + `--ckpt_path last` + 4 more: identical weights (constant LR so the
-    schedule does not depend on max_steps)."""
+    schedule does not depend on max_steps). Muon orthogonalises the all-reduced gradients on every rank."""
     from test_cli import CONFIG, FAST
 
     base = ["fit", "--config", CONFIG, *FAST, *DDP, "--trainer.val_check_interval=100", "--trainer.limit_val_batches=0"]
     base += ["--model.init_args.warmup=0", "--model.init_args.min_lr_ratio=1.0"]
+    base += [f"--model.init_args.optimizer={optimizer}"]
     run = workdir / "checkpoints" / "pretrain_tiny"
 
     def fit(*extra: str) -> dict:
