@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -93,7 +93,7 @@ class StageModule(L.LightningModule):
         warmup: float = 0.02,
         min_lr_ratio: float = 0.1,
         compile: bool = False,
-        optimizer: str = "adamw",
+        optimizer: Literal["adamw", "muon"] = "adamw",
         muon_learning_rate: float = 0.02,
     ) -> None:
         super().__init__()
