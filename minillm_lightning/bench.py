@@ -46,6 +46,9 @@ from minillm_lightning.model import MiniGPT, MiniGPTConfig
 
 SECTIONS = ("train", "loop", "decode", "data", "dpo")
 DEFAULT_CONFIGS = ["configs/pretrain_tiny.yaml", "configs/pretrain_small.yaml"]
+# plain `minillm bench` on a CPU: pretrain_small as configured (batch 32 x 512, bf16-mixed) takes tens of seconds
+# per step there, so the default run measures it at batch 4 in fp32 with few steps (minutes instead of an hour)
+CPU_SMALL_DEFAULTS = dict(batch_size=4, precision="32-true", steps=5, warmup=1)
 DECODE_PROMPT_LEN = 16  # random prompt tokens before the timed new tokens
 MB = 1024 * 1024
 CPU = torch.device("cpu")
@@ -742,7 +745,18 @@ def bench_main(argv: list[str]) -> dict[str, Any]:
     }
     peaks: dict[str, float] = {}
     for config in configs:
-        results["configs"][config] = bench_config(config, args, sections, peaks)
+        run_args = args
+        if args.config is None and device.type == "cpu" and config.endswith("pretrain_small.yaml"):
+            d = CPU_SMALL_DEFAULTS
+            run_args = argparse.Namespace(**vars(args))
+            run_args.override = [*args.override, f"data.init_args.batch_size={d['batch_size']}"]
+            run_args.precision = args.precision or d["precision"]
+            run_args.steps, run_args.warmup = min(args.steps, d["steps"]), min(args.warmup, d["warmup"])
+            print(
+                f"{config}: default CPU run at batch {d['batch_size']}, {run_args.precision}, {run_args.steps} steps "
+                f"(pass --config {config} to measure it as configured)"
+            )
+        results["configs"][config] = bench_config(config, run_args, sections, peaks)
     results["machine"]["peak_tflops"] = {k: v / 1e12 for k, v in peaks.items()}
     if args.fit_wall:
         results["fit_wall"] = fit_wall(args.fit_wall, args.keep, args.override)

@@ -137,3 +137,24 @@ def test_fit_wall_reads_final_validation(tmp_path: Path, monkeypatch: pytest.Mon
     assert wall["wall_s"] > 0 and wall["final_step"] >= 3  # TensorBoard step of the last validation
     assert wall["val_loss"] > 0 and wall["val_nats_per_char"] > 0
     assert not (tmp_path / "checkpoints").exists()  # written into a temporary directory, not here
+
+
+def test_plain_bench_on_cpu_measures_small_at_a_practical_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`minillm bench` without --config on a CPU: tiny as configured, small at batch 4 / fp32 / 5 steps; an
+    explicit --config is measured exactly as given."""
+    import minillm_lightning.bench as bench
+
+    seen: dict[str, tuple] = {}
+
+    def fake_config(config, args, sections, peaks):
+        seen[config] = (list(args.override), args.precision, args.steps, args.warmup)
+        return {}
+
+    monkeypatch.setattr(bench, "bench_config", fake_config)
+    monkeypatch.setattr(bench, "format_table", lambda results: "")
+    bench_main(["--device", "cpu", "--sections", "decode"])
+    assert seen["configs/pretrain_tiny.yaml"] == ([], None, 20, 3)
+    assert seen["configs/pretrain_small.yaml"] == (["data.init_args.batch_size=4"], "32-true", 5, 1)
+    seen.clear()
+    bench_main(["--device", "cpu", "--sections", "decode", "--config", "configs/pretrain_small.yaml"])
+    assert seen["configs/pretrain_small.yaml"] == ([], None, 20, 3)
