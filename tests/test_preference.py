@@ -26,11 +26,13 @@ from minillm_lightning.losses import IGNORE_INDEX, bradley_terry_loss, dpo_loss
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 from minillm_lightning.stages.dpo import DPOModule, pair_tensors
 from minillm_lightning.stages.reward import (
+    RIGHT_PADDED,
     NonFiniteLossError,
     RewardModel,
     RewardModule,
     check_finite,
     load_reward_model,
+    padded_forward,
 )
 
 SYS = {"role": "system", "content": "You are helpful."}
@@ -168,6 +170,32 @@ def test_collate_pads_both_sides_to_one_length(side):
     }[side]
     got = tuple(batch[f"rejected_{k}"][0].tolist() for k in ("input_ids", "labels", "attention_mask"))
     assert got == expected and batch["index"].tolist() == [3]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_layout_is_decided_on_the_host_and_honoured(side):
+    """The reward/DPO modules mark the layout in on_before_batch_transfer (CPU, no device sync in the step);
+    padded_forward then trusts the mark, and gives what inspecting the mask gives."""
+    items = [
+        {"prompt": [5, 6], "chosen": [7, 8, 9], "rejected": [7], "index": 0},
+        {"prompt": [9], "chosen": [3], "rejected": [4, 4, 4, 4], "index": 1},
+    ]
+    batch = collate(items, pad_id=0, padding_side=side)
+    for module in (
+        RewardModule(arch=MiniGPTConfig(**MICRO_ARCH, vocab_size=32)),
+        DPOModule(arch=MiniGPTConfig(**MICRO_ARCH, vocab_size=32)),
+    ):
+        marked = module.on_before_batch_transfer(dict(batch), 0)
+        assert marked[RIGHT_PADDED] is (side == "right")
+    torch.manual_seed(0)
+    model = MiniGPT(MiniGPTConfig(**MICRO_ARCH, vocab_size=32)).eval()
+    ids, mask, _ = pair_tensors(batch)
+    with torch.no_grad():
+        inspected = padded_forward(model, ids, mask).logits
+        hinted = padded_forward(model, ids, mask, right_padded=side == "right").logits
+        assert_close(hinted, inspected, rtol=0, atol=0)
+        if side == "left":  # the hint is what decides: a wrong "right" hint skips the mask (and changes logits)
+            assert not torch.allclose(padded_forward(model, ids, mask, right_padded=True).logits, inspected)
 
 
 def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_replies(tmp_path, tiny_pretrain_ckpt):

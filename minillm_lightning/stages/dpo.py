@@ -28,7 +28,14 @@ from minillm_lightning.errors import CheckpointError, MiniLLMError
 from minillm_lightning.losses import IGNORE_INDEX, DPOLossType, dpo_loss, lm_loss, sequence_logprobs
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 from minillm_lightning.stages.base import StageModule
-from minillm_lightning.stages.reward import SFT_COMMAND, OnNonFinite, check_finite, padded_forward
+from minillm_lightning.stages.reward import (
+    RIGHT_PADDED,
+    SFT_COMMAND,
+    OnNonFinite,
+    check_finite,
+    mark_padding,
+    padded_forward,
+)
 
 Split = Literal["train", "val"]
 METRICS = (
@@ -142,10 +149,12 @@ class DPOModule(StageModule):
         return logps
 
     @torch.no_grad()
-    def _reference_forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+    def _reference_forward(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, right_padded: bool | None = None
+    ) -> Tensor:
         if self.ref_model is None:
             raise RuntimeError("the reference model was freed after precomputing, but this split has no cache")
-        out = padded_forward(self.ref_model, input_ids, attention_mask, compute_logits=True)
+        out = padded_forward(self.ref_model, input_ids, attention_mask, True, right_padded)
         return self._logps(out.logits, labels)
 
     def reference_logps(self, batch: dict[str, Tensor], split: Split) -> Tensor:
@@ -154,7 +163,7 @@ class DPOModule(StageModule):
         if cache is not None:
             rows = cache[batch["index"].to(cache.device)].to(batch["chosen_input_ids"].device)  # (B, 2)
             return torch.cat([rows[:, 0], rows[:, 1]])
-        return self._reference_forward(*pair_tensors(batch))
+        return self._reference_forward(*pair_tensors(batch), batch.get(RIGHT_PADDED))
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -191,7 +200,7 @@ class DPOModule(StageModule):
     # ---- steps ----
     def _step(self, batch: dict[str, Tensor], split: Split) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         input_ids, attention_mask, labels = pair_tensors(batch)
-        out = padded_forward(self._forward, input_ids, attention_mask, compute_logits=True)
+        out = padded_forward(self._forward, input_ids, attention_mask, True, batch.get(RIGHT_PADDED))
         policy_chosen, policy_rejected = self._logps(out.logits, labels).chunk(2)
         ref_chosen, ref_rejected = self.reference_logps(batch, split).chunk(2)
         hp = self.hparams
@@ -213,6 +222,9 @@ class DPOModule(StageModule):
             loss = loss + hp.rpo_alpha * nll
             stats["nll_loss"] = nll.detach()
         return loss, out.aux_loss, stats
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return mark_padding(batch) if isinstance(batch, dict) else batch
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss, aux, stats = self._step(batch, "train")

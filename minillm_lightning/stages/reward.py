@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -40,16 +40,40 @@ class NonFiniteLossError(MiniLLMError):
 
 
 # ---- padding-aware forward, shared by the reward and DPO stages ----
+RIGHT_PADDED = "right_padded"  # batch key: the padding layout, decided on the host before the batch moves
+
+
+def is_right_padded(attention_mask: Tensor) -> bool:
+    """True when every row is real tokens followed only by padding (a host sync if the mask is on a GPU)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def mark_padding(batch: dict[str, Any]) -> dict[str, Any]:
+    """Store in a preference batch whether both sides are right-padded; called by the reward and DPO modules'
+    ``on_before_batch_transfer``, on the host, so their training steps need no device sync to know it."""
+    masks = [batch[k] for k in ("chosen_attention_mask", "rejected_attention_mask") if k in batch]
+    if masks and all(isinstance(m, Tensor) and m.device.type == "cpu" for m in masks):
+        batch[RIGHT_PADDED] = all(is_right_padded(m) for m in masks)
+    return batch
+
+
 def padded_forward(
-    model: Callable[..., GPTOutput], input_ids: Tensor, attention_mask: Tensor | None, compute_logits: bool = True
+    model: Callable[..., GPTOutput],
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    compute_logits: bool = True,
+    right_padded: bool | None = None,
 ) -> GPTOutput:
     """Run a MiniGPT on a padded (B, T) batch so that every real token is computed as without padding.
 
     Right padding needs nothing (causal attention never lets a real token see the pads after it). Any other
     layout (left padding, or pads in the middle) gets positions that count real tokens only and an attention
-    mask that hides the pads.
+    mask that hides the pads. ``right_padded``: the layout when the caller knows it (see :func:`mark_padding`);
+    ``None`` inspects the mask.
     """
-    if attention_mask is None or bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+    if right_padded is None:
+        right_padded = attention_mask is None or is_right_padded(attention_mask)
+    if attention_mask is None or right_padded:
         return model(input_ids, compute_logits=compute_logits)
     T = input_ids.shape[1]
     block_size = getattr(getattr(model, "config", None), "block_size", None)
@@ -69,12 +93,16 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
 
 
 def sequence_rewards(
-    model: Callable[..., GPTOutput], head: nn.Linear, input_ids: Tensor, attention_mask: Tensor | None
+    model: Callable[..., GPTOutput],
+    head: nn.Linear,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    right_padded: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(rewards (B,) in float32, MoE auxiliary loss): the head applied to each row's last real hidden state."""
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    out = padded_forward(model, input_ids, attention_mask, compute_logits=False)
+        attention_mask, right_padded = torch.ones_like(input_ids), True
+    out = padded_forward(model, input_ids, attention_mask, compute_logits=False, right_padded=right_padded)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     last = out.hidden[rows, last_token_index(attention_mask)]  # (B, dim)
     return head(last).squeeze(-1).float(), out.aux_loss
@@ -250,9 +278,12 @@ class RewardModule(StageModule):
         """(chosen rewards (B,), rejected rewards (B,), MoE aux loss) of a preference batch, in one forward."""
         ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
         mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-        rewards, aux = sequence_rewards(self._forward, self.head, ids, mask)
+        rewards, aux = sequence_rewards(self._forward, self.head, ids, mask, batch.get(RIGHT_PADDED))
         chosen, rejected = rewards.chunk(2)
         return chosen, rejected, aux
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return mark_padding(batch) if isinstance(batch, dict) else batch
 
     def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         chosen, rejected, aux = self.pair_rewards(batch)
