@@ -22,21 +22,26 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from minillm_lightning.data.common import (
-    ReadStats,
     ResumableDataLoader,
     ResumableSampler,
     checkpoint_tokenizer,
-    expand_paths,
-    iter_records,
     split_counts,
     write_stats,
 )
-from minillm_lightning.data.sft import BadRecord, Message, SFTFields, _json_item_line, detect_format, to_messages
+from minillm_lightning.data.sft import (
+    BadRecord,
+    Message,
+    SFTFields,
+    detect_format,
+    file_stats,
+    read_chat_files,
+    to_messages,
+)
 from minillm_lightning.errors import DataError
 from minillm_lightning.losses import IGNORE_INDEX
 from minillm_lightning.tokenizer import Tokenizer
@@ -277,35 +282,22 @@ class PreferenceDataModule(L.LightningDataModule):
         """All usable pairs of all sources, and per-file statistics."""
         pairs: list[Pair] = []
         stats: dict[str, Any] = {}
-        for path in (p for s in self.sources for p in expand_paths(s, (".jsonl", ".json"))):
-            rs, fmt, n_before = ReadStats(), (None if self.format == "auto" else self.format), len(pairs)
-            for lineno, rec in iter_records(path, rs, self.skip_bad):
-                try:
-                    fmt = fmt or detect_preference_format(rec, self.fields)
-                    if fmt is None:
-                        raise BadRecord(
-                            "unknown schema",
-                            f"cannot tell the preference schema from the keys {sorted(rec)[:8]}; expected "
-                            f"chosen/rejected lists (minimind), prompt/chosen/rejected (trl) or conversations/"
-                            f"chosen/rejected (sharegpt); set format and the field names under fields",
-                        )
-                    pairs.append(to_pair(rec, fmt, self.fields))
-                except BadRecord as e:
-                    if self.skip_bad:
-                        rs.skip(e.reason)
-                        continue
-                    line = _json_item_line(path, lineno) if path.suffix == ".json" else lineno
-                    where = f"{path}:{line}" if line else f"{path} item {lineno}"
-                    raise DataError(
-                        f"{where}: {e} ({e.reason}); fix the record, or set skip_bad_records: true to skip "
-                        f"and count such records in dataset_stats.json"
-                    ) from None
-            kept = len(pairs) - n_before
-            stats[str(path)] = {"format": fmt, "raw_records": rs.records, "kept": kept, "skipped": rs.skipped}
-            if rs.skipped:
-                rank_zero_warn(f"{path}: skipped {sum(rs.skipped.values())} unusable records: {rs.skipped}")
-            if kept == 0:
-                rank_zero_warn(f"!!! {path} contributes NO pairs (records={rs.records}); check its schema")
+        files = read_chat_files(
+            self.sources,
+            None if self.format == "auto" else self.format,
+            self.skip_bad,
+            lambda rec: detect_preference_format(rec, self.fields),
+            lambda rec: (
+                f"cannot tell the preference schema from the keys {sorted(rec)[:8]}; expected "
+                f"chosen/rejected lists (minimind), prompt/chosen/rejected (trl) or conversations/"
+                f"chosen/rejected (sharegpt); set format and the field names under fields"
+            ),
+            lambda rec, fmt: to_pair(rec, fmt, self.fields),
+            "pairs",
+        )
+        for path, fmt, rs, items in files:
+            pairs.extend(items)
+            stats[str(path)] = file_stats(fmt, rs, len(items))
         if not pairs:
             raise DataError(f"no usable preference pairs in {self.sources}; check the paths and the record schema")
         return pairs, stats

@@ -18,20 +18,25 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from minillm_lightning.data.common import (
-    ReadStats,
     ResumableDataLoader,
     ResumableSampler,
     checkpoint_tokenizer,
-    expand_paths,
-    iter_records,
     split_counts,
     write_stats,
 )
-from minillm_lightning.data.sft import ROLE_ALIASES, BadRecord, SFTFields, _json_item_line, detect_format, to_messages
+from minillm_lightning.data.sft import (
+    ROLE_ALIASES,
+    BadRecord,
+    SFTFields,
+    detect_format,
+    file_stats,
+    read_chat_files,
+    to_messages,
+)
 from minillm_lightning.errors import DataError
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -219,45 +224,24 @@ class PromptDataModule(L.LightningDataModule):
         """The prompt conversations of all sources (each ending with a user turn) and per-file statistics."""
         prompts: list[list[Message]] = []
         stats: dict[str, Any] = {}
-        for path in (p for s in self.sources for p in expand_paths(s, (".jsonl", ".json"))):
-            rs, fmt, n_before = ReadStats(), (None if self.format == "auto" else self.format), len(prompts)
-            replies_dropped = 0
-            for lineno, rec in iter_records(path, rs, self.skip_bad):
-                try:
-                    fmt = fmt or detect_prompt_format(rec, self.fields)
-                    if fmt is None:
-                        raise BadRecord(
-                            "unknown schema",
-                            f"cannot tell the prompt schema from the keys {sorted(rec)[:8]}; expected "
-                            f"{{{self.fields.prompt!r}: ...}} or a conversation, or set format and fields",
-                        )
-                    messages, dropped = to_prompt_messages(rec, fmt, self.fields, self.final_reply)
-                except BadRecord as e:
-                    if self.skip_bad:
-                        rs.skip(e.reason)
-                        continue
-                    line = _json_item_line(path, lineno) if path.suffix == ".json" else lineno
-                    where = f"{path}:{line}" if line else f"{path} item {lineno}"
-                    raise DataError(
-                        f"{where}: {e} ({e.reason}); fix the record, or set skip_bad_records: true to skip "
-                        f"and count such records in dataset_stats.json"
-                    ) from None
-                replies_dropped += dropped
+        files = read_chat_files(
+            self.sources,
+            None if self.format == "auto" else self.format,
+            self.skip_bad,
+            lambda rec: detect_prompt_format(rec, self.fields),
+            lambda rec: (
+                f"cannot tell the prompt schema from the keys {sorted(rec)[:8]}; expected "
+                f"{{{self.fields.prompt!r}: ...}} or a conversation, or set format and fields"
+            ),
+            lambda rec, fmt: to_prompt_messages(rec, fmt, self.fields, self.final_reply),
+            "prompts",
+        )
+        for path, fmt, rs, items in files:
+            for messages, _ in items:
                 if self.system_prompt and messages[0]["role"] != "system":
                     messages.insert(0, {"role": "system", "content": self.system_prompt})
-                prompts.append(messages)
-            kept = len(prompts) - n_before
-            stats[str(path)] = {
-                "format": fmt,
-                "raw_records": rs.records,
-                "kept": kept,
-                "skipped": rs.skipped,
-                "final_replies_dropped": replies_dropped,
-            }
-            if rs.skipped:
-                rank_zero_warn(f"{path}: skipped {sum(rs.skipped.values())} malformed records: {rs.skipped}")
-            if kept == 0:
-                rank_zero_warn(f"!!! {path} contributes NO prompts (records={rs.records}); check its schema")
+            prompts.extend(messages for messages, _ in items)
+            stats[str(path)] = {**file_stats(fmt, rs, len(items)), "final_replies_dropped": sum(d for _, d in items)}
         if not prompts:
             raise DataError(f"no usable prompts in {self.sources}; check the paths and the record schema")
         return prompts, stats

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import lightning as L
 import numpy as np
@@ -37,6 +38,8 @@ from minillm_lightning.data.common import (
 from minillm_lightning.errors import DataError
 from minillm_lightning.losses import IGNORE_INDEX
 from minillm_lightning.tokenizer import Tokenizer
+
+T = TypeVar("T")
 
 Format = Literal["auto", "messages", "sharegpt", "alpaca"]
 Overflow = Literal["truncate", "drop"]
@@ -192,6 +195,52 @@ def _json_item_line(path: Path, item: int) -> int | None:
     except (IndexError, ValueError):
         return None
     return None
+
+
+def read_chat_files(
+    sources: list[str],
+    fmt: str | None,
+    skip_bad: bool,
+    detect: Callable[[dict[str, Any]], str | None],
+    unknown_schema: Callable[[dict[str, Any]], str],
+    convert: Callable[[dict[str, Any], str], T],
+    what: str,
+) -> Iterator[tuple[Path, str | None, ReadStats, list[T]]]:
+    """Read the JSONL/JSON files of ``sources`` record by record, for the SFT, preference and prompt modules.
+
+    ``fmt`` (None: ``detect`` it from the first usable record of each file) and ``convert(record, fmt)`` turn a
+    record into an item; a :class:`BadRecord` is skipped and counted with ``skip_bad``, else a :class:`DataError`
+    names the file and line. Yields per file ``(path, format, read stats, items)``, warning about skipped records
+    and files that contribute nothing (``what`` names the items in the warnings).
+    """
+    for path in (p for s in sources for p in expand_paths(s, (".jsonl", ".json"))):
+        rs, file_fmt, items = ReadStats(), fmt, []
+        for lineno, rec in iter_records(path, rs, skip_bad):
+            try:
+                file_fmt = file_fmt or detect(rec)
+                if file_fmt is None:
+                    raise BadRecord("unknown schema", unknown_schema(rec))
+                items.append(convert(rec, file_fmt))
+            except BadRecord as e:
+                if skip_bad:
+                    rs.skip(e.reason)
+                    continue
+                line = _json_item_line(path, lineno) if path.suffix == ".json" else lineno
+                where = f"{path}:{line}" if line else f"{path} item {lineno}"
+                raise DataError(
+                    f"{where}: {e} ({e.reason}); fix the record, or set skip_bad_records: true to skip "
+                    f"and count such records in dataset_stats.json"
+                ) from None
+        if rs.skipped:
+            rank_zero_warn(f"{path}: skipped {sum(rs.skipped.values())} unusable records: {rs.skipped}")
+        if not items:
+            rank_zero_warn(f"!!! {path} contributes NO {what} (records={rs.records}); check its schema")
+        yield path, file_fmt, rs, items
+
+
+def file_stats(fmt: str | None, rs: ReadStats, kept: int) -> dict[str, Any]:
+    """The per-file entry of dataset_stats.json."""
+    return {"format": fmt, "raw_records": rs.records, "kept": kept, "skipped": rs.skipped}
 
 
 # ---- token sequences ----
@@ -357,37 +406,24 @@ class SFTDataModule(L.LightningDataModule):
         """All valid conversations of all sources, and per-file statistics."""
         conversations: list[list[Message]] = []
         stats: dict[str, Any] = {}
-        for path in (p for s in self.sources for p in expand_paths(s, (".jsonl", ".json"))):
-            rs, fmt, n_before = ReadStats(), (None if self.format == "auto" else self.format), len(conversations)
-            for lineno, rec in iter_records(path, rs, self.skip_bad):
-                try:
-                    fmt = fmt or detect_format(rec, self.fields)
-                    if fmt is None:
-                        raise BadRecord(
-                            "unknown schema",
-                            f"cannot tell the conversation schema from the keys {sorted(rec)[:8]}; set format "
-                            f"(messages, sharegpt or alpaca) and the field names under fields",
-                        )
-                    messages = to_messages(rec, fmt, self.fields)
-                except BadRecord as e:
-                    if self.skip_bad:
-                        rs.skip(e.reason)
-                        continue
-                    line = _json_item_line(path, lineno) if path.suffix == ".json" else lineno
-                    where = f"{path}:{line}" if line else f"{path} item {lineno}"
-                    raise DataError(
-                        f"{where}: {e} ({e.reason}); fix the record, or set skip_bad_records: true to skip "
-                        f"and count such records in dataset_stats.json"
-                    ) from None
+        files = read_chat_files(
+            self.sources,
+            None if self.format == "auto" else self.format,
+            self.skip_bad,
+            lambda rec: detect_format(rec, self.fields),
+            lambda rec: (
+                f"cannot tell the conversation schema from the keys {sorted(rec)[:8]}; set format "
+                f"(messages, sharegpt or alpaca) and the field names under fields"
+            ),
+            lambda rec, fmt: to_messages(rec, fmt, self.fields),
+            "conversations",
+        )
+        for path, fmt, rs, items in files:
+            for messages in items:
                 if self.system_prompt and messages[0]["role"] != "system":
                     messages.insert(0, {"role": "system", "content": self.system_prompt})
-                conversations.append(messages)
-            kept = len(conversations) - n_before
-            stats[str(path)] = {"format": fmt, "raw_records": rs.records, "kept": kept, "skipped": rs.skipped}
-            if rs.skipped:
-                rank_zero_warn(f"{path}: skipped {sum(rs.skipped.values())} malformed records: {rs.skipped}")
-            if kept == 0:
-                rank_zero_warn(f"!!! {path} contributes NO conversations (records={rs.records}); check its schema")
+            conversations.extend(items)
+            stats[str(path)] = file_stats(fmt, rs, len(items))
         if not conversations:
             raise DataError(f"no usable conversations in {self.sources}; check the paths and the record schema")
         return conversations, stats
