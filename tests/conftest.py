@@ -12,8 +12,29 @@ import torch
 from minillm_lightning import MiniGPTConfig, PretrainDataModule, PretrainModule
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 SAMPLE = ROOT / "data" / "sample"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# The large real data sets (Tiny Shakespeare, pretraining/SFT/preference excerpts, evaluation sets) are opt-in:
+# tests that need them read the folder named by this variable and skip, saying why, when it is unset.
+REAL_DATA_ENV = "MINILLM_TEST_DATA"
+
+
+def real_data_path(*parts: str) -> Path:
+    """The path ``$MINILLM_TEST_DATA/<parts>``; skips the calling test (with the reason) when unavailable."""
+    root = os.environ.get(REAL_DATA_ENV)
+    if not root:
+        pytest.skip(f"{REAL_DATA_ENV} is unset: point it at the real data sets to run this test")
+    path = Path(root).joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} does not exist (from {REAL_DATA_ENV}={root})")
+    return path
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The real-data folder named by ``$MINILLM_TEST_DATA``, or a skip with the reason."""
+    return real_data_path()
 
 # A model small enough that a few dozen CPU steps take seconds.
 MICRO_ARCH = dict(size="custom", n_layer=2, dim=64, n_head=4, n_kv_head=2, block_size=128)
