@@ -1,11 +1,20 @@
 """`minillm pipeline`: pretrain -> SFT -> reward model -> PPO, and SFT -> DPO, in one command.
 
-Each stage runs the shipped config (``configs/<stage>_<size>.yaml``) as its own ``minillm fit`` process,
-with every ``checkpoints/...`` path of the config moved under ``--output`` and every reference to an
-earlier stage pointed at that stage's best checkpoint. A finished stage leaves ``DONE.json`` in its
-folder; rerunning the pipeline skips finished stages, so after a failure it continues where it stopped.
-At the end every stage's model answers the same prompts and is scored on held-out conversations
-(perplexity of the replies) and the regression prompts, and a comparison table is printed.
+Two recipes:
+
+- ``--recipe sample`` (default): the shipped ``configs/<stage>_<size>.yaml`` on the shipped toy sample. At the
+  end every stage's model answers the same prompts and is scored on held-out conversations.
+- ``--recipe real``: ``configs/real/<stage>_<size>.yaml`` on real corpora (``minillm download ...`` puts them
+  in ``data/real/{pretrain,sft,preference}/``; ``--data-dir`` points elsewhere). A first step splits every
+  corpus into train / val / test files (deterministic, by a hash of each record; ``tiny`` keeps a slice that
+  trains on 2 CPU cores in under 30 minutes). After each stage trains, ``minillm test`` scores the model it
+  started from (the untrained or previous-stage baseline) and the trained model on the test split the stage
+  never saw, and the final table compares the two.
+
+Each stage runs as its own ``minillm fit`` process, with every ``checkpoints/...`` path of its config moved
+under ``--output`` and every reference to an earlier stage pointed at that stage's best checkpoint. A finished
+stage leaves ``DONE.json`` in its folder; rerunning the pipeline skips finished stages, so after a failure it
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -25,6 +34,34 @@ import yaml
 from minillm_lightning.errors import MiniLLMError
 
 ROOT_CONFIGS = Path("configs")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Where a recipe's configs live and which of their paths move under ``--output``."""
+
+    configs: Path
+    prefix: str  # config paths starting with this move under --output
+    output: Path  # the default --output (equal to ``prefix``, so the configs also run one by one)
+
+
+RECIPES = {
+    "sample": Recipe(ROOT_CONFIGS, "checkpoints/", Path("checkpoints/pipeline")),
+    "real": Recipe(ROOT_CONFIGS / "real", "checkpoints/real/", Path("checkpoints/real")),
+}
+
+# The real recipe's corpora: data-dir/<role>/*.jsonl -> output/data_<size>/<role>/{train,val,test}.jsonl.
+# Shares of records held out for validation and test, and the bytes of each corpus a size trains on
+# (None = all): tiny is a slice that trains on 2 CPU cores in under 30 minutes.
+REAL_ROLES = ("pretrain", "sft", "preference")
+REAL_SPLIT: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "val_share": 0.03,
+        "test_share": 0.05,
+        "budget": {"pretrain": 4_000_000, "sft": 1_600_000, "preference": 4_800_000},
+    },
+    "small": {"val_share": 0.005, "test_share": 0.005, "budget": {"pretrain": None, "sft": None, "preference": None}},
+}
 
 
 @dataclass(frozen=True)
@@ -48,25 +85,32 @@ class PipelineError(MiniLLMError):
     """A stage failed; earlier stages' checkpoints stay usable and a rerun continues from there."""
 
 
-def _remap(value: Any, output: Path, best: dict[str, str]) -> Any:
-    """Move ``checkpoints/...`` paths under ``output`` and point earlier stages' checkpoints at their best."""
+def _remap(value: Any, output: Path, best: dict[str, str], prefix: str = "checkpoints/") -> Any:
+    """Move ``<prefix>...`` paths under ``output`` and point earlier stages' checkpoints at their best."""
     if isinstance(value, dict):
-        return {k: _remap(v, output, best) for k, v in value.items()}
+        return {k: _remap(v, output, best, prefix) for k, v in value.items()}
     if isinstance(value, list):
-        return [_remap(v, output, best) for v in value]
-    if isinstance(value, str) and value.startswith("checkpoints/"):
-        run_dir, _, file = value[len("checkpoints/") :].partition("/")
+        return [_remap(v, output, best, prefix) for v in value]
+    if isinstance(value, str) and value.startswith(prefix):
+        run_dir, _, file = value[len(prefix) :].partition("/")
         if file.endswith(".ckpt") and run_dir in best:
             return best[run_dir]
-        return str(output / value[len("checkpoints/") :])
+        return str(output / value[len(prefix) :])
     return value
 
 
-def stage_config(stage: Stage, size: str, output: Path, best: dict[str, str], configs: Path = ROOT_CONFIGS) -> Path:
+def stage_config(
+    stage: Stage,
+    size: str,
+    output: Path,
+    best: dict[str, str],
+    configs: Path = ROOT_CONFIGS,
+    prefix: str = "checkpoints/",
+) -> Path:
     src = configs / f"{stage.name}_{size}.yaml"
     if not src.is_file():
         raise PipelineError(f"{src} does not exist: the pipeline needs a {size} config for the {stage.name} stage")
-    cfg = _remap(yaml.safe_load(src.read_text()), output, best)
+    cfg = _remap(yaml.safe_load(src.read_text()), output, best, prefix)
     dst = output / "configs" / src.name
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(f"# generated by `minillm pipeline` from {src}\n" + yaml.safe_dump(cfg, sort_keys=False))
@@ -87,31 +131,137 @@ def final_scalars(run_dir: Path) -> dict[str, float]:
     return out
 
 
-def run_stage(stage: Stage, size: str, output: Path, best: dict[str, str], extra: list[str]) -> dict[str, Any]:
+def _run(cmd: list[str], what: str, best: dict[str, str], output: Path) -> float:
+    """Run one ``minillm`` subprocess; a failure names the stage and says how to continue."""
+    print(f"[pipeline] {what}: minillm {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "minillm_lightning.cli", *cmd])
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        finished = ", ".join(s for s in best) or "none"
+        raise PipelineError(
+            f"{what} failed (exit {proc.returncode}) after {wall:.0f}s; finished stages ({finished}) "
+            f"keep their checkpoints under {output}. Fix the problem and rerun the same command to continue."
+        )
+    return wall
+
+
+def run_stage(
+    stage: Stage,
+    size: str,
+    output: Path,
+    best: dict[str, str],
+    extra: list[str],
+    recipe: Recipe = RECIPES["sample"],
+    test: bool = False,
+) -> dict[str, Any]:
     run_dir = output / f"{stage.name}_{size}"
     done = run_dir / "DONE.json"
     if done.is_file():
         info = json.loads(done.read_text())
         print(f"[pipeline] {stage.name}: already done ({info['checkpoint']}), skipping")
         return info
-    config = stage_config(stage, size, output, best)
-    cmd = [sys.executable, "-m", "minillm_lightning.cli", "fit", "--config", str(config), *extra]
-    print(f"[pipeline] {stage.name}: {' '.join(cmd[2:])}", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        finished = ", ".join(s for s in best) or "none"
-        raise PipelineError(
-            f"stage {stage.name} failed (exit {proc.returncode}) after {wall:.0f}s; finished stages ({finished}) "
-            f"keep their checkpoints under {output}. Fix the problem and rerun the same command to continue."
-        )
+    config = stage_config(stage, size, output, best, recipe.configs, recipe.prefix)
+    wall = _run(["fit", "--config", str(config), *extra], stage.name, best, output)
     ckpt = run_dir / "best.ckpt" if (run_dir / "best.ckpt").is_file() else run_dir / "last.ckpt"
     if not ckpt.is_file():
         raise PipelineError(f"stage {stage.name} finished but wrote no checkpoint in {run_dir}")
     info = {"stage": stage.name, "checkpoint": str(ckpt), "wall_s": wall, "scalars": final_scalars(run_dir)}
+    if test:
+        info["test"] = {
+            "before": run_test(
+                config, None, run_dir / "test_before.json", f"{stage.name} (test, before)", best, output
+            ),
+            "after": run_test(config, ckpt, run_dir / "test_after.json", f"{stage.name} (test, after)", best, output),
+        }
     done.write_text(json.dumps(info, indent=2))
     return info
+
+
+def run_test(config: Path, ckpt: Path | None, report: Path, what: str, best: dict[str, str], output: Path) -> dict:
+    """``minillm test`` on the config's test split: of ``ckpt``, or (``None``) of the model the stage starts from."""
+    cmd = ["test", "--config", str(config), "--trainer.enable_progress_bar=false", f"--test_report={report}"]
+    if ckpt is not None:
+        cmd += ["--ckpt_path", str(ckpt)]
+    _run(cmd, what, best, output)
+    return json.loads(report.read_text())["metrics"]
+
+
+def prepare_real_data(data_dir: Path, output: Path, size: str) -> dict[str, Any]:
+    """Split each real corpus into ``output/data_<size>/<role>/{train,val,test}.jsonl`` (once; reruns reuse it)."""
+    from minillm_lightning.data.split import finished_split, split_jsonl
+
+    plan = REAL_SPLIT[size]
+    reports: dict[str, Any] = {}
+    for role in REAL_ROLES:
+        out = output / f"data_{size}" / role
+        pattern = str(data_dir / role / "*.jsonl")
+        want = {"val_share": plan["val_share"], "test_share": plan["test_share"]}
+        done = finished_split(out)
+        if done and all(done[k] == v for k, v in want.items()):
+            print(f"[pipeline] data: {role} already split ({done['records']})")
+            reports[role] = done
+            continue
+        if not list(data_dir.glob(f"{role}/*.jsonl")):
+            raise PipelineError(
+                f"no {role} corpus in {data_dir / role}/*.jsonl: run `minillm download` for it (see data/README.md "
+                f"'Real corpora') or point --data-dir at a folder with pretrain/, sft/ and preference/ JSONL files"
+            )
+        t0 = time.perf_counter()
+        rep = split_jsonl(pattern, out, budget_bytes=plan["budget"][role], **want)
+        print(
+            f"[pipeline] data: {role}: {rep.read_bytes / 1e6:.1f} MB read, kept {rep.keep_share:.0%}: "
+            f"{rep.records} records in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
+        reports[role] = finished_split(out)
+    return reports
+
+
+# Which way is better for the test metrics the stages log (the rest are shown without a verdict).
+HIGHER_IS_BETTER = ("accuracy", "accuracies", "margin", "margins", "reward_mean", "reward")
+LOWER_IS_BETTER = ("loss", "ppl", "bpb", "kl")
+
+
+def _verdict(name: str, before: float | None, after: float | None) -> str:
+    if before is None or after is None or math.isnan(before) or math.isnan(after):
+        return "-"
+    leaf = name.rsplit("/", 1)[-1]
+    if leaf in HIGHER_IS_BETTER:
+        return "yes" if after > before else "no"
+    if leaf in LOWER_IS_BETTER:
+        return "yes" if after < before else "no"
+    return "-"
+
+
+def real_report(results: dict[str, dict[str, Any]], data: dict[str, Any], size: str) -> str:
+    """Markdown: the data split, then every stage's test metrics before and after it trained."""
+    lines = [
+        f"Data (`--size {size}`): records per split (train / val / test) and the share of each corpus kept",
+        "",
+        "| corpus | train | val | test | kept |",
+        "|---|---|---|---|---|",
+    ]
+    for role, rep in data.items():
+        r = rep["records"]
+        lines.append(f"| {role} | {r['train']} | {r['val']} | {r['test']} | {rep['keep_share']:.0%} |")
+    lines += [
+        "",
+        "Held-out test split of each stage: the model the stage starts from (before) against the trained one (after)",
+        "",
+        "| stage | wall (s) | metric | before | after | better |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, info in results.items():
+        test = info.get("test", {})
+        before, after = test.get("before", {}), test.get("after", {})
+        for i, metric in enumerate(sorted(set(before) | set(after))):
+            b, a = before.get(metric), after.get(metric)
+            wall = f"{info['wall_s']:.0f}" if i == 0 else ""
+            lines.append(
+                f"| {name if i == 0 else ''} | {wall} | {metric} | {fmt(b)} | {fmt(a)} | {_verdict(metric, b, a)} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def pipeline_main(argv: list[str]) -> None:
@@ -119,12 +269,33 @@ def pipeline_main(argv: list[str]) -> None:
         prog="minillm pipeline",
         description="Run pretrain -> SFT -> reward -> PPO and SFT -> DPO, then compare the stages' models.",
     )
-    parser.add_argument("--output", type=Path, default=Path("checkpoints/pipeline"), help="folder for all stages")
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="sample",
+        help="sample: configs/<stage>_<size>.yaml on the shipped sample; real: configs/real/ on real corpora, "
+        "each stage scored on a held-out test split",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="folder for all stages (default: checkpoints/pipeline or checkpoints/real)",
+    )
     parser.add_argument("--size", choices=["tiny", "small"], default="tiny", help="which recipes to run")
+    parser.add_argument(
+        "--data-dir",
+        dest="data_dir",
+        type=Path,
+        default=Path("data/real"),
+        help="real recipe: folder with pretrain/, sft/, preference/ *.jsonl corpora (`minillm download` writes them)",
+    )
     parser.add_argument("--stages", default=",".join(s.name for s in STAGES), help="comma-separated subset")
     parser.add_argument("--max_steps", type=int, default=None, help="override every stage's trainer.max_steps")
-    parser.add_argument("--prompts", type=int, default=4, help="prompts each stage's model answers at the end")
+    parser.add_argument("--prompts", type=int, default=4, help="sample recipe: prompts each stage's model answers")
     args = parser.parse_args(argv)
+    recipe = RECIPES[args.recipe]
+    output = args.output or recipe.output
     wanted = args.stages.split(",")
     unknown = set(wanted) - {s.name for s in STAGES}
     if unknown:
@@ -133,6 +304,7 @@ def pipeline_main(argv: list[str]) -> None:
     if args.max_steps:
         extra += [f"--trainer.max_steps={args.max_steps}", f"--trainer.val_check_interval={args.max_steps}"]
     t0 = time.perf_counter()
+    data = prepare_real_data(args.data_dir, output, args.size) if args.recipe == "real" else {}
     best: dict[str, str] = {}
     results: dict[str, dict[str, Any]] = {}
     for stage in STAGES:
@@ -141,15 +313,18 @@ def pipeline_main(argv: list[str]) -> None:
         missing = [n for n in stage.needs if f"{n}_{args.size}" not in best]
         if missing:
             raise PipelineError(f"stage {stage.name} needs {missing} first; include them in --stages")
-        info = run_stage(stage, args.size, args.output, best, extra)
+        info = run_stage(stage, args.size, output, best, extra, recipe, test=args.recipe == "real")
         best[f"{stage.name}_{args.size}"] = info["checkpoint"]
         results[stage.name] = info
-    from minillm_lightning.pipeline_report import report
+    if args.recipe == "real":
+        table = real_report(results, data, args.size)
+    else:
+        from minillm_lightning.pipeline_report import report
 
-    table = report(results, {s.name: s for s in STAGES}, n_prompts=args.prompts)
-    (args.output / "pipeline_report.md").write_text(table)
+        table = report(results, {s.name: s for s in STAGES}, n_prompts=args.prompts)
+    (output / "pipeline_report.md").write_text(table)
     print(table)
-    print(f"[pipeline] done in {time.perf_counter() - t0:.0f}s; report: {args.output / 'pipeline_report.md'}")
+    print(f"[pipeline] done in {time.perf_counter() - t0:.0f}s; report: {output / 'pipeline_report.md'}")
 
 
 def fmt(x: float | None) -> str:

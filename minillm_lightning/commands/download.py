@@ -39,17 +39,17 @@ CORPORA: dict[str, Corpus] = {
     ),
     "minimind-pretrain": Corpus(
         f"{HF}/jingyaogong/minimind_dataset/resolve/main/pretrain_hq.jsonl",
-        "data/minimind/pretrain_hq.jsonl",
+        "data/real/pretrain/minimind_pretrain_hq.jsonl",
         'minimind pretraining corpus, {"text"} lines, ~1.6 GB (Chinese)',
     ),
     "minimind-sft": Corpus(
         f"{HF}/jingyaogong/minimind_dataset/resolve/main/sft_mini_512.jsonl",
-        "data/minimind/sft_mini_512.jsonl",
+        "data/real/sft/minimind_sft_mini_512.jsonl",
         'minimind SFT conversations, {"conversations": [{"role","content"}]}, ~1.2 GB',
     ),
     "minimind-dpo": Corpus(
         f"{HF}/jingyaogong/minimind_dataset/resolve/main/dpo.jsonl",
-        "data/minimind/dpo.jsonl",
+        "data/real/preference/minimind_dpo.jsonl",
         'minimind preference pairs, {"chosen": [msgs], "rejected": [msgs]}',
     ),
     "alpaca": Corpus(
@@ -59,7 +59,7 @@ CORPORA: dict[str, Corpus] = {
     ),
     "hh-rlhf": Corpus(
         f"{HF}/Anthropic/hh-rlhf/resolve/main/helpful-base/train.jsonl.gz",
-        "data/hh-rlhf/helpful_base_train.jsonl",
+        "data/real/preference/hh_rlhf_helpful_base.jsonl",
         "Anthropic HH-RLHF helpful-base, converted to our preference schema (reward/DPO)",
         convert="hh",
     ),
