@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import FIXTURES, real_data_path
 
 from minillm_lightning.commands.download import CORPORA, fetch, parse_hh_dialogue
 from minillm_lightning.errors import MiniLLMError
@@ -47,8 +47,16 @@ def test_hh_conversion_keeps_only_usable_pairs(tmp_path: Path) -> None:
 
 
 def test_copy_corpus_from_local_file(tmp_path: Path) -> None:
-    out = fetch("tinyshakespeare", tmp_path / "input.txt", SHARED_DATA / "tinyshakespeare" / "input.txt", print)
-    assert out.stat().st_size == 1_115_394
+    """``--from`` copies a plain-text corpus byte for byte (no network)."""
+    src = FIXTURES / "tokenizer_corpus.jsonl"
+    out = fetch("tinyshakespeare", tmp_path / "input.txt", src, lambda *_: None)
+    assert out.read_bytes() == src.read_bytes()
+    assert not list(tmp_path.glob("*.partial"))
     with pytest.raises(MiniLLMError, match="unknown corpus"):
         fetch("nope", tmp_path / "x")
     assert {"tinyshakespeare", "alpaca", "hh-rlhf", "minimind-pretrain", "minimind-sft", "minimind-dpo"} <= set(CORPORA)
+
+
+def test_copy_the_real_tinyshakespeare(tmp_path: Path) -> None:
+    out = fetch("tinyshakespeare", tmp_path / "input.txt", real_data_path("tinyshakespeare", "input.txt"), print)
+    assert out.stat().st_size == 1_115_394
