@@ -264,6 +264,23 @@ class TextGenerator:
                 if t in stops:
                     return
 
+    def stream_batch(
+        self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None
+    ) -> Iterator[list[int]]:
+        """Yield the next token of every prompt, one step at a time, decoding the batch together (``minillm serve``).
+
+        Rows that already produced a stop token get ``pad_id``. Steps end after ``max_new_tokens`` or soon after
+        every row finished; closing the iterator stops decoding. Greedy or sampling only (no beam search).
+        """
+        cfg = config or GenerationConfig()
+        if cfg.num_beams > 1:
+            raise ValueError("stream_batch decodes step by step; beam search needs generate()")
+        stops = self._stops(cfg)
+        self._check(prompts, cfg)
+        with _eval_mode(self.model):
+            for tok, _ in self._sample_steps(prompts, cfg, stops, False):
+                yield tok.tolist()
+
     # ---- text-level helpers (need the tokenizer) ----
 
     def encode_prompt(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:

@@ -1,0 +1,512 @@
+"""``minillm serve``: an OpenAI-compatible chat server on LitServe, with a small web chat page at ``/``.
+
+minillm serve --checkpoint checkpoints/sft_tiny/last.ckpt --port 8000
+curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"messages": [{"role": "user", "content": "What is 3 plus 4?"}], "max_tokens": 32}'
+
+How the pieces fit (LitServe owns the HTTP server, the request queue, the inference worker and the batching):
+
+- :class:`ChatSpec`, an ``OpenAISpec`` living in the API server process, checks every request against the
+  tokenizer and the model context *before* queueing it, so bad input gets an OpenAI-style 400 also when the
+  client asked for a stream (a stream's 200 header goes out before the worker sees the request). It ends each
+  response as soon as that request is finished, not when the whole batch is.
+- :class:`ChatAPI`, the ``LitAPI`` in the inference worker, decodes the requests LitServe batched together with
+  :meth:`TextGenerator.stream_batch` (left padding + KV cache). Requests that cannot share one sampling loop
+  (different temperature/top_p, their own seed, or too long together for the context) run as separate
+  sub-batches stepped in turn, so every request streams from the first step.
+- A slow reader never blocks the worker: the worker pushes tokens into per-request buffers of the API server,
+  and each HTTP response drains its own buffer at its client's pace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import litserve as ls
+import torch
+from fastapi import BackgroundTasks, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from litserve.loops import BatchedStreamingLoop
+from litserve.specs.openai import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamingChoice,
+    ChatMessage,
+    ChoiceDelta,
+    OpenAISpec,
+    UsageInfo,
+)
+from litserve.utils import LitAPIStatus, ResponseBufferItem
+from pydantic import ValidationError
+
+from minillm_lightning.commands.generate import DEFAULT_MAX_NEW, _load
+from minillm_lightning.errors import MiniLLMError
+from minillm_lightning.generation import GenerationConfig, IncrementalDecoder, TextGenerator
+from minillm_lightning.tokenizer import ROLES, Tokenizer
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+
+
+class ChatRequest(ChatCompletionRequest):
+    """LitServe's OpenAI chat request plus ``seed``, with OpenAI's default temperature (1)."""
+
+    temperature: float | None = 1.0
+    seed: int | None = None
+
+
+class RequestError(MiniLLMError):
+    """A request the server refuses with HTTP 400; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Job:
+    """One validated chat request, ready for the generator."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+
+
+def _content_text(content: Any, i: int) -> str:
+    """A message's text: a string, or OpenAI's list of ``{"type": "text", "text": ...}`` parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(getattr(p, "type", None) == "text" for p in content):
+        return "".join(p.text for p in content)
+    raise RequestError(f"messages[{i}].content must be a string (text only)", f"messages[{i}].content")
+
+
+def prepare(req: ChatRequest, tokenizer: Tokenizer, block_size: int, default_max_tokens: int) -> Job:
+    """Check a request against the model and turn it into a :class:`Job`; raises :class:`RequestError`."""
+    if not req.messages:
+        raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
+    messages = []
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            raise RequestError(
+                f"messages[{i}].role is {m.role!r}; this model knows the roles {', '.join(ROLES)}",
+                f"messages[{i}].role",
+            )
+        messages.append({"role": m.role, "content": _content_text(m.content, i)})
+    if (req.n or 1) != 1:
+        raise RequestError("n must be 1 (one choice per request)", "n")
+    prompt = tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+    room = block_size - len(prompt)
+    if room < 1:
+        raise RequestError(
+            f"the prompt is {len(prompt)} tokens but the model context is {block_size} tokens; shorten the messages "
+            f"or drop the oldest ones",
+            "messages",
+        )
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if asked is None:  # as much as the context leaves, up to the default
+        max_tokens = min(default_max_tokens, room)
+    elif asked < 1:
+        raise RequestError(f"max_tokens must be >= 1, got {asked}", "max_tokens")
+    elif asked > room:
+        raise RequestError(
+            f"max_tokens={asked} and the {len(prompt)}-token prompt exceed the model context of {block_size} tokens; "
+            f"ask for at most {room} tokens or shorten the messages",
+            "max_tokens",
+        )
+    else:
+        max_tokens = asked
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if temperature < 0:
+        raise RequestError(f"temperature must be >= 0 (0 = greedy), got {temperature}", "temperature")
+    if not 0 < top_p <= 1:
+        raise RequestError(f"top_p must be in (0, 1], got {top_p}", "top_p")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+    return Job(prompt, max_tokens, temperature, top_p, req.seed, tuple(s for s in stop if s))
+
+
+# ---- decoding a batch of jobs (inference worker) ----
+
+
+class StopStrings:
+    """Cut a text stream at the first of some stop strings, holding back text that may be the start of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string was hit; the text before it is returned)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class _Row:
+    """The text and the usage of one job while it is decoded."""
+
+    def __init__(self, job: Job, tokenizer: Tokenizer, stop_ids: Sequence[int]) -> None:
+        self.job = job
+        self.stop_ids = set(stop_ids)
+        self.decoder = IncrementalDecoder(tokenizer, skip_ids=stop_ids)
+        self.stops = StopStrings(job.stop)
+        self.n = 0
+        self.finished = False
+
+    def push(self, token: int) -> dict[str, Any]:
+        """Take the next token; return the event to send ({} when there is nothing new)."""
+        self.n += 1
+        if token in self.stop_ids:
+            return self.end("stop", self.decoder.flush())
+        piece = self.decoder.push(token)
+        if self.n >= self.job.max_tokens:
+            return self.end("length", piece + self.decoder.flush())
+        text, hit = self.stops.push(piece)
+        if hit:
+            return self._final(text, "stop")
+        return {"content": text} if text else {}
+
+    def end(self, reason: str, raw: str = "") -> dict[str, Any]:
+        """Finish with ``raw`` (not yet checked for stop strings) as the last text."""
+        text, hit = self.stops.push(raw)
+        return self._final(text if hit else text + self.stops.flush(), "stop" if hit else reason)
+
+    def _final(self, text: str, reason: str) -> dict[str, Any]:
+        self.finished = True
+        usage = {"prompt_tokens": len(self.job.prompt), "completion_tokens": self.n}
+        usage["total_tokens"] = usage["prompt_tokens"] + self.n
+        return {"content": text, "finish_reason": reason, "usage": usage}
+
+
+def plan_batches(jobs: Sequence[Job], block_size: int) -> list[tuple[list[int], GenerationConfig]]:
+    """Split jobs into sub-batches that can share one sampling loop, with the generation config of each.
+
+    Greedy jobs all share one; sampling jobs share one per (temperature, top_p); a seeded job runs alone, so its
+    output depends on its seed only, never on its neighbours. A sub-batch's longest prompt plus its largest
+    ``max_tokens`` must fit the context (the generator's batch check).
+    """
+    groups: list[tuple[tuple, list[int]]] = []
+    for i, job in enumerate(jobs):
+        if job.temperature == 0:
+            key: tuple = ("greedy",)
+        elif job.seed is not None:
+            key = ("seed", i)
+        else:
+            key = ("sample", job.temperature, job.top_p)
+        for gkey, members in groups:
+            fits = max(len(jobs[j].prompt) for j in [*members, i]) + max(jobs[j].max_tokens for j in [*members, i])
+            if gkey == key and fits <= block_size:
+                members.append(i)
+                break
+        else:
+            groups.append((key, [i]))
+    plans = []
+    for _, members in groups:
+        first = jobs[members[0]]
+        greedy = first.temperature == 0
+        cfg = GenerationConfig(
+            max_new_tokens=max(jobs[j].max_tokens for j in members),
+            temperature=first.temperature,
+            top_p=1.0 if greedy else first.top_p,
+            seed=None if greedy else first.seed,
+        )
+        plans.append((members, cfg))
+    return plans
+
+
+def decode_jobs(gen: TextGenerator, jobs: Sequence[Job]) -> Iterator[list[dict[str, Any]]]:
+    """Decode jobs together; yield, step by step, one event dict per job ({} when it has nothing new).
+
+    A job's last event carries ``finish_reason`` ("stop": stop token or stop string, "length": ``max_tokens``)
+    and ``usage``; after it the job only gets {}.
+    """
+    rows = [_Row(job, gen.tokenizer, gen.stop_tokens) for job in jobs]
+    runs = [
+        (members, gen.stream_batch([jobs[i].prompt for i in members], cfg))
+        for members, cfg in plan_batches(jobs, gen.model.config.block_size)
+    ]
+    while runs:
+        events: list[dict[str, Any]] = [{} for _ in jobs]
+        live = []
+        for members, steps in runs:
+            tokens = next(steps, None)
+            for pos, i in enumerate(members):
+                if not rows[i].finished:
+                    events[i] = rows[i].end("length") if tokens is None else rows[i].push(tokens[pos])
+            if all(rows[i].finished for i in members):
+                steps.close()
+            else:
+                live.append((members, steps))
+        runs = live
+        if any(events):
+            yield events
+
+
+class ChatAPI(ls.LitAPI):
+    """The model side: loads the checkpoint in the inference worker and decodes batches of chat requests."""
+
+    def __init__(self, checkpoint: str, dtype: str, spec: ChatSpec, max_batch_size: int, batch_timeout: float):
+        # the batched streaming loop also for max_batch_size 1, so predict always sees a list of requests
+        super().__init__(
+            max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec, loop=BatchedStreamingLoop()
+        )
+        self.checkpoint, self.dtype = checkpoint, dtype
+
+    def setup(self, device: str) -> None:
+        self.generator, _ = _load(SimpleNamespace(checkpoint=self.checkpoint, device=device, dtype=self.dtype))
+
+    def decode_request(self, request: ChatRequest, **kwargs: Any) -> Job:
+        spec: ChatSpec = self.spec
+        return prepare(request, self.generator.tokenizer, spec.block_size, spec.default_max_tokens)
+
+    def batch(self, inputs: list[Job]) -> list[Job]:
+        return list(inputs)
+
+    def predict(self, jobs: list[Job], **kwargs: Any) -> Iterator[list[dict[str, Any]]]:
+        yield from decode_jobs(self.generator, jobs)
+
+    def encode_response(self, outputs: Iterator[list[dict[str, Any]]], **kwargs: Any) -> Iterator[list[dict]]:
+        yield from outputs  # one JSON object per request and step; ChatSpec turns them into OpenAI responses
+
+
+# ---- the HTTP side (API server process) ----
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    err = e.errors()[0]
+    where = ".".join(str(x) for x in err["loc"]) or None
+    n = len(e.errors())
+    more = f" (and {n - 1} more problems)" if n > 1 else ""
+    return f"{where}: {err['msg']}{more}; expected messages=[{{'role': ..., 'content': '...'}}, ...]", where
+
+
+class ChatSpec(OpenAISpec):
+    """OpenAI's chat completions API for :class:`ChatAPI`, plus ``GET /v1/models``.
+
+    Args:
+        model_name: the id ``/v1/models`` lists and responses carry.
+        tokenizer_bytes: the checkpoint's SentencePiece model, to count prompt tokens before queueing.
+        block_size: the model context.
+        default_max_tokens: ``max_tokens`` when a request sets none (capped by what the context leaves).
+    """
+
+    def __init__(self, model_name: str, tokenizer_bytes: bytes, block_size: int, default_max_tokens: int) -> None:
+        super().__init__()
+        self.model_name, self.tokenizer_bytes = model_name, tokenizer_bytes
+        self.block_size, self.default_max_tokens = block_size, default_max_tokens
+        self.created = int(time.time())
+        self._tokenizer: Tokenizer | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_tokenizer"] = None  # rebuilt from the bytes on use; SentencePiece objects do not pickle
+        return state
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.tokenizer_bytes)
+        return self._tokenizer
+
+    def pre_setup(self, lit_api: ls.LitAPI) -> None:
+        super().pre_setup(lit_api)
+        self.add_endpoint("/v1/models", self.list_models, ["GET"])
+
+    async def list_models(self) -> dict[str, Any]:
+        entry = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "minillm"}
+        return {"object": "list", "data": [entry]}
+
+    async def chat_completion(self, request: Request, background_tasks: BackgroundTasks) -> Any:
+        """Validate, queue for the worker, answer as a stream or as one JSON response."""
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return JSONResponse(error_body("the request body must be a JSON object"), status_code=400)
+        try:
+            req = ChatRequest.model_validate(body)
+            prepare(req, self.tokenizer, self.block_size, self.default_max_tokens)
+        except ValidationError as e:
+            message, param = _validation_message(e)
+            return JSONResponse(error_body(message, param=param), status_code=400)
+        except RequestError as e:
+            return JSONResponse(error_body(str(e), param=e.param), status_code=400)
+        uid = uuid.uuid4()
+        buffer, ready = deque(), asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(response_queue=buffer, event=ready)
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), req))
+        events = self._events(uid, buffer, ready)
+        model = req.model or self.model_name
+        if req.stream:
+            return StreamingResponse(
+                self._sse(model, events), media_type="text/event-stream", background=background_tasks
+            )
+        return await self._complete(model, events)
+
+    async def _events(self, uid: uuid.UUID, buffer: deque, ready: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
+        """This request's events from the worker, up to and including its final one."""
+        try:
+            async for data, status in self.data_streamer(buffer, ready, send_status=True):
+                if status == LitAPIStatus.ERROR:
+                    raise data if isinstance(data, HTTPException) else HTTPException(500, "generation failed")
+                event = json.loads(data)
+                if event:
+                    yield event
+                if event.get("finish_reason"):
+                    return
+        finally:
+            self.response_buffer.pop(uid, None)  # later steps of the batch for this request are dropped
+
+    async def _complete(self, model: str, events: AsyncIterator[dict[str, Any]]) -> Any:
+        text, finish, usage = [], "stop", UsageInfo()
+        try:
+            async for event in events:
+                text.append(event.get("content") or "")
+                if event.get("finish_reason"):
+                    finish, usage = event["finish_reason"], UsageInfo(**event["usage"])
+        except HTTPException as e:
+            return JSONResponse(error_body(str(e.detail), "server_error"), status_code=e.status_code)
+        message = ChatMessage(role="assistant", content="".join(text))
+        choice = ChatCompletionResponseChoice(index=0, message=message, finish_reason=finish)
+        return ChatCompletionResponse(model=model, choices=[choice], usage=usage)
+
+    async def _sse(self, model: str, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format; usage rides on the chunk with ``finish_reason``."""
+        chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+
+        def chunk(delta: ChoiceDelta, finish: str | None = None, usage: UsageInfo | None = None) -> str:
+            choice = ChatCompletionStreamingChoice(index=0, delta=delta, finish_reason=finish)
+            c = ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[choice], usage=usage)
+            return f"data: {c.model_dump_json()}\n\n"
+
+        yield chunk(ChoiceDelta(role="assistant", content=""))
+        try:
+            async for event in events:
+                if event.get("content"):
+                    yield chunk(ChoiceDelta(content=event["content"]))
+                if event.get("finish_reason"):
+                    yield chunk(ChoiceDelta(), event["finish_reason"], UsageInfo(**event["usage"]))
+        except HTTPException as e:
+            yield f"data: {json.dumps(error_body(str(e.detail), 'server_error'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def chat_page() -> str:
+    """The web chat page (plain HTML + JS, shipped inside the package)."""
+    return resources.files("minillm_lightning").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+
+def build_server(
+    checkpoint: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    model_name: str | None = None,
+    max_batch_size: int = 16,
+    batch_timeout: float = 0.01,
+    default_max_tokens: int = DEFAULT_MAX_NEW,
+) -> tuple[ls.LitServer, str]:
+    """The LitServer for ``checkpoint`` and the checkpoint's stage.
+
+    The checkpoint is read here, in the calling process, so a file that is not a minillm checkpoint fails at once
+    with a :class:`~minillm_lightning.errors.CheckpointError` instead of inside the inference worker.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MiniLLMError("--device cuda: no CUDA device is available; use --device cpu")
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if dtype == "auto":
+        dtype = "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
+    if max_batch_size < 1 or batch_timeout < 0:
+        raise MiniLLMError("--max_batch_size must be >= 1 and --batch_timeout >= 0")
+    gen, stage = _load(SimpleNamespace(checkpoint=checkpoint, device="cpu", dtype="float32"))
+    block_size = gen.model.config.block_size
+    name = model_name or f"minillm-{stage}"
+    spec = ChatSpec(name, gen.tokenizer.model_bytes, block_size, default_max_tokens)
+    del gen  # the inference worker loads its own copy on its device
+    api = ChatAPI(str(checkpoint), dtype, spec, max_batch_size, batch_timeout)
+    # timeout=False: a request queued behind a long batch waits for it instead of failing with 504
+    server = ls.LitServer(api, accelerator="cuda" if on_gpu else "cpu", devices=1, timeout=False)
+    # LitServe answers "/" with "litserve running"; the chat page takes its place
+    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
+    server.app.add_api_route("/", chat_page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
+    return server, stage
+
+
+def serve_main(argv: list[str]) -> None:
+    """``minillm serve``: serve a checkpoint over OpenAI's chat completions API until Ctrl+C."""
+    p = argparse.ArgumentParser(
+        prog="minillm serve",
+        description="OpenAI-compatible chat server (LitServe) for a checkpoint of any stage; web chat page at /.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint (.ckpt) of any stage; it carries its tokenizer")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (1024-65535)")
+    p.add_argument(
+        "--host", choices=["127.0.0.1", "0.0.0.0", "::"], default="127.0.0.1", help="0.0.0.0: reachable from others"
+    )
+    p.add_argument("--model_name", default=None, help="model id shown by /v1/models (default: minillm-<stage>)")
+    p.add_argument("--max_batch_size", type=int, default=16, help="requests decoded together at most")
+    p.add_argument("--batch_timeout", type=float, default=0.01, help="seconds to wait for a batch to fill up")
+    p.add_argument(
+        "--max_tokens", type=int, default=DEFAULT_MAX_NEW, help="default max_tokens of requests that set none"
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="weights dtype")
+    p.add_argument("--log_level", default="warning", help="uvicorn/LitServe log level")
+    args = p.parse_args(argv)
+    if not 1024 <= args.port <= 65535:
+        p.error(f"--port must be in 1024-65535, got {args.port}")
+    server, stage = build_server(
+        args.checkpoint,
+        args.device,
+        args.dtype,
+        args.model_name,
+        args.max_batch_size,
+        args.batch_timeout,
+        args.max_tokens,
+    )
+    if stage == "pretrain":
+        print("note: this is a pretrain checkpoint, not tuned for chat; replies may ramble", flush=True)
+    host = "127.0.0.1" if args.host == "0.0.0.0" else args.host
+    print(
+        f"serving {Path(args.checkpoint)} ({stage}) at http://{host}:{args.port}/ (web chat), "
+        f"OpenAI API at http://{host}:{args.port}/v1",
+        flush=True,
+    )
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`/docker stop shut down as cleanly as Ctrl+C
+    server.run(host=args.host, port=args.port, num_api_servers=1, generate_client_file=False, log_level=args.log_level)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """LitServer.run shuts its workers down on KeyboardInterrupt only."""
+    raise KeyboardInterrupt
