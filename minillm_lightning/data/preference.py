@@ -15,24 +15,16 @@ tokens), all padded to ONE length T so that a stage can run both halves as a sin
 
 from __future__ import annotations
 
-import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from minillm_lightning.data.common import (
-    ResumableDataLoader,
-    ResumableSampler,
-    checkpoint_tokenizer,
-    split_counts,
-    write_stats,
-)
+from minillm_lightning.data.chat import ChatDataModule
 from minillm_lightning.data.sft import (
     BadRecord,
     Message,
@@ -188,10 +180,14 @@ def collate(items: list[dict[str, Any]], pad_id: int, padding_side: PaddingSide 
     return batch
 
 
+Row = tuple[list[int], list[int], list[int]]
+"""A tokenized pair: prompt (with the assistant header), chosen reply, rejected reply."""
+
+
 class PreferenceDataset(Dataset):
     """Tokenized pairs: ``prompt`` (incl. the assistant header), ``chosen``/``rejected`` reply tokens, ``index``."""
 
-    def __init__(self, rows: list[tuple[list[int], list[int], list[int]]]) -> None:
+    def __init__(self, rows: list[Row]) -> None:
         self.rows = rows
 
     def __len__(self) -> int:
@@ -202,7 +198,7 @@ class PreferenceDataset(Dataset):
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "index": i}
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(ChatDataModule):
     """Preference pairs for reward modelling and DPO.
 
     Args:
@@ -221,12 +217,18 @@ class PreferenceDataModule(L.LightningDataModule):
         padding_side: pad batches on the right (default; no attention mask needed under causal attention)
             or on the left (the stages then build a padding-aware mask and positions).
         batch_size: pairs per batch on each device (each pair is two sequences).
-        val_share: share of pairs held out for validation.
+        val_share: share of pairs held out for validation (ignored when ``val_sources`` is set).
+        val_sources: validation files (same schemas) instead of a share of ``sources``.
+        test_sources: held-out files scored by ``minillm test`` (reward model: accuracy and margin; DPO:
+            implicit-reward accuracy and margins, log-probabilities).
         skip_bad_records: skip and count unusable records (malformed, prompts differ, identical replies)
             in ``dataset_stats.json`` instead of stopping at the first one.
         num_workers: DataLoader worker processes.
         seed: seed of the split and the batch order.
     """
+
+    kind, stats_key, row_name, item_name = "preference", "preference", "pairs", "pairs"
+    prerequisite, example_checkpoint = SFT_COMMAND, "checkpoints/sft_tiny/last.ckpt"
 
     def __init__(
         self,
@@ -239,51 +241,42 @@ class PreferenceDataModule(L.LightningDataModule):
         padding_side: PaddingSide = "right",
         batch_size: int = 8,
         val_share: float = 0.05,
+        val_sources: list[str] | None = None,
+        test_sources: list[str] | None = None,
         skip_bad_records: bool = False,
         num_workers: int = 0,
         seed: int = 1337,
     ) -> None:
-        super().__init__()
-        if isinstance(sources, str):
-            sources = [sources]
-        if not sources:
-            raise DataError("PreferenceDataModule: `sources` is empty; give at least one file or glob")
+        super().__init__(
+            sources,
+            tokenizer,
+            max_length,
+            batch_size,
+            val_share,
+            val_sources,
+            test_sources,
+            skip_bad_records,
+            num_workers,
+            seed,
+        )
         if max_length < 4 or batch_size <= 0 or not 0 <= val_share < 1:
             raise ValueError("PreferenceDataModule: max_length must be >= 4, batch_size > 0, val_share in [0, 1)")
         if format not in ("auto", "minimind", "trl", "sharegpt") or overflow not in ("truncate", "drop"):
             raise ValueError(f"PreferenceDataModule: unknown format={format!r} or overflow={overflow!r}")
         if padding_side not in ("right", "left"):
             raise ValueError(f"PreferenceDataModule: padding_side must be right or left, got {padding_side!r}")
-        self.sources, self.tokenizer_path, self.format = list(sources), tokenizer, format
+        self.format = format
         self.fields = fields if isinstance(fields, PreferenceFields) else PreferenceFields(**(fields or {}))
-        self.max_length, self.overflow, self.padding_side = max_length, overflow, padding_side
-        self.batch_size, self.val_share, self.skip_bad = batch_size, val_share, skip_bad_records
-        self.num_workers, self.seed = num_workers, seed
-        self._tokenizer: Tokenizer | None = None
-        self.train_set: PreferenceDataset | None = None
-        self.val_set: PreferenceDataset | None = None
-        self.stats: dict[str, Any] = {}
-
-    # ---- tokenizer ----
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = checkpoint_tokenizer(
-                self.tokenizer_path, "PreferenceDataModule", SFT_COMMAND, "checkpoints/sft_tiny/last.ckpt"
-            )
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        self.overflow, self.padding_side = overflow, padding_side
 
     # ---- reading ----
-    def read(self) -> tuple[list[Pair], dict[str, Any]]:
-        """All usable pairs of all sources, and per-file statistics."""
+    def read(self, sources: list[str] | None = None) -> tuple[list[Pair], dict[str, Any]]:
+        """All usable pairs of ``sources`` (default: ``self.sources``), and per-file statistics."""
+        sources = self.sources if sources is None else sources
         pairs: list[Pair] = []
         stats: dict[str, Any] = {}
         files = read_chat_files(
-            self.sources,
+            sources,
             None if self.format == "auto" else self.format,
             self.skip_bad,
             lambda rec: detect_preference_format(rec, self.fields),
@@ -299,7 +292,7 @@ class PreferenceDataModule(L.LightningDataModule):
             pairs.extend(items)
             stats[str(path)] = file_stats(fmt, rs, len(items))
         if not pairs:
-            raise DataError(f"no usable preference pairs in {self.sources}; check the paths and the record schema")
+            raise DataError(f"no usable preference pairs in {sources}; check the paths and the record schema")
         return pairs, stats
 
     def fit_prompt(self, pair: Pair, longest: int, counts: dict[str, int]) -> list[int] | None:
@@ -330,7 +323,7 @@ class PreferenceDataModule(L.LightningDataModule):
             ids = system + ids[-room:] if head and room > len(tok.generation_prompt()) else ids[-budget:]
         return ids
 
-    def encode(self, pairs: list[Pair], counts: dict[str, int]) -> list[tuple[list[int], list[int], list[int]]]:
+    def encode(self, pairs: list[Pair], counts: dict[str, int]) -> list[Row]:
         rows = []
         for pair in pairs:
             chosen, rejected = response_ids(self.tokenizer, pair.chosen), response_ids(self.tokenizer, pair.rejected)
@@ -339,89 +332,30 @@ class PreferenceDataModule(L.LightningDataModule):
                 rows.append((prompt, chosen, rejected))
         return rows
 
-    # ---- Lightning hooks ----
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        pairs, sources = self.read()
-        random.Random(self.seed).shuffle(pairs)
-        n_train, n_val = split_counts(len(pairs), self.val_share)
-        counts = {"prompt_truncated_turns": 0, "prompt_cut_tokens": 0, "dropped_too_long": 0}
-        train, val = self.encode(pairs[:n_train], counts), self.encode(pairs[n_train : n_train + n_val], counts)
-        self.train_set, self.val_set = PreferenceDataset(train), PreferenceDataset(val)
-        world = self.trainer.world_size if self.trainer else 1
-        if len(train) < world * self.batch_size:
-            raise DataError(
-                f"the preference training split has {len(train)} pairs, fewer than one batch ({self.batch_size} x "
-                f"{world} devices); add pairs or lower batch_size"
-            )
-        lengths = [len(p) + max(len(c), len(r)) for p, c, r in train]
-        self.stats = {
-            "sources": sources,
+    # ---- ChatDataModule hooks ----
+    def new_counts(self) -> dict[str, int]:
+        return {"prompt_truncated_turns": 0, "prompt_cut_tokens": 0, "dropped_too_long": 0}
+
+    def encode_items(self, items: list[Pair], counts: dict[str, int], split: str) -> list[Row]:
+        return self.encode(items, counts)
+
+    def make_dataset(self, rows: list[Row]) -> PreferenceDataset:
+        return PreferenceDataset(rows)
+
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Tensor]]:
+        return partial(collate, pad_id=self.tokenizer.pad_id, padding_side=self.padding_side)
+
+    def describe(
+        self, n_items: tuple[int, int], train: PreferenceDataset, val: PreferenceDataset, counts: dict[str, int]
+    ) -> tuple[dict[str, Any], str]:
+        rows = train.rows
+        stats = {
             "train_pairs": len(train),
             "val_pairs": len(val),
             **counts,
-            "mean_prompt_tokens": round(sum(len(p) for p, _, _ in train) / len(train), 1),
-            "mean_response_tokens": round(sum(len(c) + len(r) for _, c, r in train) / (2 * len(train)), 1),
-            "max_sequence_tokens": max(lengths),
+            "mean_prompt_tokens": round(sum(len(p) for p, _, _ in rows) / len(rows), 1),
+            "mean_response_tokens": round(sum(len(c) + len(r) for _, c, r in rows) / (2 * len(rows)), 1),
+            "max_sequence_tokens": max(len(p) + max(len(c), len(r)) for p, c, r in rows),
             "max_length": self.max_length,
-            "tokenizer_sha256": self.tokenizer.sha256,
-            "vocab_size": self.tokenizer.vocab_size,
         }
-        rank_zero_info(f"preference data: {len(train)} train / {len(val)} val pairs; {counts}")
-        if self.trainer is not None:
-            run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank
-            if self.trainer.is_global_zero:
-                write_stats(run_dir, "preference", self.stats)
-
-    def _collate(self):
-        return partial(collate, pad_id=self.tokenizer.pad_id, padding_side=self.padding_side)
-
-    def _progress(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        return ResumableDataLoader(
-            self.train_set,
-            ResumableSampler(len(self.train_set), world, rank, self.seed),
-            self._progress,
-            batch_size=self.batch_size,
-            drop_last=True,
-            collate_fn=self._collate(),
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        assert self.val_set is not None
-        return DataLoader(
-            self.val_set, batch_size=self.batch_size, collate_fn=self._collate(), num_workers=self.num_workers
-        )
-
-    def ordered_dataloader(self, split: Literal["train", "val"], rank: int = 0, world_size: int = 1) -> DataLoader:
-        """Every pair of a split once, in index order, sharded ``rank::world_size`` (no shuffling, no drop):
-        what a stage iterates to precompute per-pair values such as reference log-probabilities."""
-        if self.train_set is None:
-            self.setup("fit")
-        dataset = self.train_set if split == "train" else self.val_set
-        assert dataset is not None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=list(range(rank, len(dataset), world_size)),
-            collate_fn=self._collate(),
-            num_workers=self.num_workers,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"tokenizer_sha256": self.tokenizer.sha256, "max_length": self.max_length}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("tokenizer_sha256") not in (None, self.tokenizer.sha256):
-            raise DataError(
-                "the checkpoint was trained with a different tokenizer than data.tokenizer "
-                f"({state['tokenizer_sha256'][:12]} vs {self.tokenizer.sha256[:12]}); resume with the same settings"
-            )
+        return stats, f"preference data: {len(train)} train / {len(val)} val pairs; {counts}"

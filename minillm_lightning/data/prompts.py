@@ -12,22 +12,14 @@ template), ``prompt`` (the last user message, what a reward function reads) and 
 
 from __future__ import annotations
 
-import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from minillm_lightning.data.common import (
-    ResumableDataLoader,
-    ResumableSampler,
-    checkpoint_tokenizer,
-    split_counts,
-    write_stats,
-)
+from minillm_lightning.data.chat import ChatDataModule
 from minillm_lightning.data.sft import (
     ROLE_ALIASES,
     BadRecord,
@@ -38,7 +30,6 @@ from minillm_lightning.data.sft import (
     to_messages,
 )
 from minillm_lightning.errors import DataError
-from minillm_lightning.tokenizer import Tokenizer
 
 PromptFormat = Literal["auto", "prompt", "messages", "sharegpt", "alpaca"]
 Message = dict[str, str]
@@ -140,7 +131,7 @@ def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(ChatDataModule):
     """Prompts for PPO / GRPO, rendered with the chat template and ending with the open assistant header.
 
     Args:
@@ -158,11 +149,19 @@ class PromptDataModule(L.LightningDataModule):
         overflow: a longer prompt: ``truncate`` (drop its oldest exchanges, keeping the system prompt and the
             last user turn; dropped if that alone is still too long) or ``drop`` it.
         batch_size: prompts per rollout on each device (GRPO samples ``group_size`` responses for each).
-        val_share: share of prompts held out; validation generates for them and logs ``val/reward_mean``.
+        val_share: share of prompts held out; validation generates for them and logs ``val/reward_mean``
+            (ignored when ``val_sources`` is set).
+        val_sources: validation prompt files instead of a share of ``sources``.
+        test_sources: held-out prompt files scored by ``minillm test`` (the policy's reward and KL).
         skip_bad_records: skip and count malformed records instead of stopping at the first one.
         num_workers: DataLoader worker processes.
         seed: seed of the split and the prompt order.
     """
+
+    kind, stats_key, row_name, item_name = "prompt", "prompts", "prompts", "prompts"
+    prerequisite, example_checkpoint = SFT_COMMAND, "checkpoints/sft_tiny/last.ckpt"
+    pin_memory = False  # batches are lists of token ids
+    split_encoded = True  # val_share counts usable prompts
 
     def __init__(
         self,
@@ -176,56 +175,43 @@ class PromptDataModule(L.LightningDataModule):
         overflow: Literal["truncate", "drop"] = "truncate",
         batch_size: int = 16,
         val_share: float = 0.05,
+        val_sources: list[str] | None = None,
+        test_sources: list[str] | None = None,
         skip_bad_records: bool = False,
         num_workers: int = 0,
         seed: int = 1337,
     ) -> None:
-        super().__init__()
-        if isinstance(sources, str):
-            sources = [sources]
-        if not sources:
-            raise DataError("PromptDataModule: `sources` is empty; give at least one file or glob")
+        super().__init__(
+            sources,
+            tokenizer,
+            max_length,
+            batch_size,
+            val_share,
+            val_sources,
+            test_sources,
+            skip_bad_records,
+            num_workers,
+            seed,
+        )
         if max_length < 2 or batch_size <= 0 or not 0 <= val_share < 1:
             raise ValueError("PromptDataModule: max_length must be >= 2, batch_size positive and val_share in [0, 1)")
         if format not in ("auto", "prompt", "messages", "sharegpt", "alpaca"):
             raise ValueError(f"PromptDataModule: unknown format={format!r}")
         if overflow not in ("truncate", "drop") or final_reply not in ("error", "drop"):
             raise ValueError(f"PromptDataModule: unknown overflow={overflow!r} or final_reply={final_reply!r}")
-        self.sources, self.tokenizer_path, self.format = list(sources), tokenizer, format
+        self.format = format
         self.fields = fields if isinstance(fields, PromptFields) else PromptFields(**(fields or {}))
-        self.final_reply, self.system_prompt, self.max_length, self.overflow = (
-            final_reply,
-            system_prompt,
-            max_length,
-            overflow,
-        )
-        self.batch_size, self.val_share, self.skip_bad = batch_size, val_share, skip_bad_records
-        self.num_workers, self.seed = num_workers, seed
-        self._tokenizer: Tokenizer | None = None
-        self.train_set: PromptDataset | None = None
-        self.val_set: PromptDataset | None = None
-        self.stats: dict[str, Any] = {}
-
-    # ---- tokenizer ----
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = checkpoint_tokenizer(
-                self.tokenizer_path, "PromptDataModule", SFT_COMMAND, "checkpoints/sft_tiny/last.ckpt"
-            )
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        self.final_reply, self.system_prompt, self.overflow = final_reply, system_prompt, overflow
 
     # ---- reading ----
-    def read(self) -> tuple[list[list[Message]], dict[str, Any]]:
-        """The prompt conversations of all sources (each ending with a user turn) and per-file statistics."""
+    def read(self, sources: list[str] | None = None) -> tuple[list[list[Message]], dict[str, Any]]:
+        """The prompt conversations of ``sources`` (default: ``self.sources``; each ending with a user turn)
+        and per-file statistics."""
+        sources = self.sources if sources is None else sources
         prompts: list[list[Message]] = []
         stats: dict[str, Any] = {}
         files = read_chat_files(
-            self.sources,
+            sources,
             None if self.format == "auto" else self.format,
             self.skip_bad,
             lambda rec: detect_prompt_format(rec, self.fields),
@@ -243,7 +229,7 @@ class PromptDataModule(L.LightningDataModule):
             prompts.extend(messages for messages, _ in items)
             stats[str(path)] = {**file_stats(fmt, rs, len(items)), "final_replies_dropped": sum(d for _, d in items)}
         if not prompts:
-            raise DataError(f"no usable prompts in {self.sources}; check the paths and the record schema")
+            raise DataError(f"no usable prompts in {sources}; check the paths and the record schema")
         return prompts, stats
 
     def encode(self, messages: list[Message], counts: dict[str, int]) -> PromptExample | None:
@@ -263,80 +249,43 @@ class PromptDataModule(L.LightningDataModule):
             return None
         return PromptExample(ids, messages, messages[-1]["content"])
 
-    # ---- Lightning hooks ----
-    def setup(self, stage: str | None = None) -> None:
-        if stage == "predict":  # every prompt, in file order (`minillm predict` writes one completion each)
-            counts = {"truncated_turns": 0, "dropped_too_long": 0}
-            prompts, _ = self.read()
-            self.predict_set = PromptDataset([ex for m in prompts if (ex := self.encode(m, counts)) is not None])
-            return
-        if self.train_set is not None:
-            return
-        prompts, sources = self.read()
-        random.Random(self.seed).shuffle(prompts)
-        counts = {"truncated_turns": 0, "dropped_too_long": 0}
-        rows = [ex for m in prompts if (ex := self.encode(m, counts)) is not None]
-        n_train, n_val = split_counts(len(rows), self.val_share)
-        self.train_set, self.val_set = PromptDataset(rows[:n_train]), PromptDataset(rows[n_train : n_train + n_val])
-        world = self.trainer.world_size if self.trainer else 1
-        if n_train < world * self.batch_size:
-            raise DataError(
-                f"the prompt training split has {n_train} prompts, fewer than one batch ({self.batch_size} x "
-                f"{world} devices); add prompts or lower batch_size"
-            )
-        lengths = [len(r.ids) for r in rows]
-        self.stats = {
-            "sources": sources,
-            "train_prompts": n_train,
-            "val_prompts": n_val,
+    # ---- ChatDataModule hooks ----
+    def new_counts(self) -> dict[str, int]:
+        return {"truncated_turns": 0, "dropped_too_long": 0}
+
+    def encode_items(self, items: list[list[Message]], counts: dict[str, int], split: str) -> list[PromptExample]:
+        return [ex for m in items if (ex := self.encode(m, counts)) is not None]
+
+    def make_dataset(self, rows: list[PromptExample]) -> PromptDataset:
+        return PromptDataset(rows)
+
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        return collate_prompts
+
+    def describe(
+        self, n_items: tuple[int, int], train: PromptDataset, val: PromptDataset, counts: dict[str, int]
+    ) -> tuple[dict[str, Any], str]:
+        lengths = [len(r.ids) for r in train.rows + val.rows]
+        stats = {
+            "train_prompts": n_items[0],
+            "val_prompts": n_items[1],
             **counts,
             "prompt_tokens_mean": round(sum(lengths) / len(lengths), 2),
             "prompt_tokens_max": max(lengths),
             "max_length": self.max_length,
-            "tokenizer_sha256": self.tokenizer.sha256,
-            "vocab_size": self.tokenizer.vocab_size,
         }
-        rank_zero_info(
-            f"prompt data: {n_train} train / {n_val} val prompts, {self.stats['prompt_tokens_mean']:.1f} tokens "
-            f"on average (longest {self.stats['prompt_tokens_max']}); {counts}"
+        line = (
+            f"prompt data: {n_items[0]} train / {n_items[1]} val prompts, {stats['prompt_tokens_mean']:.1f} tokens "
+            f"on average (longest {stats['prompt_tokens_max']}); {counts}"
         )
-        if self.trainer is not None:
-            run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank
-            if self.trainer.is_global_zero:
-                write_stats(run_dir, "prompts", self.stats)
+        return stats, line
 
-    def _progress(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        return ResumableDataLoader(
-            self.train_set,
-            ResumableSampler(len(self.train_set), world, rank, self.seed),
-            self._progress,
-            batch_size=self.batch_size,
-            drop_last=True,
-            collate_fn=collate_prompts,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":  # every prompt, in file order (`minillm predict` writes one completion each)
+            prompts, _ = self.read()
+            self.predict_set = self.make_dataset(self.encode_items(prompts, self.new_counts(), "test"))
+            return
+        super().setup(stage)
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.predict_set, batch_size=self.batch_size, collate_fn=collate_prompts)
-
-    def val_dataloader(self) -> DataLoader:
-        assert self.val_set is not None
-        return DataLoader(
-            self.val_set, batch_size=self.batch_size, collate_fn=collate_prompts, num_workers=self.num_workers
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"tokenizer_sha256": self.tokenizer.sha256, "max_length": self.max_length}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("tokenizer_sha256") not in (None, self.tokenizer.sha256):
-            raise DataError(
-                "the checkpoint was trained with a different tokenizer than data.tokenizer "
-                f"({state['tokenizer_sha256'][:12]} vs {self.tokenizer.sha256[:12]}); resume with the same settings"
-            )

@@ -17,27 +17,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from minillm_lightning.data.common import (
-    ReadStats,
-    ResumableDataLoader,
-    ResumableSampler,
-    checkpoint_tokenizer,
-    expand_paths,
-    iter_records,
-    split_counts,
-    write_stats,
-)
+from minillm_lightning.data.chat import ChatDataModule
+from minillm_lightning.data.common import ReadStats, expand_paths, iter_records
 from minillm_lightning.errors import DataError
 from minillm_lightning.losses import IGNORE_INDEX
-from minillm_lightning.tokenizer import Tokenizer
 
 T = TypeVar("T")
 
@@ -325,7 +315,7 @@ def collate(items: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
     }
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(ChatDataModule):
     """Supervised fine-tuning conversations with the loss on assistant tokens only.
 
     Args:
@@ -344,11 +334,16 @@ class SFTDataModule(L.LightningDataModule):
             shorter prefix of its exchanges (the seed's turn-truncation augmentation; drawn once, seeded).
         packing: concatenate several conversations per row (no attention across them, positions restart).
         batch_size: rows per batch on each device.
-        val_share: share of conversations held out for validation.
+        val_share: share of conversations held out for validation (ignored when ``val_sources`` is set).
+        val_sources: validation files (same schemas) instead of a share of ``sources``.
+        test_sources: held-out files scored by ``minillm test`` (assistant-token loss and perplexity).
         skip_bad_records: skip and count malformed records instead of stopping at the first one.
         num_workers: DataLoader worker processes.
         seed: seed of the split, the augmentation and the batch order.
     """
+
+    kind, stats_key, row_name, item_name = "SFT", "sft", "rows", "conversations"
+    prerequisite, example_checkpoint = PRETRAIN_COMMAND, "checkpoints/pretrain_tiny/last.ckpt"
 
     def __init__(
         self,
@@ -363,51 +358,43 @@ class SFTDataModule(L.LightningDataModule):
         packing: bool = False,
         batch_size: int = 16,
         val_share: float = 0.05,
+        val_sources: list[str] | None = None,
+        test_sources: list[str] | None = None,
         skip_bad_records: bool = False,
         num_workers: int = 0,
         seed: int = 1337,
     ) -> None:
-        super().__init__()
-        if isinstance(sources, str):
-            sources = [sources]
-        if not sources:
-            raise DataError("SFTDataModule: `sources` is empty; give at least one file or glob")
+        super().__init__(
+            sources,
+            tokenizer,
+            max_length,
+            batch_size,
+            val_share,
+            val_sources,
+            test_sources,
+            skip_bad_records,
+            num_workers,
+            seed,
+        )
         if max_length < 2 or batch_size <= 0:
             raise ValueError("SFTDataModule: max_length must be >= 2 and batch_size positive")
         if not 0 <= turn_truncation <= 1 or not 0 <= val_share < 1:
             raise ValueError("SFTDataModule: turn_truncation must be in [0, 1] and val_share in [0, 1)")
         if format not in ("auto", "messages", "sharegpt", "alpaca") or overflow not in ("truncate", "drop"):
             raise ValueError(f"SFTDataModule: unknown format={format!r} or overflow={overflow!r}")
-        self.sources, self.tokenizer_path, self.format = list(sources), tokenizer, format
+        self.format = format
         self.fields = fields if isinstance(fields, SFTFields) else SFTFields(**(fields or {}))
-        self.system_prompt, self.max_length, self.overflow = system_prompt, max_length, overflow
-        self.turn_truncation, self.packing, self.batch_size = turn_truncation, packing, batch_size
-        self.val_share, self.skip_bad, self.num_workers, self.seed = val_share, skip_bad_records, num_workers, seed
-        self._tokenizer: Tokenizer | None = None
-        self.train_set: SFTDataset | None = None
-        self.val_set: SFTDataset | None = None
-        self.stats: dict[str, Any] = {}
-
-    # ---- tokenizer ----
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = checkpoint_tokenizer(
-                self.tokenizer_path, "SFTDataModule", PRETRAIN_COMMAND, "checkpoints/pretrain_tiny/last.ckpt"
-            )
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        self.system_prompt, self.overflow = system_prompt, overflow
+        self.turn_truncation, self.packing = turn_truncation, packing
 
     # ---- reading ----
-    def read(self) -> tuple[list[list[Message]], dict[str, Any]]:
-        """All valid conversations of all sources, and per-file statistics."""
+    def read(self, sources: list[str] | None = None) -> tuple[list[list[Message]], dict[str, Any]]:
+        """All valid conversations of ``sources`` (default: ``self.sources``), and per-file statistics."""
+        sources = self.sources if sources is None else sources
         conversations: list[list[Message]] = []
         stats: dict[str, Any] = {}
         files = read_chat_files(
-            self.sources,
+            sources,
             None if self.format == "auto" else self.format,
             self.skip_bad,
             lambda rec: detect_format(rec, self.fields),
@@ -425,7 +412,7 @@ class SFTDataModule(L.LightningDataModule):
             conversations.extend(items)
             stats[str(path)] = file_stats(fmt, rs, len(items))
         if not conversations:
-            raise DataError(f"no usable conversations in {self.sources}; check the paths and the record schema")
+            raise DataError(f"no usable conversations in {sources}; check the paths and the record schema")
         return conversations, stats
 
     def truncate_turns(self, conversations: list[list[Message]]) -> int:
@@ -466,34 +453,29 @@ class SFTDataModule(L.LightningDataModule):
                     return None
         return to_example(ids, mask)
 
-    # ---- Lightning hooks ----
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        conversations, sources = self.read()
-        random.Random(self.seed).shuffle(conversations)
-        n_train, n_val = split_counts(len(conversations), self.val_share)
-        train_conv, val_conv = conversations[:n_train], conversations[n_train : n_train + n_val]
-        counts = {"truncated_turns": 0, "cut_to_max_length": 0, "dropped_too_long": 0}
-        turn_truncated = self.truncate_turns(train_conv)
-        train = [ex for m in train_conv if (ex := self.encode(m, counts)) is not None]
-        val = [ex for m in val_conv if (ex := self.encode(m, counts)) is not None]
-        if self.packing:
-            train, val = pack(train, self.max_length), pack(val, self.max_length)
-        self.train_set, self.val_set = SFTDataset(train), SFTDataset(val)
-        world = self.trainer.world_size if self.trainer else 1
-        if len(train) < world * self.batch_size:
-            raise DataError(
-                f"the SFT training split has {len(train)} rows, fewer than one batch ({self.batch_size} x {world} "
-                f"devices); add conversations or lower batch_size"
-            )
-        tokens = sum(len(r.input_ids) for r in train)
-        trained = sum(int((r.labels != IGNORE_INDEX).sum()) for r in train)
-        self.stats = {
-            "sources": sources,
-            "train_conversations": len(train_conv),
-            "val_conversations": len(val_conv),
-            "turn_truncated": turn_truncated,
+    # ---- ChatDataModule hooks ----
+    def new_counts(self) -> dict[str, int]:
+        return {"turn_truncated": 0, "truncated_turns": 0, "cut_to_max_length": 0, "dropped_too_long": 0}
+
+    def encode_items(self, items: list[list[Message]], counts: dict[str, int], split: str) -> list[Example]:
+        if split == "train":
+            counts["turn_truncated"] += self.truncate_turns(items)
+        return [ex for m in items if (ex := self.encode(m, counts)) is not None]
+
+    def make_dataset(self, rows: list[Example]) -> SFTDataset:
+        return SFTDataset(pack(rows, self.max_length) if self.packing else rows)
+
+    def collate_fn(self) -> Callable[[list[dict[str, Tensor]]], dict[str, Tensor]]:
+        return partial(collate, pad_id=self.tokenizer.pad_id)
+
+    def describe(
+        self, n_items: tuple[int, int], train: SFTDataset, val: SFTDataset, counts: dict[str, int]
+    ) -> tuple[dict[str, Any], str]:
+        tokens = sum(len(r.input_ids) for r in train.rows)
+        trained = sum(int((r.labels != IGNORE_INDEX).sum()) for r in train.rows)
+        stats = {
+            "train_conversations": n_items[0],
+            "val_conversations": n_items[1],
             **counts,
             "train_rows": len(train),
             "val_rows": len(val),
@@ -503,51 +485,9 @@ class SFTDataModule(L.LightningDataModule):
             "row_fill": round(tokens / max(len(train) * self.max_length, 1), 4),
             "max_length": self.max_length,
             "packing": self.packing,
-            "tokenizer_sha256": self.tokenizer.sha256,
-            "vocab_size": self.tokenizer.vocab_size,
         }
-        rank_zero_info(
-            f"SFT data: {len(train_conv)} train / {len(val_conv)} val conversations -> {len(train)} rows, "
-            f"{tokens:,} tokens ({self.stats['assistant_token_share']:.0%} trained); {counts}"
+        line = (
+            f"SFT data: {n_items[0]} train / {n_items[1]} val conversations -> {len(train)} rows, "
+            f"{tokens:,} tokens ({stats['assistant_token_share']:.0%} trained); {counts}"
         )
-        if self.trainer is not None:
-            run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: call on every rank
-            if self.trainer.is_global_zero:
-                write_stats(run_dir, "sft", self.stats)
-
-    def _progress(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        return ResumableDataLoader(
-            self.train_set,
-            ResumableSampler(len(self.train_set), world, rank, self.seed),
-            self._progress,
-            batch_size=self.batch_size,
-            drop_last=True,
-            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        assert self.val_set is not None
-        return DataLoader(
-            self.val_set,
-            batch_size=self.batch_size,
-            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
-            num_workers=self.num_workers,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"tokenizer_sha256": self.tokenizer.sha256, "max_length": self.max_length}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("tokenizer_sha256") not in (None, self.tokenizer.sha256):
-            raise DataError(
-                "the checkpoint was trained with a different tokenizer than data.tokenizer "
-                f"({state['tokenizer_sha256'][:12]} vs {self.tokenizer.sha256[:12]}); resume with the same settings"
-            )
+        return stats, line

@@ -1,0 +1,277 @@
+"""ChatDataModule: what the SFT, preference and prompt data modules share.
+
+The base owns the checkpoint's tokenizer, the train / validation / test splits and their loaders, the
+resumable training order, ``dataset_stats.json`` and the state checked on resume. A subclass provides only:
+
+- :meth:`ChatDataModule.read`: records of some files -> items (conversations, pairs, prompts) and per-file stats;
+- :meth:`ChatDataModule.encode_items`: items -> token rows, per split (training-only augmentation lives here);
+- :meth:`ChatDataModule.make_dataset`: rows -> a ``Dataset`` (SFT packs rows here);
+- :meth:`ChatDataModule.collate_fn` and :meth:`ChatDataModule.describe` (the statistics of the fit splits).
+
+Splits: validation is either ``val_share`` of ``sources`` (shuffled with ``seed``) or, when ``val_sources`` is
+set, those files (and all of ``sources`` trains). ``test_sources`` are files read only by ``trainer.test``
+(``minillm test``), in file order.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from minillm_lightning.data.common import (
+    ResumableDataLoader,
+    ResumableSampler,
+    checkpoint_tokenizer,
+    split_counts,
+    write_stats,
+)
+from minillm_lightning.errors import DataError
+from minillm_lightning.tokenizer import Tokenizer
+
+Split = Literal["train", "val", "test"]
+
+
+def _as_list(sources: list[str] | str | None) -> list[str]:
+    if sources is None:
+        return []
+    return [sources] if isinstance(sources, str) else [str(s) for s in sources]
+
+
+class ChatDataModule(L.LightningDataModule):
+    """Base of the chat-template data modules; not used directly (see the module docstring).
+
+    Args:
+        sources: files or globs of .jsonl / .json (array) records.
+        tokenizer: the checkpoint given as ``model.init_from`` (it carries its tokenizer) or a .model file.
+        max_length: most tokens per row (subclasses say what a row is).
+        batch_size: items per batch on each device.
+        val_share: share of ``sources`` held out for validation (ignored when ``val_sources`` is set).
+        val_sources: validation files instead of a share of ``sources``.
+        test_sources: held-out files scored by ``minillm test`` (``trainer.test``).
+        skip_bad_records: skip and count unusable records instead of stopping at the first one.
+        num_workers: DataLoader worker processes.
+        seed: seed of the split and the batch order.
+    """
+
+    kind: ClassVar[str] = "chat"
+    """Name in messages ("the SFT training split") and the key of this module in ``dataset_stats.json``."""
+    stats_key: ClassVar[str] = "chat"
+    row_name: ClassVar[str] = "rows"
+    """What a training row is called in the "fewer than one batch" message."""
+    item_name: ClassVar[str] = "records"
+    """What the module adds more of to fix a too-small split."""
+    prerequisite: ClassVar[str] = "minillm fit --config configs/sft_tiny.yaml"
+    """The command producing the checkpoint whose tokenizer this module reads."""
+    example_checkpoint: ClassVar[str] = "checkpoints/sft_tiny/last.ckpt"
+    pin_memory: ClassVar[bool] = True
+    split_encoded: ClassVar[bool] = False
+    """Split ``val_share`` after encoding (over usable rows) instead of over the records read."""
+
+    def __init__(
+        self,
+        sources: list[str],
+        tokenizer: str | None,
+        max_length: int,
+        batch_size: int,
+        val_share: float,
+        val_sources: list[str] | None,
+        test_sources: list[str] | None,
+        skip_bad_records: bool,
+        num_workers: int,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        sources = _as_list(sources)
+        if not sources:
+            raise DataError(f"{type(self).__name__}: `sources` is empty; give at least one file or glob")
+        self.sources, self.tokenizer_path, self.max_length = sources, tokenizer, max_length
+        self.val_sources, self.test_sources = _as_list(val_sources), _as_list(test_sources)
+        self.batch_size, self.val_share, self.skip_bad = batch_size, val_share, skip_bad_records
+        self.num_workers, self.seed = num_workers, seed
+        self._tokenizer: Tokenizer | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.stats: dict[str, Any] = {}
+        self.test_stats: dict[str, Any] = {}
+
+    # ---- what subclasses provide ----
+    def read(self, sources: list[str] | None = None) -> tuple[list[Any], dict[str, Any]]:
+        """The usable items of ``sources`` (default: ``self.sources``) and per-file statistics."""
+        raise NotImplementedError
+
+    def new_counts(self) -> dict[str, int]:
+        """Zeroed counters that :meth:`encode_items` increments (truncations, drops)."""
+        return {}
+
+    def encode_items(self, items: list[Any], counts: dict[str, int], split: Split) -> list[Any]:
+        """Token rows of ``items`` (dropping what does not fit); ``split`` lets training augment."""
+        raise NotImplementedError
+
+    def make_dataset(self, rows: list[Any]) -> Dataset:
+        raise NotImplementedError
+
+    def collate_fn(self) -> Callable[[list[Any]], Any]:
+        raise NotImplementedError
+
+    def describe(
+        self, n_items: tuple[int, int], train: Dataset, val: Dataset, counts: dict[str, int]
+    ) -> tuple[dict[str, Any], str]:
+        """(statistics of the fit splits for ``dataset_stats.json``, one summary line); ``n_items`` counts
+        the (train, val) items before encoding."""
+        raise NotImplementedError
+
+    # ---- tokenizer ----
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = checkpoint_tokenizer(
+                self.tokenizer_path, type(self).__name__, self.prerequisite, self.example_checkpoint
+            )
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    # ---- splits ----
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            self._setup_fit()
+        if (stage == "test" or stage is None and self.test_sources) and self.test_set is None:
+            self._setup_test()
+
+    def _setup_fit(self) -> None:
+        items, sources = self.read(self.sources)
+        random.Random(self.seed).shuffle(items)
+        counts = self.new_counts()
+        extra: dict[str, Any] = {}
+        if self.val_sources:
+            val_items, extra["val_sources"] = self.read(self.val_sources)
+            n_items = (len(items), len(val_items))
+            train = self.encode_items(items, counts, "train")
+            val = self.encode_items(val_items, counts, "val")
+        elif self.split_encoded:
+            rows = self.encode_items(items, counts, "train")
+            n_items = split_counts(len(rows), self.val_share)
+            train, val = rows[: n_items[0]], rows[n_items[0] : sum(n_items)]
+        else:
+            n_items = split_counts(len(items), self.val_share)
+            train = self.encode_items(items[: n_items[0]], counts, "train")
+            val = self.encode_items(items[n_items[0] : sum(n_items)], counts, "val")
+        self.train_set, self.val_set = self.make_dataset(train), self.make_dataset(val)
+        world = self.trainer.world_size if self.trainer else 1
+        if len(self.train_set) < world * self.batch_size:
+            raise DataError(
+                f"the {self.kind} training split has {len(self.train_set)} {self.row_name}, fewer than one batch "
+                f"({self.batch_size} x {world} devices); add {self.item_name} or lower batch_size"
+            )
+        body, line = self.describe(n_items, self.train_set, self.val_set, counts)
+        self.stats = {
+            "sources": sources,
+            **extra,
+            **body,
+            "tokenizer_sha256": self.tokenizer.sha256,
+            "vocab_size": self.tokenizer.vocab_size,
+        }
+        rank_zero_info(line)
+        self._write_stats(self.stats_key, self.stats)
+
+    def _setup_test(self) -> None:
+        if not self.test_sources:
+            raise DataError(
+                f"{type(self).__name__} has no test files: set data.init_args.test_sources to held-out files the "
+                f"model never trained on (e.g. --data.init_args.test_sources '[data/my_test.jsonl]')"
+            )
+        items, sources = self.read(self.test_sources)
+        counts = self.new_counts()
+        rows = self.encode_items(items, counts, "test")
+        self.test_set = self.make_dataset(rows)
+        if len(self.test_set) == 0:
+            raise DataError(f"no usable {self.item_name} in test_sources {self.test_sources}; dropped: {counts}")
+        self.test_stats = {
+            "sources": sources,
+            "records": len(items),
+            "examples": len(rows),
+            "rows": len(self.test_set),
+            **counts,
+            "tokenizer_sha256": self.tokenizer.sha256,
+        }
+        rank_zero_info(f"{self.kind} test data: {len(rows)} {self.item_name} -> {len(self.test_set)} rows; {counts}")
+        self._write_stats(f"{self.stats_key}_test", self.test_stats)
+
+    def test_summary(self) -> dict[str, Any]:
+        """What ``minillm test`` reports about the test data: its files and how many examples were scored."""
+        return {
+            "test_files": list(self.test_stats.get("sources", {})),
+            "examples": self.test_stats.get("examples"),
+            "rows": self.test_stats.get("rows"),
+        }
+
+    def _write_stats(self, key: str, stats: dict[str, Any]) -> None:
+        if self.trainer is not None:
+            run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank
+            if self.trainer.is_global_zero:
+                write_stats(run_dir, key, stats)
+
+    # ---- loaders ----
+    def _progress(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        return ResumableDataLoader(
+            self.train_set,
+            ResumableSampler(len(self.train_set), world, rank, self.seed),
+            self._progress,
+            batch_size=self.batch_size,
+            drop_last=True,
+            collate_fn=self.collate_fn(),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_loader(self, dataset: Dataset | None) -> DataLoader:
+        assert dataset is not None
+        collate, workers = self.collate_fn(), self.num_workers
+        return DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate, num_workers=workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+    def ordered_dataloader(self, split: Split, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Every item of a split once, in index order, sharded ``rank::world_size`` (no shuffling, no drop):
+        what a stage iterates to precompute per-item values such as reference log-probabilities."""
+        if (self.test_set if split == "test" else self.train_set) is None:
+            self.setup("test" if split == "test" else "fit")
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        assert dataset is not None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=list(range(rank, len(dataset), world_size)),
+            collate_fn=self.collate_fn(),
+            num_workers=self.num_workers,
+        )
+
+    # ---- checkpoint state ----
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokenizer_sha256": self.tokenizer.sha256, "max_length": self.max_length}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("tokenizer_sha256") not in (None, self.tokenizer.sha256):
+            raise DataError(
+                "the checkpoint was trained with a different tokenizer than data.tokenizer "
+                f"({state['tokenizer_sha256'][:12]} vs {self.tokenizer.sha256[:12]}); resume with the same settings"
+            )
