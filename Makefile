@@ -22,7 +22,7 @@ quickstart: $(STAMP)  ## train the tiny pretraining recipe on the shipped sample
 	$(BIN)/minillm fit --config configs/pretrain_tiny.yaml
 	$(BIN)/minillm generate --checkpoint checkpoints/pretrain_tiny/last.ckpt --prompt "3 plus 4 equals" --prompt "A cow says" --max_new_tokens 24
 
-test: $(STAMP)  ## the full test suite (what CI runs)
+test: $(STAMP)  ## the full test suite (what CI runs); MINILLM_TEST_DATA=<dir> also runs the real-data tests
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -15,7 +15,7 @@ Three kinds of task:
 
 Every context starts with ``</s>``, the token that precedes each document in the packed pretraining stream
 (lm-eval's models prepend their BOS token the same way). Prompt formats follow lm-eval 0.4 task configs.
-The local files are the copies described in ``../shared/data/SOURCES.md``; the loaders convert them.
+The loaders read local copies of the upstream files listed in :data:`DOWNLOADS` and convert them.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ TASKS: dict[str, TaskSpec] = {
         ("hellaswag/hellaswag_val_1000.jsonl",),
         True,
         0.25,
-        "validation (the shared copy holds the first 1,000)",
+        "validation (hellaswag_val_1000.jsonl holds the first 1,000)",
     ),
     "arc_easy": TaskSpec("choice", load_arc_easy, ("arc/arc_easy_test.json",), True, 0.25),
     "arc_challenge": TaskSpec("choice", load_arc_challenge, ("arc/arc_challenge_test.json",), True, 0.25),
@@ -298,7 +298,7 @@ TASKS: dict[str, TaskSpec] = {
     ),
 }
 
-# where missing files come from (the upstream copies listed in ../shared/data/SOURCES.md)
+# where missing files come from (public upstream copies; ``minillm eval`` downloads them into --data-dir)
 _GH = "https://raw.githubusercontent.com"
 DOWNLOADS: dict[str, str] = {
     "wikitext2/wiki.test.tokens": f"{_GH}/pytorch/examples/main/word_language_model/data/wikitext-2/test.txt",

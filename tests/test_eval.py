@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import FIXTURES, real_data_path
 from torch import nn
 
 from minillm_lightning import evaluation as ev
@@ -19,8 +19,14 @@ from minillm_lightning.cli import main
 from minillm_lightning.errors import DataError
 from minillm_lightning.tokenizer import Tokenizer
 
-EVAL_DATA = SHARED_DATA / "eval"
-needs_data = pytest.mark.skipif(not EVAL_DATA.is_dir(), reason="../shared/data/eval is not available")
+# the first 3 LAMBADA and HellaSwag items (tests/fixtures/README.md); the full sets are opt-in real data
+EVAL_FIXTURE = FIXTURES / "eval"
+
+
+@pytest.fixture
+def eval_data() -> Path:
+    """The real evaluation sets under ``$MINILLM_TEST_DATA/eval`` (the test skips, saying why, without them)."""
+    return real_data_path("eval")
 
 
 class UnigramStub(nn.Module):
@@ -44,25 +50,24 @@ def tiny(tiny_pretrain_ckpt: Path) -> tuple[nn.Module, Tokenizer]:
 # ---- loaders: counts and fields of the local files
 
 
-@needs_data
-def test_loaders_parse_local_files() -> None:
-    wiki = ev.load_wikitext2(EVAL_DATA)
+def test_loaders_parse_local_files(eval_data: Path) -> None:
+    wiki = ev.load_wikitext2(eval_data)
     assert len(wiki) == 62 and wiki[0].text.startswith(" = Robert Boulter =\n\nRobert Boulter is an English film, ")
     assert wiki[1].text.startswith(" = Du Fu =\n") and "guest-starring" in wiki[0].text
     assert sum(d.words for d in wiki) == 241_211  # WikiText-2 test: 245,569 tokens = these words + 4,358 <eos>
-    lambada = ev.load_lambada(EVAL_DATA)
+    lambada = ev.load_lambada(eval_data)
     assert len(lambada) == 5153 and lambada[0].target == " signs" and not lambada[0].context.endswith(" ")
 
-    hella = ev.load_hellaswag(EVAL_DATA)
+    hella = ev.load_hellaswag(eval_data)
     assert len(hella) == 1000 and all(len(d.continuations) == 4 for d in hella)
     assert hella[0].contexts[0] == "Roof shingle removal: A man is sitting on a roof. He"
     assert hella[0].gold == 3 and hella[0].continuations[3] == " starts pulling up roofing on a roof."
 
-    piqa = ev.load_piqa(EVAL_DATA)
+    piqa = ev.load_piqa(eval_data)
     assert len(piqa) == 1838 and piqa[0].contexts[0].startswith("Question: How do I ready a guinea pig cage")
     assert piqa[0].contexts[0].endswith("\nAnswer:") and [d.gold for d in piqa[:4]] == [0, 1, 1, 1]
 
-    easy, challenge = ev.load_arc_easy(EVAL_DATA), ev.load_arc_challenge(EVAL_DATA)
+    easy, challenge = ev.load_arc_easy(eval_data), ev.load_arc_challenge(eval_data)
     assert (len(easy), len(challenge)) == (2376, 1172)
     assert easy[0].contexts[0] == (
         "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:"
@@ -73,14 +78,14 @@ def test_loaders_parse_local_files() -> None:
     assert {len(d.continuations) for d in easy + challenge} == {3, 4, 5}
     assert all(0 <= d.gold < len(d.continuations) for d in easy + challenge)
 
-    wino = ev.load_winogrande(EVAL_DATA)
+    wino = ev.load_winogrande(eval_data)
     assert len(wino) == 1267 and wino[0].contexts == [
         "Sarah was a much better surgeon than Maria so Sarah",
         "Sarah was a much better surgeon than Maria so Maria",
     ]
     assert wino[0].continuations == [" always got the easier cases."] * 2 and wino[0].gold == 1
 
-    boolq = ev.load_boolq(EVAL_DATA)
+    boolq = ev.load_boolq(eval_data)
     assert len(boolq) == 32 and boolq[0].continuations == [" no", " yes"] and boolq[0].gold == 0
     assert boolq[0].contexts[0].endswith("\nQuestion: is ghost in the shell based on the anime?\nAnswer:")
 
@@ -206,9 +211,11 @@ def test_encode_pair_moves_trailing_space(tiny) -> None:
 # ---- the command
 
 
-@needs_data
-def test_eval_command_writes_json_next_to_checkpoint(tiny_pretrain_ckpt: Path, capsys) -> None:
-    main(["eval", "--checkpoint", str(tiny_pretrain_ckpt), "--limit", "2", "--no-download", "--batch-size", "8"])
+def test_eval_command_writes_json_next_to_checkpoint(tiny_pretrain_ckpt: Path, eval_data: Path, capsys) -> None:
+    main(
+        ["eval", "--checkpoint", str(tiny_pretrain_ckpt), "--limit", "2", "--no-download", "--batch-size", "8"]
+        + ["--data-dir", str(eval_data)]
+    )
     out = capsys.readouterr().out
     assert "| hellaswag | acc_norm |" in out and "| wikitext2 | bits_per_byte |" in out
     files = sorted(tiny_pretrain_ckpt.parent.glob(f"eval_{tiny_pretrain_ckpt.stem}_*.json"))
@@ -218,6 +225,31 @@ def test_eval_command_writes_json_next_to_checkpoint(tiny_pretrain_ckpt: Path, c
     assert report["results"]["hellaswag"]["n"] == 2 and report["results"]["hellaswag"]["n_total"] == 1000
     assert 0 < report["results"]["wikitext2"]["bits_per_byte"] < 100
     assert report["settings"]["limit"] == 2 and report["timestamp"]
+
+
+def test_eval_command_on_committed_fixture(tiny_pretrain_ckpt: Path, tmp_path: Path, capsys) -> None:
+    """The command end to end without network or real data: two tasks from the 3-item fixture copies."""
+    out = tmp_path / "r.json"
+    args = ["--tasks", "lambada,hellaswag", "--data-dir", str(EVAL_FIXTURE), "--no-download", "--output", str(out)]
+    main(["eval", "--checkpoint", str(tiny_pretrain_ckpt), *args])
+    assert "| hellaswag | acc_norm |" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["settings"]["data_dir"] == str(EVAL_FIXTURE.resolve())
+    assert report["results"]["lambada"]["n"] == 3 and report["results"]["hellaswag"]["n"] == 3
+    assert 0 <= report["results"]["hellaswag"]["acc"] <= 1 and report["results"]["lambada"]["ppl"] > 1
+
+
+def test_eval_defaults_to_data_eval_and_names_a_missing_file(
+    tiny_pretrain_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """Offline, a missing task file is one line naming the file (under the default data/eval) and its URL."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--checkpoint", str(tiny_pretrain_ckpt), "--tasks", "piqa", "--no-download"])
+    err = capfd.readouterr().err.strip()
+    assert exc.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 2  # "evaluating ..." + error
+    line = err.splitlines()[-1]
+    assert line.startswith("error: task piqa: data/eval/piqa/valid.jsonl is missing") and "https://" in line
 
 
 def test_eval_command_errors(tiny_pretrain_ckpt: Path, tmp_path: Path, capsys) -> None:

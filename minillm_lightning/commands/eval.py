@@ -1,4 +1,5 @@
-"""``minillm eval``: zero-shot benchmarks of a checkpoint, offline from local copies of the data sets.
+"""``minillm eval``: zero-shot benchmarks of a checkpoint, from local copies of the data sets (``--data-dir``,
+default ``data/eval``; a missing file is downloaded there unless ``--no-download``).
 
 minillm eval --checkpoint checkpoints/pretrain_tiny/best.ckpt
 minillm eval --checkpoint ckpt.ckpt --tasks hellaswag,piqa --limit 200 --device cuda
@@ -27,14 +28,7 @@ from minillm_lightning.tokenizer import Tokenizer
 HARNESS_TASKS = {"wikitext2": "wikitext", "lambada": "lambada_openai"}
 
 
-def default_data_dir() -> Path:
-    """``../shared/data/eval`` when it exists (seen from the working directory or the project root), else
-    ``data/eval``."""
-    project = Path(__file__).resolve().parents[2]
-    for base in (Path.cwd(), project):
-        if (base.parent / "shared" / "data" / "eval").is_dir():
-            return base.parent / "shared" / "data" / "eval"
-    return Path("data/eval")
+DEFAULT_DATA_DIR = Path("data/eval")  # relative to the working directory; missing files are downloaded into it
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         default=None,
-        help="directory of the task files (default: ../shared/data/eval if it exists, else data/eval)",
+        help=f"directory of the task files; missing ones are downloaded into it (default: {DEFAULT_DATA_DIR})",
     )
     p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     p.add_argument("--no-download", action="store_true", help="fail on a missing task file instead of downloading it")
@@ -125,7 +119,7 @@ def eval_main(argv: list[str]) -> None:
     for t in tasks:
         if t.startswith("text:") and not Path(t[5:]).is_file():
             raise MiniLLMError(f"--text {t[5:]}: no such file")
-    args.data_dir = args.data_dir or default_data_dir()
+    args.data_dir = args.data_dir or DEFAULT_DATA_DIR
     ckpt_path = Path(args.checkpoint)
     model, ckpt = load_backbone(ckpt_path)
     try:
