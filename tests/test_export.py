@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO_ARCH, SHARED_DATA
+from conftest import FIXTURES, MICRO_ARCH
 
 from minillm_lightning.checkpoint import META_KEY, load_backbone
 from minillm_lightning.cli import main
@@ -139,14 +139,14 @@ def test_tokenizer_ids_match_ours(exported: dict[str, Path], tokenizer: Tokenize
         assert rendered == tokenizer.render_chat(messages, add_generation_prompt=gen_prompt)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "tinyshakespeare").is_dir(), reason="needs ../shared/data")
 def test_char_tokenizer_export(tmp_path: Path) -> None:
     """Llama tokenizers are BPE; char (and unigram) SentencePiece models get a Unigram tokenizer.json."""
     from transformers import AutoTokenizer
 
-    text = (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text()[:200_000]
+    # real English, Chinese, emoji and code text: ~670 distinct characters, each one token
+    texts = [json.loads(line)["text"] for line in (FIXTURES / "tokenizer_corpus.jsonl").open(encoding="utf-8")]
     tok = Tokenizer(
-        train_sentencepiece([text], TokenizerSettings(vocab_size=80, model_type="char", character_coverage=1))
+        train_sentencepiece(texts, TokenizerSettings(vocab_size=800, model_type="char", character_coverage=1))
     )
     model = MiniGPT(MiniGPTConfig(**MICRO_ARCH, vocab_size=tok.vocab_size))
     hf = AutoTokenizer.from_pretrained(export_hf(model, tok, tmp_path / "char"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import MICRO_ARCH, ROOT, SAMPLE, SHARED_DATA, micro_trainer
+from conftest import MICRO_ARCH, ROOT, SAMPLE, micro_trainer, real_data_path
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.testing import assert_close
 
@@ -86,11 +86,10 @@ def test_every_schema_gives_the_same_pair(tmp_path, name):
     assert stats[str(path)]["format"] == name.split()[0]
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "preference").is_dir(), reason="needs ../shared/data/preference")
 def test_shared_files_parse_and_agree():
     """dpo_en.jsonl (minimind lists) and dpo_en_demo.json (ShareGPT JSON array) hold the same 300 pairs."""
-    jsonl, s1 = make_dm("unused", SHARED_DATA / "preference" / "dpo_en.jsonl").read()
-    demo, s2 = make_dm("unused", SHARED_DATA / "preference" / "dpo_en_demo.json").read()
+    jsonl, s1 = make_dm("unused", real_data_path("preference", "dpo_en.jsonl")).read()
+    demo, s2 = make_dm("unused", real_data_path("preference", "dpo_en_demo.json")).read()
     assert len(jsonl) == 300 and jsonl == demo
     assert [s["format"] for s in (*s1.values(), *s2.values())] == ["minimind", "sharegpt"]
     assert sum(p.prompt[0]["role"] == "system" for p in jsonl) == 80 and max(len(p.prompt) for p in jsonl) == 13

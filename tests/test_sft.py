@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import MICRO_ARCH, ROOT, SAMPLE, SHARED_DATA, micro_trainer
+from conftest import MICRO_ARCH, ROOT, SAMPLE, micro_trainer, real_data_path
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.testing import assert_close
 
@@ -103,11 +103,10 @@ def test_alpaca_input_and_custom_field_names(tmp_path, char_tok):
     }
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "sft").is_dir(), reason="needs ../shared/data/sft")
 def test_shared_alpaca_and_rekeyed_jsonl_agree(tiny_pretrain_ckpt):
     """alpaca_en_demo.json (Alpaca JSON array) and sft_en.jsonl (the same records re-keyed) read identically."""
-    alpaca, alpaca_stats = make_dm(tiny_pretrain_ckpt, SHARED_DATA / "sft" / "alpaca_en_demo.json").read()
-    jsonl, jsonl_stats = make_dm(tiny_pretrain_ckpt, SHARED_DATA / "sft" / "sft_en.jsonl").read()
+    alpaca, alpaca_stats = make_dm(tiny_pretrain_ckpt, real_data_path("sft", "alpaca_en_demo.json")).read()
+    jsonl, jsonl_stats = make_dm(tiny_pretrain_ckpt, real_data_path("sft", "sft_en.jsonl")).read()
     assert len(alpaca) == len(jsonl) == 999 and alpaca == jsonl
     assert [s["format"] for s in (*alpaca_stats.values(), *jsonl_stats.values())] == ["alpaca", "messages"]
 
