@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from minillm_lightning.callbacks.memory_guard import log_sparse, will_log
+from minillm_lightning.callbacks.common import log_sparse, will_log
 
 NonFiniteAction = Literal["skip", "stop", "warn"]
 

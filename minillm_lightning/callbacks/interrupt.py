@@ -11,6 +11,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from minillm_lightning.lightning_private import last_saved_step, mark_last_saved
+
 
 def resume_command(argv: list[str] | None = None) -> str:
     """The command line that resumes this run: the same arguments with ``--ckpt_path last``."""
@@ -49,6 +51,11 @@ class InterruptCheckpoint(Callback):
     of fit ``last.ckpt`` is refreshed when training moved on since ModelCheckpoint last wrote it
     (ModelCheckpoint only saves on its own schedule, e.g. after validation).
 
+    Why not Lightning's ``OnExceptionCheckpoint``: it saves on *every* exception (a NaN guard or a data error
+    would then leave a checkpoint of a broken state as the newest one), writes its own file instead of the
+    ``last.ckpt`` that ``--ckpt_path last`` resumes, deletes that file again in ``teardown``, prints no resume
+    command, and does nothing for the final-step save described in ``on_train_batch_end``.
+
     Args:
         save_on_train_end: refresh ``last.ckpt`` when fit ends.
     """
@@ -70,17 +77,14 @@ class InterruptCheckpoint(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.save_on_train_end or self._saved_step == trainer.global_step:
             return
-        cb = trainer.checkpoint_callback
-        if getattr(cb, "_last_global_step_saved", -1) != trainer.global_step:
+        if last_saved_step(trainer) != trainer.global_step:
             self._save(trainer)
 
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.checkpoint_callbacks and trainer.global_step > 0 and self._saved_step != trainer.global_step:
             trainer.save_checkpoint(last_checkpoint_path(trainer))
             self._saved_step = trainer.global_step
-            for cb in trainer.checkpoint_callbacks:  # ModelCheckpoint would otherwise rewrite it in on_train_end
-                if isinstance(cb, ModelCheckpoint) and hasattr(cb, "_last_checkpoint_saved"):
-                    cb._last_checkpoint_saved = True
+            mark_last_saved(trainer)  # ModelCheckpoint would otherwise rewrite it in on_train_end
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         worker_died = is_worker_crash(exception)

@@ -55,11 +55,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from minillm_lightning.callbacks.common import GIB, MIB, will_log
 from minillm_lightning.errors import ResourceError
 from minillm_lightning.model import MiniGPTConfig
 
-GIB = 2**30
-MIB = 2**20
 THRESHOLD_ENV = ("MINILLM_MEMORY_THRESHOLD", "MINIGPT_MEMORY_THRESHOLD")  # ours first, then the seed project's
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -216,26 +215,6 @@ def is_out_of_memory(exception: BaseException) -> bool:
         return True
     msg = str(exception).lower()
     return isinstance(exception, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
-def will_log(trainer: L.Trainer) -> bool:
-    """Whether Lightning writes this batch's step metrics to the loggers (its ``log_every_n_steps`` rule)."""
-    try:
-        return bool(trainer._logger_connector.should_update_logs)
-    except AttributeError:  # private API moved: fall back to counting optimizer steps
-        n = trainer.log_every_n_steps
-        return bool(n) and trainer.global_step % n == 0
-
-
-def log_sparse(trainer: L.Trainer, metrics: dict[str, float]) -> None:
-    """Write metrics logged only now and then straight to the loggers, at the step Lightning logs this batch at.
-
-    ``LightningModule.log`` keeps a step value until the epoch ends and writes it again at every later log
-    step, which would repeat stale per-layer values; dense metrics go through ``log`` as usual.
-    """
-    step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
 
 
 def _share(x: float) -> str:

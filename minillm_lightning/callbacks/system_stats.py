@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from minillm_lightning.callbacks.memory_guard import GIB, log_sparse
+from minillm_lightning.callbacks.common import GIB, log_sparse
 
 
 def gpu_utilization(device: torch.device) -> float | None:

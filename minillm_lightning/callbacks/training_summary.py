@@ -15,8 +15,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from minillm_lightning.callbacks.common import GIB
 from minillm_lightning.callbacks.gradient_health import GradientHealthMonitor
-from minillm_lightning.callbacks.memory_guard import GIB, MemoryGuard
+from minillm_lightning.callbacks.memory_guard import MemoryGuard
 from minillm_lightning.callbacks.regression_suite import RegressionSuite
 from minillm_lightning.callbacks.system_stats import SystemMonitor
 from minillm_lightning.callbacks.throughput import Throughput

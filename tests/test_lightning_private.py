@@ -1,0 +1,56 @@
+"""The private Lightning attributes wrapped in lightning_private.py still exist and mean what we assume.
+
+If a Lightning upgrade renames one, these tests fail by name instead of the wrappers quietly falling back.
+"""
+
+from __future__ import annotations
+
+import torch
+from conftest import MICRO_ARCH, micro_trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from minillm_lightning import MiniGPTConfig, PretrainModule
+from minillm_lightning import lightning_private as lp
+
+
+class Probe(Callback):
+    """Records what the wrappers say at each batch, and that the raw attributes are there."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int, bool, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        assert hasattr(trainer, "_logger_connector") and hasattr(trainer._logger_connector, "should_update_logs")
+        assert hasattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped")
+        assert hasattr(trainer.fit_loop.epoch_loop.batch_progress.current, "processed")
+        self.rows.append((trainer.global_step, lp.logged_step(trainer), lp.will_log(trainer), batch_idx))
+
+
+def _loader() -> DataLoader:
+    ids = torch.randint(0, 64, (40, 17), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": r[:-1], "labels": r[1:]} for r in ids]
+    return DataLoader(rows, batch_size=4)
+
+
+def test_private_attributes_exist_and_track_the_loop(tmp_path) -> None:
+    model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=64)
+    probe = Probe()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
+    trainer = micro_trainer(
+        tmp_path, max_steps=6, log_every_n_steps=2, callbacks=[probe, ckpt], enable_checkpointing=True
+    )
+    trainer.fit(model, train_dataloaders=_loader())
+    steps = [r[0] for r in probe.rows]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # automatic optimization, no accumulation: the logged step is the optimizer step count before this batch
+    # stepped... Lightning increments it after the batch-end hooks, so it trails global_step by one here
+    assert [r[1] for r in probe.rows] == [s - 1 for s in steps]
+    # log_every_n_steps=2: Lightning writes at logged steps 1, 3, 5 (its (step + 1) % n rule)
+    assert [r[2] for r in probe.rows] == [(s - 1 + 1) % 2 == 0 for s in steps]
+    assert lp.batches_done_in_epoch(trainer) == 6 and lp.batches_done_in_epoch(None) == 0
+    assert hasattr(ckpt, "_last_global_step_saved") and lp.last_saved_step(trainer) == 6
+    assert hasattr(ckpt, "_last_checkpoint_saved")
+    ckpt._last_checkpoint_saved = False
+    lp.mark_last_saved(trainer)
+    assert ckpt._last_checkpoint_saved is True
