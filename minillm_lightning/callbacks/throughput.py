@@ -31,7 +31,7 @@ from lightning.fabric.utilities.throughput import Throughput as ThroughputMeter
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
 
-from minillm_lightning.callbacks.memory_guard import will_log
+from minillm_lightning.callbacks.common import will_log
 from minillm_lightning.model import MiniGPTConfig
 
 # Dense peak FLOP/s of GPUs missing from Lightning 2.6's table (it warns "FLOPs not found for 'NVIDIA H200'").
