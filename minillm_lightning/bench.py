@@ -5,6 +5,7 @@ minillm bench                                                   # pretrain_tiny 
 minillm bench --config configs/pretrain_tiny.yaml --steps 50 --warmup 5 --sections train,loop
 minillm bench --fit-wall configs/shakespeare_char.yaml          # wall clock and final val/nats_per_char
 minillm bench --config configs/pretrain_tiny.yaml --sections dpo   # a DPO step against an SFT step
+minillm bench --config configs/pretrain_tiny.yaml --sections serve # minillm serve tokens/s at 1, 4, 16 clients
 
 Training runs are built from the YAML exactly as ``minillm fit`` builds them (LightningCLI with ``run=False``),
 with the logger, checkpointing, progress bar, validation and the config's callbacks switched off. The plain loop
@@ -40,11 +41,12 @@ from lightning.pytorch.callbacks import Callback
 
 from minillm_lightning.bench_dpo import dpo_section, format_dpo
 from minillm_lightning.callbacks.throughput import compute_dtype, flops_per_token
+from minillm_lightning.commands.serve_bench import format_serve, serve_section
 from minillm_lightning.generation import GenerationConfig, TextGenerator
 from minillm_lightning.losses import lm_loss
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 
-SECTIONS = ("train", "loop", "decode", "data", "dpo")
+SECTIONS = ("train", "loop", "decode", "data", "dpo", "serve")
 DEFAULT_CONFIGS = ["configs/pretrain_tiny.yaml", "configs/pretrain_small.yaml"]
 # plain `minillm bench` on a CPU: pretrain_small as configured (batch 32 x 512, bf16-mixed) takes tens of seconds
 # per step there, so the default run measures it at batch 4 in fp32 with few steps (minutes instead of an hour)
@@ -543,6 +545,8 @@ def bench_config(config: str, args: argparse.Namespace, sections: set[str], peak
         if "dpo" in sections:
             pairs = max(1, dm.batch_size // 2)  # 2 x pairs sequences: the config's own batch size
             result["dpo"] = dpo_section(arch, device, dtype, pairs, seq_len, args.steps, args.warmup, args.repeats)
+        if "serve" in sections:
+            result["serve"] = serve_section(arch, dm.tokenizer, device)
     return result
 
 
@@ -705,6 +709,8 @@ def format_table(results: dict[str, Any]) -> str:
             )
         if "dpo" in r:
             lines.append(format_dpo(r["dpo"]))
+        if "serve" in r:
+            lines.append(format_serve(r["serve"]))
         if "data" in r:
             d = r["data"]
             if "skipped" in d:

@@ -90,8 +90,6 @@ def run_clients(url: str, clients: int, requests_per_client: int, max_tokens: in
     """``clients`` threads, each sending ``requests_per_client`` greedy requests in a row; totals and rates."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-
     def one_client(c: int) -> tuple[int, list[float]]:
         tokens, latencies = 0, []
         for r in range(requests_per_client):
@@ -106,10 +104,11 @@ def run_clients(url: str, clients: int, requests_per_client: int, max_tokens: in
             tokens += resp.usage.completion_tokens
         return tokens, latencies
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(one_client, range(clients)))
-    wall = time.perf_counter() - t0
+    with OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600) as client:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(one_client, range(clients)))
+        wall = time.perf_counter() - t0
     tokens = sum(t for t, _ in results)
     latencies = [x for _, lat in results for x in lat]
     return {

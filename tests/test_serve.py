@@ -1,0 +1,302 @@
+"""``minillm serve``: the request checks, stop strings and batch planning on their own, then a real server (a
+``minillm serve`` subprocess on a free port) driven by the official ``openai`` client, compared token for token
+with ``TextGenerator`` and ``minillm generate`` on the same tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("litserve")
+openai = pytest.importorskip("openai")
+
+import lightning as L  # noqa: E402
+from conftest import SAMPLE, micro_trainer  # noqa: E402
+
+from minillm_lightning import SFTDataModule, SFTModule  # noqa: E402
+from minillm_lightning.cli import main  # noqa: E402
+from minillm_lightning.commands.generate import _load  # noqa: E402
+from minillm_lightning.commands.serve import (  # noqa: E402
+    ChatRequest,
+    Job,
+    RequestError,
+    StopStrings,
+    decode_jobs,
+    plan_batches,
+    prepare,
+)
+from minillm_lightning.commands.serve_bench import running_server  # noqa: E402
+from minillm_lightning.generation import GenerationConfig, TextGenerator  # noqa: E402
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tiny_pretrain_ckpt: Path, tmp_path_factory) -> Path:
+    """40 SFT steps on the shipped sample: enough for answers that end with <|im_end|> (a pretrain checkpoint
+    closes every chat turn at once with </s>, so its greedy answers are empty)."""
+    root = tmp_path_factory.mktemp("sft")
+    L.seed_everything(0)
+    pre = str(tiny_pretrain_ckpt)
+    dm = SFTDataModule([str(SAMPLE / "sft.jsonl")], tokenizer=pre, max_length=96, batch_size=8, val_share=0.0)
+    model = SFTModule(init_from=pre, vocab_size=dm.vocab_size, learning_rate=3e-3, warmup=5)
+    trainer = micro_trainer(root, max_steps=40, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(root / "sft.ckpt")
+    return root / "sft.ckpt"
+
+
+@pytest.fixture(scope="module")
+def gen(sft_ckpt: Path) -> TextGenerator:
+    return _load(SimpleNamespace(checkpoint=sft_ckpt, device="cpu", dtype="float32"))[0]
+
+
+def solo(gen: TextGenerator, messages: list[dict], max_tokens: int, **kw) -> tuple[str, list[int]]:
+    """What TextGenerator produces for this conversation alone: (text without stop tokens, tokens)."""
+    ids = gen.tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+    out = gen.generate([ids], GenerationConfig(max_new_tokens=max_tokens, **kw))[0]
+    return gen.tokenizer.decode([t for t in out if t not in gen.stop_tokens]), out
+
+
+def user(text: str) -> list[dict]:
+    return [SYSTEM, {"role": "user", "content": text}]
+
+
+# ---- without a server ----
+
+
+def test_stop_strings_hold_back_a_possible_start() -> None:
+    s = StopStrings(["END", "\n\n"])
+    assert s.push("abcE") == ("abc", False)  # "E" may start "END"
+    assert s.push("x") == ("Ex", False)  # it did not
+    assert s.push("one\n") == ("one", False)
+    assert s.push("\nrest") == ("", True)  # "\n\n" found: nothing after it is emitted
+    t = StopStrings(["END"])
+    assert t.push("aEN") == ("a", False) and t.flush() == "EN"
+    assert StopStrings([]).push("anything") == ("anything", False)
+
+
+def test_prepare_checks_requests(gen: TextGenerator) -> None:
+    def job(**kw) -> Job:
+        return prepare(ChatRequest(**{"messages": user("hi"), **kw}), gen.tokenizer, 128, 64)
+
+    prompt_len = len(gen.tokenizer.encode_chat(user("hi"), add_generation_prompt=True)[0])
+    j = job(temperature=0, stop="x", seed=3)
+    assert (j.max_tokens, j.temperature, j.stop, j.seed) == (64, 0, ("x",), 3)
+    assert job(max_tokens=128 - prompt_len).max_tokens == 128 - prompt_len
+    parts = ChatRequest(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]
+    )
+    assert (
+        prepare(parts, gen.tokenizer, 128, 8).prompt
+        == gen.tokenizer.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)[0]
+    )
+    bad = [
+        (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role"),
+        (dict(messages=[]), "messages"),
+        (dict(max_tokens=128 - prompt_len + 1), "max_tokens"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(messages=user("word " * 200)), "messages"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(n=2), "n"),
+        (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+    ]
+    for kw, param in bad:
+        with pytest.raises(RequestError) as e:
+            job(**kw)
+        assert e.value.param == param, kw
+
+
+def test_plan_batches_groups_what_can_share_a_sampling_loop() -> None:
+    def j(prompt_len: int, max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Job:
+        return Job([1] * prompt_len, max_tokens, temperature, 1.0, seed, ())
+
+    jobs = [j(10, 20), j(5, 30), j(10, 10, 0.8), j(10, 10, 0.8), j(10, 10, 0.8, seed=1), j(100, 20)]
+    plans = plan_batches(jobs, block_size=128)
+    assert [m for m, _ in plans] == [[0, 1], [2, 3], [4], [5]]  # job 5 with job 1's 30 new tokens: 130 > 128
+    assert plans[0][1].max_new_tokens == 30 and plans[0][1].temperature == 0
+    assert plans[2][1].seed == 1
+
+
+def test_decode_jobs_equal_each_job_generated_alone(gen: TextGenerator) -> None:
+    conversations = [user("The cat"), user("Once upon a time"), user("hi"), user("What is 3 plus 4?")]
+    settings = [
+        dict(max_tokens=12, temperature=0.0, seed=None),
+        dict(max_tokens=5, temperature=0.0, seed=None),
+        dict(max_tokens=10, temperature=0.9, seed=3),
+        dict(max_tokens=9, temperature=0.7, seed=None),  # unseeded: only its length and usage are checked
+    ]
+    jobs = [
+        Job(
+            gen.tokenizer.encode_chat(c, add_generation_prompt=True)[0],
+            s["max_tokens"],
+            s["temperature"],
+            1.0,
+            s["seed"],
+            (),
+        )
+        for c, s in zip(conversations, settings)
+    ]
+    texts, finals = ["" for _ in jobs], [None for _ in jobs]
+    for events in decode_jobs(gen, jobs):
+        for i, e in enumerate(events):
+            assert finals[i] is None or e == {}  # nothing after a job's final event
+            texts[i] += e.get("content", "")
+            if e.get("finish_reason"):
+                finals[i] = e
+    for i in range(3):
+        s = settings[i]
+        text, tokens = solo(gen, conversations[i], s["max_tokens"], temperature=s["temperature"], seed=s["seed"])
+        assert texts[i] == text
+        assert finals[i]["usage"] == {
+            "prompt_tokens": len(jobs[i].prompt),
+            "completion_tokens": len(tokens),
+            "total_tokens": len(jobs[i].prompt) + len(tokens),
+        }
+        assert finals[i]["finish_reason"] == ("stop" if tokens[-1] in gen.stop_tokens else "length")
+    assert 1 <= finals[3]["usage"]["completion_tokens"] <= 9
+    assert {finals[0]["finish_reason"], finals[1]["finish_reason"]} == {"stop", "length"}  # both endings covered
+
+
+def test_not_a_minillm_checkpoint_fails_in_one_line(tmp_path: Path, capsys) -> None:
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    for path, words in ((text, "corrupted or truncated"), (foreign, "not written by minillm-lightning")):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--checkpoint", str(path), "--port", "8123"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and words in err and len(err.splitlines()) == 1, err
+
+
+# ---- a real server ----
+
+
+@pytest.fixture(scope="module")
+def server(sft_ckpt: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with running_server(sft_ckpt, "--max_batch_size", "8", "--batch_timeout", "0.05", env=env) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server: str):
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c  # closed before the server stops: no idle keep-alive connection delays its shutdown
+
+
+def test_models_and_web_page(server: str, client) -> None:
+    assert [m.id for m in client.models.list().data] == ["minillm-sft"]
+    with urllib.request.urlopen(f"{server}/") as r:
+        page = r.read().decode()
+    assert r.headers["content-type"].startswith("text/html")
+    for needle in ('id="system"', 'id="temperature"', 'id="max_tokens"', 'id="reset"', "/v1/chat/completions"):
+        assert needle in page
+
+
+def test_plain_and_streamed_greedy_equal_generate(client, gen: TextGenerator, sft_ckpt: Path, capsys) -> None:
+    messages = user("Once upon a time")
+    text, tokens = solo(gen, messages, 20, temperature=0.0)
+    resp = client.chat.completions.create(model="x", messages=messages, max_tokens=20, temperature=0)
+    assert resp.choices[0].message.content == text and resp.choices[0].message.role == "assistant"
+    prompt_len = len(gen.tokenizer.encode_chat(messages, add_generation_prompt=True)[0])
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (prompt_len, len(tokens))
+    assert resp.choices[0].finish_reason == ("stop" if tokens[-1] in gen.stop_tokens else "length")
+    assert resp.model == "x" and resp.object == "chat.completion"
+
+    chunks = list(
+        client.chat.completions.create(model="x", messages=messages, max_tokens=20, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert len([c for c in chunks if c.choices[0].delta.content]) > 1  # really streamed, piece by piece
+    assert chunks[-1].choices[0].finish_reason == resp.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == len(tokens)
+
+    # `minillm generate` on the same checkpoint prints the same answer
+    argv = ["generate", "--checkpoint", str(sft_ckpt), "--prompt", "Once upon a time", "--chat", "--system"]
+    main([*argv, SYSTEM["content"], "--temperature", "0", "--max_new_tokens", "20", "--no_stream"])
+    out = capsys.readouterr().out
+    head = "user: Once upon a time\nassistant: "
+    assert out.startswith(head) and out[len(head) : -2] == text
+
+
+def test_concurrent_requests_each_equal_their_solo_output(client, gen: TextGenerator) -> None:
+    asks = [("The cat", 16), ("Once upon a time", 6), ("What is 3 plus 4?", 24), ("hi", 10)]
+
+    def ask(item: tuple[str, int]) -> str:
+        q, n = item
+        resp = client.chat.completions.create(model="x", messages=user(q), max_tokens=n, temperature=0)
+        return resp.choices[0].message.content
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(ask, asks))
+    assert answers == [solo(gen, user(q), n, temperature=0.0)[0] for q, n in asks]
+
+
+def test_seed_and_stop(client, gen: TextGenerator) -> None:
+    messages = user("Once upon a time")
+    kw = dict(model="x", messages=messages, max_tokens=16, temperature=0.9, top_p=0.9)
+    a = client.chat.completions.create(**kw, seed=11).choices[0].message.content
+    assert a == client.chat.completions.create(**kw, seed=11).choices[0].message.content
+    assert a == solo(gen, messages, 16, temperature=0.9, top_p=0.9, seed=11)[0]
+
+    text, _ = solo(gen, messages, 20, temperature=0.0)
+    stop = text[4:7]
+    assert stop.strip(), f"greedy text too short for the test: {text!r}"
+    resp = client.chat.completions.create(model="x", messages=messages, max_tokens=20, temperature=0, stop=[stop])
+    assert resp.choices[0].message.content == text[: text.find(stop)]
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def _post(server: str, body: object) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"{server}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_requests_get_400_and_the_server_keeps_serving(server: str, client) -> None:
+    for body in ({"messages": "hello"}, {"messages": [{"text": "no role"}]}, {"max_tokens": 5}):
+        status, err = _post(server, body)
+        assert status == 400 and err["error"]["type"] == "invalid_request_error", (body, err)
+        assert "messages" in err["error"]["message"]
+    long_prompt = user("word " * 200)
+    cases = [
+        (dict(messages=[{"role": "robot", "content": "hi"}]), "robot"),
+        (dict(messages=user("hi"), max_tokens=1000), "max_tokens=1000"),
+        (dict(messages=user("hi"), max_tokens=1000, stream=True), "max_tokens=1000"),  # before the stream starts
+        (dict(messages=long_prompt), "model context"),
+        (dict(messages=long_prompt, stream=True), "model context"),
+    ]
+    for kw, words in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="x", **kw)
+        assert e.value.status_code == 400 and words in e.value.message, kw
+    resp = client.chat.completions.create(model="x", messages=user("hi"), max_tokens=3, temperature=0)
+    assert resp.usage.completion_tokens >= 1
+
+
+def test_a_slow_reader_does_not_stall_others(client) -> None:
+    stream = client.chat.completions.create(
+        model="x", messages=user("Once upon a time"), max_tokens=40, temperature=0, stream=True
+    )
+    first = next(iter(stream))  # then stop reading for a while
+    assert first.choices[0].delta.role == "assistant"
+    other = client.chat.completions.create(model="x", messages=user("hi"), max_tokens=30, temperature=0)
+    assert other.choices[0].finish_reason in ("stop", "length")
+    rest = list(stream)  # the paused stream still delivers its whole answer
+    assert rest[-1].choices[0].finish_reason in ("stop", "length") and rest[-1].usage.completion_tokens >= 1
