@@ -1,0 +1,89 @@
+"""The batched scorer of ``minillm eval`` against a straightforward one-window-at-a-time re-implementation."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from minillm_lightning import evaluation as ev
+from minillm_lightning.model import MiniGPT, MiniGPTConfig
+
+TOK = SimpleNamespace(pad_id=0, eos_id=1)
+
+
+def _model() -> MiniGPT:
+    torch.manual_seed(0)
+    cfg = MiniGPTConfig(n_layer=2, dim=32, n_head=4, n_kv_head=2, block_size=16, vocab_size=50)
+    return MiniGPT(cfg).eval()
+
+
+class LogitsOnly(nn.Module):
+    """A model that is not a MiniGPT (the scorer must compute all logits and pick the scored ones)."""
+
+    def __init__(self, inner: MiniGPT) -> None:
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, idx: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.inner(idx).logits)
+
+
+def reference_rolling_nll(model: MiniGPT, ids: list[int], block: int, stride: int) -> tuple[float, int]:
+    """Each window alone through the model; sum the NLL of the predictions it newly scores."""
+    nll, n = 0.0, 0
+    for start, end, prev in ev.rolling_windows(len(ids) - 1, block, stride):
+        x = torch.tensor([ids[start : end + 1]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(x[:, :-1]).logits[0].double(), -1)
+        lp = logp.gather(-1, x[0, 1:, None]).squeeze(-1)
+        nll -= float(lp[prev - start :].sum())
+        n += end - prev
+    return nll, n
+
+
+@pytest.mark.parametrize("stride", [1, 5, 8, 16])
+@pytest.mark.parametrize("wrap", [False, True])
+def test_batched_rolling_nll_equals_window_by_window(stride: int, wrap: bool) -> None:
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    lengths = [2, 9, 16, 17, 40, 63, 5]  # shorter than a window, exactly one, one more, several
+    docs = [[1, *torch.randint(2, 50, (n - 1,), generator=g).tolist()] for n in lengths]
+    scorer = ev.LogLikelihoodScorer(LogitsOnly(model) if wrap else model, TOK, batch_size=3)
+    got = scorer.rolling_nll(docs, stride)
+    for doc, (nll, n) in zip(docs, got):
+        ref_nll, ref_n = reference_rolling_nll(model, doc, 16, stride)
+        assert n == ref_n == len(doc) - 1
+        assert nll == pytest.approx(ref_nll, rel=1e-5, abs=1e-5)
+    assert scorer.scored_tokens == sum(n for _, n in got)
+
+
+def test_batched_loglikelihood_equals_one_request_at_a_time() -> None:
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    requests = [
+        ([1, *torch.randint(2, 50, (c,), generator=g).tolist()], torch.randint(2, 50, (k,), generator=g).tolist())
+        for c, k in [(3, 1), (10, 4), (14, 6), (2, 2), (20, 3)]  # the last is cut to its final 17 tokens
+    ]
+    # a continuation made of the model's own greedy predictions: "all greedy" must say True for it
+    ctx = [1, 5, 7]
+    with torch.no_grad():
+        nxt = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
+    requests.append((ctx, [nxt]))
+    scorer = ev.LogLikelihoodScorer(model, TOK, batch_size=2)
+    got = scorer.loglikelihood(requests)
+    for (c, k), (ll, greedy) in zip(requests, got):
+        seq = (c + k)[-17:]
+        x = torch.tensor([seq])
+        with torch.no_grad():
+            logits = model(x[:, :-1]).logits[0].double()
+        lp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).squeeze(-1)
+        n = min(len(k), len(seq) - 1)
+        assert ll == pytest.approx(float(lp[-n:].sum()), rel=1e-5)
+        assert greedy == bool((logits.argmax(-1) == x[0, 1:])[-n:].all())
+    assert got[-1][1] is True
+    # without the argmax: the same log-likelihoods
+    fast = scorer.loglikelihood(requests, greedy=False)
+    assert [ll for ll, _ in fast] == pytest.approx([ll for ll, _ in got], rel=1e-6)
