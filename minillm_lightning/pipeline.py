@@ -178,13 +178,20 @@ def run_stage(
     return info
 
 
-def run_test(config: Path, ckpt: Path | None, report: Path, what: str, best: dict[str, str], output: Path) -> dict:
-    """``minillm test`` on the config's test split: of ``ckpt``, or (``None``) of the model the stage starts from."""
-    cmd = ["test", "--config", str(config), "--trainer.enable_progress_bar=false", f"--test_report={report}"]
+def run_test(config: Path, ckpt: Path | None, run_dir: Path, what: str, best: dict[str, str], output: Path) -> dict:
+    """``minillm test`` on the config's test split: of ``ckpt``, or (``None``) of the model the stage starts from
+    (its ``init_from`` weights, or a fresh model for pretraining). Returns the metrics of the JSON it writes."""
+    cmd = ["test", "--config", str(config), "--trainer.enable_progress_bar=false"]
     if ckpt is not None:
         cmd += ["--ckpt_path", str(ckpt)]
+    started = time.time()
     _run(cmd, what, best, output)
-    return json.loads(report.read_text())["metrics"]
+    # TestReport writes <checkpoint stem>.test.json beside a checkpoint, else test.json in the run's log folder
+    written = [ckpt.with_name(f"{ckpt.stem}.test.json")] if ckpt is not None else list(run_dir.rglob("test.json"))
+    fresh = [p for p in written if p.is_file() and p.stat().st_mtime >= started - 1]
+    if not fresh:
+        raise PipelineError(f"{what}: `minillm test` wrote no report under {run_dir}")
+    return json.loads(max(fresh, key=lambda p: p.stat().st_mtime).read_text())["metrics"]
 
 
 def prepare_real_data(data_dir: Path, output: Path, size: str) -> dict[str, Any]:
