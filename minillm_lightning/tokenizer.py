@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -154,13 +155,15 @@ def train_or_load(
     cache_dir: Path,
     force: bool = False,
     log=print,
+    key: str | None = None,
 ) -> tuple[Path, bool]:
     """Return (path to tokenizer.model, reused?) training it only when the cache has no model for these inputs.
 
     ``texts`` is an iterable over the training sentences (called lazily, only when training is needed);
-    ``files`` identifies the corpus for the cache key.
+    ``files`` identifies the corpus for the cache key, unless the caller gives ``key`` (a hash it already holds of
+    the corpus, its sampling and ``settings``), which saves reading the files again.
     """
-    key = _hash_inputs([Path(f) for f in files], settings)
+    key = key or _hash_inputs([Path(f) for f in files], settings)
     out_dir = Path(cache_dir) / f"{settings.model_type}-{settings.vocab_size}-{key}"
     model_path = out_dir / "tokenizer.model"
     with _file_lock(Path(cache_dir) / ".lock"):
@@ -185,7 +188,7 @@ def train_sentencepiece(texts: Iterable[str], settings: TokenizerSettings) -> by
     """Train a SentencePiece model in memory and return its serialized bytes."""
     buf = io.BytesIO()
     byte_fallback = settings.model_type != "char"
-    sentences = (line for t in texts for line in t.split("\n") if line.strip())
+    sentences = (piece for t in texts for line in t.split("\n") if line.strip() for piece in split_long(line))
     try:
         _train(sentences, buf, settings, byte_fallback)
     except RuntimeError as e:
@@ -199,6 +202,34 @@ def train_sentencepiece(texts: Iterable[str], settings: TokenizerSettings) -> by
             ) from None
         raise
     return buf.getvalue()
+
+
+# SentencePiece silently drops sentences longer than this many bytes (a corpus of such lines leaves it nothing)
+MAX_SENTENCE_BYTES = 1 << 16
+_SENTENCE_END = re.compile(r"(?<=[.!?;。！？；])\s*")
+
+
+def split_long(line: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
+    """``line`` itself, or, when its UTF-8 form exceeds ``max_bytes`` (a book stored as one line), pieces that end
+    at sentence ends where possible and are hard-cut otherwise, each within ``max_bytes``."""
+    if len(line) * 4 <= max_bytes or len(line.encode("utf-8")) <= max_bytes:
+        yield line
+        return
+    limit = max_bytes // 4  # characters: at most 4 UTF-8 bytes each
+    piece = ""
+    for sentence in _SENTENCE_END.split(line):
+        while len(sentence) > limit:  # no sentence end for a long stretch: cut it
+            if piece:
+                yield piece
+                piece = ""
+            yield sentence[:limit]
+            sentence = sentence[limit:]
+        if len(piece) + len(sentence) > limit:
+            yield piece
+            piece = ""
+        piece += sentence
+    if piece.strip():
+        yield piece
 
 
 def _train(sentences: Iterator[str], buf: io.BytesIO, settings: TokenizerSettings, byte_fallback: bool) -> None:
@@ -223,7 +254,7 @@ def _train(sentences: Iterator[str], buf: io.BytesIO, settings: TokenizerSetting
         add_dummy_prefix=False,
         split_digits=True,
         allow_whitespace_only_pieces=True,
-        max_sentence_length=1 << 16,
+        max_sentence_length=MAX_SENTENCE_BYTES,
         input_sentence_size=settings.max_sentences,
         shuffle_input_sentence=True,
         hard_vocab_limit=False,  # a tiny corpus yields a smaller vocabulary instead of an error

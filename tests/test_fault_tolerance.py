@@ -115,9 +115,9 @@ def test_dataloader_worker_crash_is_an_error_with_a_checkpoint(
 
     from minillm_lightning.callbacks import InterruptCheckpoint
     from minillm_lightning.callbacks.interrupt import is_worker_crash
-    from minillm_lightning.data.pretrain import PackedBlocks
+    from minillm_lightning.data.shards import TokenBlocks
 
-    original = PackedBlocks.__getitem__
+    original = TokenBlocks.__getitem__
     parent = os.getpid()
     served = {"n": 0}
 
@@ -128,7 +128,7 @@ def test_dataloader_worker_crash_is_an_error_with_a_checkpoint(
                 os.kill(os.getpid(), signal.SIGKILL)
         return original(self, i)
 
-    monkeypatch.setattr(PackedBlocks, "__getitem__", dying)
+    monkeypatch.setattr(TokenBlocks, "__getitem__", dying)
     dm = pretrain_dm_factory(num_workers=1)
     model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
     trainer = micro_trainer(

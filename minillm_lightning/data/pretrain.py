@@ -1,33 +1,52 @@
-"""PretrainDataModule: text corpora -> SentencePiece tokenizer -> memory-mapped token cache -> packed blocks."""
+"""PretrainDataModule: text corpora -> SentencePiece tokenizer -> LitData token chunks -> streamed blocks.
+
+Nothing here holds the corpus in memory. Preparation scans every file once (streaming, for a content hash and a
+document count), draws one split label per document, trains the tokenizer on a bounded sample, and tokenizes
+byte ranges of the files in ``litdata.optimize`` worker processes into a *prepared directory*. Training streams
+``seq_len + 1``-token windows of its chunks with LitData's ``StreamingDataset``; a checkpoint carries the loader's
+position, so a resume continues mid-epoch with the very next batch.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from minillm_lightning.data.common import (
-    DataError,
-    ReadStats,
-    ResumableDataLoader,
-    ResumableSampler,
-    expand_paths,
-    iter_records,
-    read_text_file,
-    split_counts,
-    write_stats,
+from minillm_lightning.data.common import DataError, expand_paths, write_stats
+from minillm_lightning.data.shards import (
+    COMPLETE,
+    SPLITS,
+    TEST,
+    TRAIN,
+    VAL,
+    FileScan,
+    ResumableStreamingLoader,
+    Task,
+    TokenBlocks,
+    TokenizeJob,
+    atomic_write,
+    draw_labels,
+    is_remote,
+    iter_task_texts,
+    locked,
+    scan_file,
+    write_split,
 )
 from minillm_lightning.tokenizer import ModelType, Tokenizer, TokenizerSettings, train_or_load
+
+FORMAT_VERSION = 1  # bump when the prepared directory's layout or tokenization changes
 
 
 @dataclass
@@ -45,45 +64,46 @@ class PretrainSource:
     """JSON field holding the text (default: the data module's ``text_field``)."""
 
 
-class PackedBlocks(Dataset):
-    """(input, target) windows of ``seq_len`` tokens over one flat token array, starting every ``stride``
-    tokens (``stride = seq_len``: non-overlapping blocks; ``stride = 1``: every offset, like nanoGPT's
-    random windows, but as a permutation so no window repeats within an epoch)."""
+@dataclass
+class _File:
+    """One source file in the plan: which split(s) it feeds and its scan."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, stride: int | None = None) -> None:
-        self.tokens, self.seq_len, self.stride = tokens, seq_len, stride or seq_len
-        self.n = max(0, (len(tokens) - 1 - seq_len) // self.stride + 1) if len(tokens) > seq_len else 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        start = i * self.stride
-        chunk = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
-        return {"input_ids": chunk[:-1], "labels": chunk[1:]}
+    group: str  # "train" (train + val share), "val" or "test"
+    source: PretrainSource
+    index: int  # position among all files of the plan (seeds its labels)
+    scan: FileScan
 
 
 class PretrainDataModule(L.LightningDataModule):
-    """Pretraining corpora: sampling, tokenizer training (cached), token cache and packed blocks.
+    """Pretraining corpora: sampling, tokenizer training (cached), LitData token chunks and streamed blocks.
 
     Args:
         sources: corpus entries; each a path/glob with optional per-source sample ratio and validation share.
         seq_len: tokens per training block (must not exceed the model's ``block_size``).
         batch_size: blocks per batch on each device.
         sample_ratio: share of every source's documents to use (the seed's global sample ratio).
-        val_share: share of each source held out for validation.
+        val_share: share of each source held out for validation (ignored when ``val_sources`` is given).
+        val_sources: explicit validation files; the ``sources`` then feed training only.
+        test_sources: held-out test files, scored by ``minillm test`` (``test/loss``, ``test/ppl``, ``test/bpb``).
         text_field: JSON field with the document text.
         tokenizer: an existing tokenizer (.model file or a .ckpt carrying one); when unset one is trained.
         vocab_size: vocabulary size of a newly trained tokenizer.
         tokenizer_type: SentencePiece algorithm: bpe (byte fallback), unigram (byte fallback) or char.
         character_coverage: share of characters the tokenizer covers directly (the rest fall back to bytes).
+        tokenizer_sample_bytes: about how much training text a new tokenizer sees (documents sampled uniformly
+            across the corpus); bounds the memory of tokenizer training whatever the corpus size.
         retrain_tokenizer: train a new tokenizer even if the cache holds one for this corpus.
-        cache_dir: where tokenizers and token caches are kept.
+        cache_dir: where tokenizers and prepared datasets are kept.
+        dataset_dir: use (or prepare into) this directory instead of ``<cache_dir>/tokens/<content hash>``. A
+            complete directory is used as is, without reading the sources; it may be a LitData URI such as
+            ``s3://bucket/prefix`` (prepared locally and uploaded: preparation writes local folders only).
+        prepare_workers: processes that tokenize (default: the CPU count).
+        chunk_tokens: tokens per LitData chunk file (the unit of shuffling and of memory mapping).
         skip_bad_records: skip and count malformed lines instead of stopping at the first one.
         num_workers: DataLoader worker processes.
         seed: seed of document sampling and of the batch order.
-        block_stride: training windows start every ``block_stride`` tokens (default ``seq_len``: disjoint
-            blocks). Smaller strides give overlapping windows at more offsets, which helps small corpora.
+        block_stride: training windows start every ``block_stride`` tokens (default ``seq_len``: every token is a
+            target once). Smaller strides give overlapping windows at more offsets, which helps small corpora.
     """
 
     def __init__(
@@ -93,13 +113,19 @@ class PretrainDataModule(L.LightningDataModule):
         batch_size: int = 16,
         sample_ratio: float = 1.0,
         val_share: float = 0.05,
+        val_sources: list[PretrainSource] | None = None,
+        test_sources: list[PretrainSource] | None = None,
         text_field: str = "text",
         tokenizer: str | None = None,
         vocab_size: int = 4096,
         tokenizer_type: ModelType = "bpe",
         character_coverage: float = 0.995,
+        tokenizer_sample_bytes: int = 64_000_000,
         retrain_tokenizer: bool = False,
         cache_dir: str = "data/.cache",
+        dataset_dir: str | None = None,
+        prepare_workers: int | None = None,
+        chunk_tokens: int = 4 << 20,
         skip_bad_records: bool = False,
         num_workers: int = 0,
         seed: int = 1337,
@@ -108,196 +134,396 @@ class PretrainDataModule(L.LightningDataModule):
         super().__init__()
         if block_stride is not None and not 1 <= block_stride <= seq_len:
             raise ValueError(f"PretrainDataModule.block_stride must be in [1, seq_len={seq_len}], got {block_stride}")
-        self.block_stride = block_stride
-        if not sources:
+        if not sources and not dataset_dir:
             raise DataError("PretrainDataModule: `sources` is empty; give at least one file or glob")
-        for name, value in [("seq_len", seq_len), ("batch_size", batch_size), ("vocab_size", vocab_size)]:
+        for name, value in [
+            ("seq_len", seq_len),
+            ("batch_size", batch_size),
+            ("vocab_size", vocab_size),
+            ("chunk_tokens", chunk_tokens),
+            ("tokenizer_sample_bytes", tokenizer_sample_bytes),
+        ]:
             if value <= 0:
                 raise ValueError(f"PretrainDataModule.{name} must be positive, got {value}")
         for name, value in [("sample_ratio", sample_ratio), ("val_share", val_share)]:
             if not 0 <= value <= 1:
                 raise ValueError(f"PretrainDataModule.{name} must be in [0, 1], got {value}")
-        self.sources = [s if isinstance(s, PretrainSource) else PretrainSource(**s) for s in sources]
+
+        def as_sources(items: list | None) -> list[PretrainSource]:
+            return [s if isinstance(s, PretrainSource) else PretrainSource(**s) for s in items or []]
+
+        self.sources, self.val_sources, self.test_sources = (
+            as_sources(sources),
+            as_sources(val_sources),
+            as_sources(test_sources),
+        )
+        self.block_stride = block_stride
         self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
         self.sample_ratio, self.val_share, self.text_field = sample_ratio, val_share, text_field
         self.tokenizer_path, self.retrain_tokenizer = tokenizer, retrain_tokenizer
         self.tok_settings = TokenizerSettings(vocab_size, tokenizer_type, character_coverage)
+        self.tokenizer_sample_bytes = tokenizer_sample_bytes
         self.cache_dir, self.skip_bad = Path(cache_dir), skip_bad_records
+        self.dataset_dir, self.prepare_workers, self.chunk_tokens = dataset_dir, prepare_workers, chunk_tokens
         self._tokenizer: Tokenizer | None = None
-        self._docs: tuple[list[tuple[str, str]], list[tuple[str, str]], dict] | None = None
-        self.train_set: PackedBlocks | None = None
-        self.val_set: PackedBlocks | None = None
+        self._plan: list[_File] | None = None
+        self._labels: dict[int, np.ndarray] = {}
+        self._path: str | None = None
+        self.meta: dict[str, Any] | None = None
+        self.train_set: TokenBlocks | None = None
+        self.val_set: TokenBlocks | None = None
+        self.test_set: TokenBlocks | None = None
 
-    # ---- corpus ----
+    # ---- the plan: files, scans, labels ----
     def _files(self) -> list[Path]:
-        return [f for s in self.sources for f in expand_paths(s.path)]
+        return [Path(f.scan.path) for f in self.plan()]
 
-    def _corpus_key(self) -> str:
-        spec = [asdict(s) for s in self.sources] + [self.sample_ratio, self.val_share, self.text_field, self.seed]
-        h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-        for f in self._files():
-            st = f.stat()
-            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-        return h.hexdigest()[:16]
+    def plan(self) -> list[_File]:
+        """Every source file with its scan (content hash, document count, byte ranges), read streaming once and
+        memoised in the cache directory while the file is unchanged."""
+        if self._plan is None:
+            plan: list[_File] = []
+            groups = [("train", self.sources), ("val", self.val_sources), ("test", self.test_sources)]
+            for group, sources in groups:
+                for src in sources:
+                    for path in expand_paths(src.path):
+                        plan.append(_File(group, src, len(plan), scan_file(path, self.cache_dir)))
+            self._plan = plan
+        return self._plan
 
-    def documents(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]], dict]:
-        """(train, val) lists of (source, text) after sampling, plus per-source statistics."""
-        if self._docs is not None:
-            return self._docs
-        rng = random.Random(self.seed)
-        train: list[tuple[str, str]] = []
-        val: list[tuple[str, str]] = []
-        stats: dict[str, dict] = {}
-        for src in self.sources:
-            ratio = self.sample_ratio if src.sample_ratio is None else src.sample_ratio
-            vshare = self.val_share if src.val_share is None else src.val_share
-            field = src.text_field or self.text_field
-            for path in expand_paths(src.path):
-                rs = ReadStats()
-                if path.suffix == ".txt":
-                    text = read_text_file(path)
-                    rs.records = 1 if text.strip() else 0
-                    text = text[: int(len(text) * ratio)]  # a .txt file is one document: sample a prefix
-                    cut = int(len(text) * (1 - vshare))  # nanoGPT style: the tail is the validation text
-                    tr = [text[:cut]] if text[:cut].strip() else []
-                    va = [text[cut:]] if text[cut:].strip() else []
-                else:
-                    docs = []
-                    for lineno, rec in iter_records(path, rs, self.skip_bad):
-                        value = rec.get(field)
-                        if not isinstance(value, str):
-                            problem = "missing" if value is None else f"a {type(value).__name__}, not a string"
-                            if self.skip_bad:
-                                rs.skip(f"field {field!r} {problem}")
-                                continue
-                            raise DataError(
-                                f"{path}:{lineno}: field {field!r} is {problem}; set text_field to the field "
-                                f"that holds the text (keys here: {sorted(rec)[:8]}) or skip_bad_records: true"
-                            )
-                        if value.strip():
-                            docs.append(value)
-                        else:
-                            rs.skip("empty text")
-                    rng.shuffle(docs)
-                    keep = round(len(docs) * ratio)
-                    n_tr, n_va = split_counts(keep, vshare)
-                    tr, va = docs[:n_tr], docs[n_tr : n_tr + n_va]
-                train += [(str(path), t) for t in tr]
-                val += [(str(path), t) for t in va]
-                stats[str(path)] = {
-                    "raw_records": rs.records,
-                    "skipped": rs.skipped,
-                    "sample_ratio": ratio,
-                    "sampled": len(tr) + len(va),
-                    "train_docs": len(tr),
-                    "val_docs": len(va),
-                }
-                if len(tr) + len(va) == 0:
-                    rank_zero_warn(
-                        f"!!! data source {path} contributes NOTHING (records={rs.records}, sample_ratio={ratio}); "
-                        f"check its path, text field and sample ratio",
-                    )
-        if not train:
+    def _ratio(self, f: _File) -> float:
+        return self.sample_ratio if f.source.sample_ratio is None else f.source.sample_ratio
+
+    def _val_share(self, f: _File) -> float:
+        if f.group != "train" or self.val_sources:
+            return 0.0
+        return self.val_share if f.source.val_share is None else f.source.val_share
+
+    def labels(self, f: _File) -> np.ndarray:
+        """One split label per document of ``f`` (JSONL/JSON), drawn from (seed, file position)."""
+        if f.index not in self._labels:
+            split = None if f.group == "train" else SPLITS[f.group]
+            seed = [self.seed, f.index]
+            self._labels[f.index] = draw_labels(f.scan.docs, self._ratio(f), self._val_share(f), seed, split)
+        return self._labels[f.index]
+
+    def _spec(self) -> dict[str, Any]:
+        """Everything the prepared tokens depend on (the cache key), tokenizer aside."""
+        files = [
+            {
+                "group": f.group,
+                "name": Path(f.scan.path).name,
+                "sha256": f.scan.sha256,
+                "sample_ratio": self._ratio(f),
+                "val_share": self._val_share(f),
+                "text_field": f.source.text_field or self.text_field,
+            }
+            for f in self.plan()
+        ]
+        return {"format": FORMAT_VERSION, "files": files, "seed": self.seed, "skip_bad": self.skip_bad}
+
+    def _tokenizer_key(self) -> str:
+        spec = {**self._spec(), "tokenizer": asdict(self.tok_settings), "sample_bytes": self.tokenizer_sample_bytes}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def dataset_path(self) -> str:
+        """The prepared directory this module uses: ``dataset_dir`` or ``<cache_dir>/tokens/<content hash>``."""
+        if self._path is None:
+            if self.dataset_dir:
+                self._path = self.dataset_dir
+            else:
+                tok = self._given_tokenizer().sha256 if self.tokenizer_path else self._tokenizer_key()
+                spec = {**self._spec(), "tokenizer": tok}
+                key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+                self._path = str(self.cache_dir / "tokens" / key)
+        return self._path
+
+    def is_prepared(self) -> bool:
+        """Whether the prepared directory is complete (its meta.json is written last)."""
+        return _exists(f"{self.dataset_path.rstrip('/')}/{COMPLETE}")
+
+    # ---- reading documents (streamed) ----
+    def _tasks(self, split: int, files: list[_File], labels_dir: Path) -> list[Task]:
+        tasks: list[Task] = []
+        for f in files:
+            path = Path(f.scan.path)
+            field = f.source.text_field or self.text_field
+            common = dict(source=str(path), path=str(path), split=split, text_field=field, skip_bad=self.skip_bad)
+            if path.suffix == ".txt":
+                span = self._txt_span(f, split)
+                if span:
+                    tasks.append(Task(**common, labels="", start=span[0], end=span[1]))
+                continue
+            labels = self.labels(f)
+            if not (labels == split).any():
+                continue
+            file = labels_dir / f"{f.index}.npy"
+            if not file.is_file():
+                file.parent.mkdir(parents=True, exist_ok=True)
+                np.save(file, labels)
+            if path.suffix == ".json":
+                tasks.append(Task(**common, labels=str(file)))
+                continue
+            firsts = [r[2] for r in f.scan.ranges] + [f.scan.docs]
+            for i, (start, end, first_doc, first_line) in enumerate(f.scan.ranges):
+                if (labels[first_doc : firsts[i + 1]] == split).any():  # skip ranges with nothing of this split
+                    task = Task(**common, labels=str(file), start=start, end=end, first_doc=first_doc)
+                    task.first_line = first_line
+                    tasks.append(task)
+        return tasks
+
+    def _txt_span(self, f: _File, split: int) -> tuple[int, int] | None:
+        """A .txt file is one document: its first ``sample_ratio`` of characters, the last ``val_share`` of which
+        is validation (nanoGPT style); an explicit val/test file is wholly that split."""
+        n = int(f.scan.docs * self._ratio(f))
+        if f.group != "train":
+            return (0, n) if split == SPLITS[f.group] and n else None
+        cut = int(n * (1 - self._val_share(f)))
+        lo, hi = {TRAIN: (0, cut), VAL: (cut, n)}.get(split, (0, 0))
+        return (lo, hi) if hi > lo else None
+
+    def iter_documents(self, split: str = "train", labels_dir: Path | None = None):
+        """Yield ``(file, text)`` of one split, streamed from disk one document at a time."""
+        labels_dir = labels_dir or self.cache_dir / "labels" / self._tokenizer_key()
+        groups = {"train": ["train"], "val": ["train", "val"], "test": ["test"]}[split]
+        files = [f for f in self.plan() if f.group in groups]
+        for task in self._tasks(SPLITS[split], files, labels_dir):
+            for text in iter_task_texts(task):
+                yield task.source, text
+
+    def _check_plan(self) -> None:
+        """Loud warnings for sources that contribute nothing, and an error for an empty training corpus."""
+        train_docs = 0
+        for f in self.plan():
+            kept = (
+                (self._txt_span(f, TRAIN) or self._txt_span(f, VAL) or self._txt_span(f, TEST)) is not None
+                if f.scan.path.endswith(".txt")
+                else int((self.labels(f) > 0).sum())
+            )
+            if f.group == "train":
+                train_docs += (
+                    int(self._txt_span(f, TRAIN) is not None)
+                    if f.scan.path.endswith(".txt")
+                    else int((self.labels(f) == TRAIN).sum())
+                )
+            if not kept:
+                rank_zero_warn(
+                    f"!!! data source {f.scan.path} contributes NOTHING (records={f.scan.docs}, "
+                    f"sample_ratio={self._ratio(f)}); check its path, text field and sample ratio",
+                )
+        if not train_docs:
             raise DataError(
                 f"the pretraining corpus is empty after reading and sampling {[s.path for s in self.sources]}; "
                 f"check the files are not empty and sample_ratio > 0"
             )
-        self._docs = (train, val, stats)
-        return self._docs
 
     # ---- tokenizer ----
+    def _given_tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_file(self.tokenizer_path)
+        return self._tokenizer
+
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            if self.tokenizer_path:
-                self._tokenizer = Tokenizer.from_file(self.tokenizer_path)
+            if self.dataset_dir and self.is_prepared():  # a pinned prepared directory carries its tokenizer
+                self._tokenizer = Tokenizer(_read_bytes(f"{self.dataset_dir.rstrip('/')}/tokenizer.model"))
+            elif self.tokenizer_path:
+                self._tokenizer = self._given_tokenizer()
             else:
-                texts = (t for _, t in self.documents()[0])
+                self._check_plan()
                 path, reused = train_or_load(
                     self._files(),
-                    texts,
+                    self._tokenizer_sample(),
                     self.tok_settings,
                     self.cache_dir / "tokenizers",
                     force=self.retrain_tokenizer,
                     log=rank_zero_info,
+                    key=self._tokenizer_key(),
                 )
                 self.retrain_tokenizer = False  # retrain once, not again in every process/hook
                 rank_zero_info(f"tokenizer: {path} ({'reused from cache' if reused else 'trained'})")
                 self._tokenizer = Tokenizer.from_file(path)
         return self._tokenizer
 
+    def _tokenizer_sample(self):
+        """Training documents for the tokenizer: each kept with probability sample_bytes / corpus bytes, so the
+        sample is spread over the whole corpus and its size is bounded (lazily streamed; only read on a miss)."""
+        train = [f for f in self.plan() if f.group == "train"]
+        total = sum(f.scan.size * self._ratio(f) * (1 - self._val_share(f)) for f in train)
+        every = max(1.0, total / self.tokenizer_sample_bytes)
+        labels_dir = self.cache_dir / "labels" / self._tokenizer_key()
+        rng = np.random.default_rng(self.seed)
+        for task in self._tasks(TRAIN, train, labels_dir):
+            texts = iter_task_texts(task, every=1 if task.path.endswith(".txt") else every, seed=self.seed)
+            for text in texts:
+                if task.path.endswith(".txt") and every > 1 and rng.random() * every >= 1:
+                    continue  # pieces of a large .txt document are sampled the same way
+                yield text
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
-    # ---- token cache ----
-    def _cache_paths(self) -> dict[str, Path]:
-        d = self.cache_dir / "tokens" / f"{self._corpus_key()}-{self.tokenizer.sha256[:12]}"
-        return {"train": d / "train.bin", "val": d / "val.bin", "meta": d / "meta.json"}
-
+    # ---- preparation ----
     def prepare_data(self) -> None:
-        """Tokenize the sampled corpus once into uint16/uint32 token files (runs on one process per node)."""
-        paths = self._cache_paths()
-        if paths["meta"].is_file():
+        """Tokenize the corpus into the prepared directory unless it is complete (one process per node).
+
+        The directory is built under a temporary name and renamed into place after its meta.json is written, so
+        an interrupted preparation never leaves a directory a later run would take as complete; a lock file lets
+        concurrent runs of the same corpus wait for one preparation instead of repeating it.
+        """
+        if self.is_prepared():
             return
-        train, val, stats = self.documents()
-        tok = self.tokenizer
-        dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
-        t0 = time.perf_counter()
-        per_source: dict[str, int] = {}
-        paths["train"].parent.mkdir(parents=True, exist_ok=True)
-        for split, docs in (("train", train), ("val", val)):
-            ids = tok.encode_batch([t for _, t in docs]) if docs else []
-            flat = []
-            for (src, _), seq in zip(docs, ids):
-                flat.append(np.asarray(seq + [tok.eos_id], dtype=dtype))
-                per_source[src] = per_source.get(src, 0) + len(seq) + 1
-            arr = np.concatenate(flat) if flat else np.zeros(0, dtype=dtype)
-            tmp = paths[split].with_suffix(".tmp")
-            arr.tofile(tmp)
-            os.replace(tmp, paths[split])
-        seconds = time.perf_counter() - t0
-        meta = {"dtype": np.dtype(dtype).name, "tokens_per_source": per_source, "tokenize_seconds": seconds}
-        meta["val_chars"] = sum(len(t) for _, t in val)
-        meta["val_tokens"] = int(paths["val"].stat().st_size // np.dtype(dtype).itemsize)
-        meta["sources"] = stats
-        tmp = paths["meta"].with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, paths["meta"])
-        total = sum(per_source.values())
-        rank_zero_info(f"tokenized {total:,} tokens in {seconds:.1f}s ({total / max(seconds, 1e-9):,.0f} tokens/s)")
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        paths = self._cache_paths()
-        if not paths["meta"].is_file():  # prepare_data is skipped when the module is used outside a Trainer
-            self.prepare_data()
-        meta = json.loads(paths["meta"].read_text())
-        dtype = np.dtype(meta["dtype"])
-
-        def load(p: Path) -> np.ndarray:
-            return np.memmap(p, dtype=dtype, mode="r") if p.stat().st_size else np.zeros(0, dtype=dtype)
-
-        self.train_set = PackedBlocks(load(paths["train"]), self.seq_len, self.block_stride)
-        self.val_set = PackedBlocks(load(paths["val"]), self.seq_len)
-        world = self.trainer.world_size if self.trainer else 1
-        if len(self.train_set) < world * self.batch_size:
+        final = self.dataset_path
+        if is_remote(final):
             raise DataError(
-                f"the training split has {len(self.train_set.tokens):,} tokens = {len(self.train_set)} blocks of "
-                f"seq_len={self.seq_len}, fewer than one batch ({self.batch_size} x {world} devices); add data, "
-                f"or lower seq_len/batch_size"
+                f"data.dataset_dir={final} is not a prepared dataset (no {COMPLETE}); prepare it locally with "
+                f"`minillm prepare --config <config> --data.init_args.dataset_dir <local dir>`, then upload the folder"
             )
-        if len(self.val_set) == 0 and self.val_share > 0:
+        final_dir = Path(final)
+        with locked(final_dir.parent / f".{final_dir.name}.lock"):
+            if self.is_prepared():
+                return
+            self._prepare_into(final_dir)
+
+    def _prepare_into(self, final_dir: Path) -> None:
+        tok = self.tokenizer
+        t0 = time.perf_counter()
+        work = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        out = work / "dataset"
+        out.mkdir(parents=True)
+        (out / "tokenizer.model").write_bytes(tok.model_bytes)
+        dtype = "uint16" if tok.vocab_size < 2**16 else "uint32"
+        job = TokenizeJob(tokenizer=str(out / "tokenizer.model"), work_dir=str(work), dtype=dtype)
+        workers = self.prepare_workers or os.cpu_count() or 1
+        plan = self.plan()
+        in_bytes = sum(f.scan.size for f in plan)
+        rank_zero_info(f"preparing {final_dir} from {len(plan)} file(s), {in_bytes / 1e6:,.1f} MB, {workers} worker(s)")
+        splits = {
+            "train": [f for f in plan if f.group == "train"],
+            "val": [f for f in plan if f.group in ("train", "val")],
+            "test": [f for f in plan if f.group == "test"],
+        }
+        for name, files in splits.items():
+            tasks = self._tasks(SPLITS[name], files, work / "labels")
+            if tasks:
+                rank_zero_info(f"tokenizing the {name} split: {len(tasks)} task(s)")
+                write_split(tasks, out / name, job, workers, self.chunk_tokens)
+        seconds = time.perf_counter() - t0
+        meta = self._meta(work, plan, dtype, seconds)
+        meta["prepare_workers"] = workers
+        meta["input_bytes"] = in_bytes
+        atomic_write(out / COMPLETE, json.dumps(meta, indent=2))  # last: marks the directory complete
+        try:
+            os.rename(out, final_dir)
+        except OSError:
+            if not (final_dir / COMPLETE).is_file():  # a stale incomplete directory under the final name
+                shutil.rmtree(final_dir, ignore_errors=True)
+                os.rename(out, final_dir)
+        shutil.rmtree(work, ignore_errors=True)
+        total = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] + meta["splits"]["test"]["tokens"]
+        rank_zero_info(
+            f"prepared {total:,} tokens in {seconds:.1f}s ({total / max(seconds, 1e-9):,.0f} tokens/s, "
+            f"{in_bytes / 1e6 / max(seconds, 1e-9):,.1f} MB/s) -> {final_dir}"
+        )
+
+    def _meta(self, work: Path, plan: list[_File], dtype: str, seconds: float) -> dict[str, Any]:
+        """Merge the workers' per-task statistics into the prepared directory's meta.json."""
+        splits = {name: {"tokens": 0, "docs": 0, "chars": 0, "bytes": 0} for name in SPLITS}
+        names = {v: k for k, v in SPLITS.items()}
+        sources: dict[str, dict[str, Any]] = {}
+        per_source: dict[str, int] = {}
+        for f in plan:
+            labels = None if f.scan.path.endswith(".txt") else self.labels(f)
+            entry = {
+                "raw_records": f.scan.docs if labels is not None else int(f.scan.docs > 0),
+                "skipped": {},
+                "sample_ratio": self._ratio(f),
+                "group": f.group,
+            }
+            if labels is not None:
+                entry["sampled"] = int((labels > 0).sum())
+                for split, value in SPLITS.items():
+                    entry[f"{split}_docs"] = int((labels == value).sum())
+            sources.setdefault(f.scan.path, entry)
+        for file in sorted((work / "stats").glob("*.json")):
+            stat = json.loads(file.read_text())
+            split = names[int(file.name.split("-")[0])]
+            for key in ("tokens", "docs", "chars", "bytes"):
+                splits[split][key] += stat[key]
+            per_source[stat["source"]] = per_source.get(stat["source"], 0) + stat["tokens"]
+            skipped = sources[stat["source"]]["skipped"]
+            for reason, n in stat["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        return {
+            "format": FORMAT_VERSION,
+            "dtype": dtype,
+            "spec": self._spec(),
+            "tokenizer_sha256": self.tokenizer.sha256,
+            "splits": splits,
+            "tokens_per_source": per_source,
+            "sources": sources,
+            "prepare_seconds": seconds,
+        }
+
+    # ---- serving ----
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None or self.meta is not None:
+            return
+        if not self.is_prepared():  # prepare_data is skipped when the module is used outside a Trainer
+            self.prepare_data()
+        root = self.dataset_path.rstrip("/")
+        self.meta = meta = json.loads(_read_bytes(f"{root}/{COMPLETE}"))
+        if meta.get("tokenizer_sha256") != self.tokenizer.sha256:
+            raise DataError(
+                f"{root} was prepared with another tokenizer ({meta.get('tokenizer_sha256', '?')[:12]} vs "
+                f"{self.tokenizer.sha256[:12]}); point data.tokenizer at its tokenizer.model or prepare again"
+            )
+        world = self.trainer.world_size if self.trainer else 1
+        block = self.seq_len + 1
+        stride = self.block_stride or self.seq_len
+        remote_cache = {"cache_dir": str(self.cache_dir / "stream")} if is_remote(root) else {}
+
+        def dataset(split: str, shuffle: bool, stride: int) -> TokenBlocks | None:
+            if meta["splits"][split]["tokens"] < block:
+                return None
+            return TokenBlocks(
+                f"{root}/{split}",
+                self.seq_len,
+                stride,
+                shuffle=shuffle,
+                drop_last=shuffle,
+                seed=self.seed,
+                **remote_cache,
+            )
+
+        self.train_set = dataset("train", True, stride)
+        self.val_set = dataset("val", False, self.seq_len)
+        self.test_set = dataset("test", False, self.seq_len)
+        n_train = _windows(f"{root}/train", block, stride)
+        if self.train_set is None or (n_train is not None and n_train < world * self.batch_size):
+            tokens = meta["splits"]["train"]["tokens"]
+            raise DataError(
+                f"the training split has {tokens:,} tokens = {n_train or 0} blocks of seq_len={self.seq_len}, fewer "
+                f"than one batch ({self.batch_size} x {world} devices); add data, or lower seq_len/batch_size"
+            )
+        if self.val_set is None and (self.val_share > 0 or self.val_sources):
             rank_zero_warn(f"validation split has fewer than seq_len={self.seq_len}+1 tokens: no validation")
         self.stats = {
+            "dataset_dir": root,
             "sources": meta["sources"],
             "tokens_per_source": meta["tokens_per_source"],
-            "train_tokens": int(len(self.train_set.tokens)),
-            "val_tokens": int(len(self.val_set.tokens)),
-            "val_chars": meta.get("val_chars", 0),
-            "train_blocks": len(self.train_set),
-            "val_blocks": len(self.val_set),
+            "train_tokens": meta["splits"]["train"]["tokens"],
+            "val_tokens": meta["splits"]["val"]["tokens"],
+            "test_tokens": meta["splits"]["test"]["tokens"],
+            "val_chars": meta["splits"]["val"]["chars"],
+            "test_bytes": meta["splits"]["test"]["bytes"],
+            "train_blocks": n_train,
+            "val_blocks": _windows(f"{root}/val", block, self.seq_len) if self.val_set is not None else 0,
+            "test_blocks": _windows(f"{root}/test", block, self.seq_len) if self.test_set is not None else 0,
             "seq_len": self.seq_len,
             "tokenizer_sha256": self.tokenizer.sha256,
             "vocab_size": self.tokenizer.vocab_size,
@@ -307,24 +533,27 @@ class PretrainDataModule(L.LightningDataModule):
             if self.trainer.is_global_zero:
                 write_stats(run_dir, "pretrain", self.stats)
 
+    def _per_token(self, split: str, unit: str) -> float | None:
+        s = (self.meta or {}).get("splits", {}).get(split)
+        return s[unit] / s["tokens"] if s and s["tokens"] and s[unit] else None
+
     @property
     def val_chars_per_token(self) -> float | None:
         """Characters per token of the validation text: turns nats/token into tokenizer-independent nats/char."""
-        stats = getattr(self, "stats", None)
-        if not stats or not stats["val_chars"] or not stats["val_tokens"]:
-            return None
-        return stats["val_chars"] / stats["val_tokens"]
+        return self._per_token("val", "chars")
+
+    @property
+    def test_bytes_per_token(self) -> float | None:
+        """UTF-8 bytes per token of the test text: turns nats/token into bits per byte."""
+        return self._per_token("test", "bytes")
 
     def _progress(self) -> int:
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = ResumableSampler(len(self.train_set), world, rank, self.seed)
-        return ResumableDataLoader(
+        return ResumableStreamingLoader(
             self.train_set,
-            sampler,
             self._progress,
             batch_size=self.batch_size,
             drop_last=True,
@@ -333,9 +562,20 @@ class PretrainDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _eval_loader(self, dataset: TokenBlocks | None) -> DataLoader:
+        if dataset is None:
+            return DataLoader([])
+        return ResumableStreamingLoader(dataset, lambda: 0, batch_size=self.batch_size, num_workers=self.num_workers)
+
     def val_dataloader(self) -> DataLoader:
-        assert self.val_set is not None
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            raise DataError(
+                "no test split: set data.init_args.test_sources to held-out files (with at least seq_len+1 tokens)"
+            )
+        return self._eval_loader(self.test_set)
 
     def state_dict(self) -> dict:
         return {"tokenizer_sha256": self.tokenizer.sha256, "seq_len": self.seq_len}
@@ -347,3 +587,32 @@ class PretrainDataModule(L.LightningDataModule):
                 f"({state['tokenizer_sha256'][:12]} vs {self.tokenizer.sha256[:12]}); resume with the same data "
                 "and tokenizer settings, or point data.tokenizer at the checkpoint"
             )
+
+
+def _exists(uri: str) -> bool:
+    if not is_remote(uri):
+        return Path(uri).is_file()
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
+def _read_bytes(uri: str) -> bytes:
+    if not is_remote(uri):
+        return Path(uri).read_bytes()
+    import fsspec
+
+    with fsspec.open(uri, "rb") as fh:
+        return fh.read()
+
+
+def _windows(split_dir: str, block: int, stride: int) -> int | None:
+    """Windows of ``block`` tokens every ``stride`` in a LitData token directory (None when it is remote)."""
+    if is_remote(split_dir):
+        return None
+    index = Path(split_dir) / "index.json"
+    if not index.is_file():
+        return 0
+    dims = [c["dim"] or 0 for c in json.loads(index.read_text())["chunks"]]
+    return sum((d - block) // stride + 1 for d in dims if d >= block)
