@@ -28,6 +28,7 @@ EXTRA_VERBS: dict[str, str] = {
     "download": "minillm_lightning.commands.download:download_main",
     "pipeline": "minillm_lightning.pipeline:pipeline_main",
     "bench": "minillm_lightning.bench:bench_main",
+    "prepare": "minillm_lightning.commands.prepare:prepare_main",
     "serve": "minillm_lightning.commands.serve:serve_main",
 }
 
