@@ -22,6 +22,7 @@ class PretrainModule(StageModule):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.val_nll = MeanMetric()  # token-weighted mean NLL, reduced across ranks -> val/loss, val/ppl
+        self.test_nll = MeanMetric()  # the same on the test split -> test/loss, test/ppl, test/bpb
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean NLL of the labelled tokens, their number, MoE auxiliary loss) of one batch.
@@ -63,3 +64,18 @@ class PretrainModule(StageModule):
         if cpt:  # per character, so models with different tokenizers compare
             self.log("val/nats_per_char", nll / cpt, sync_dist=True)
             self.log("val/bits_per_char", nll / cpt / math.log(2), sync_dist=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, n_tokens, _ = self._lm_loss(batch)
+        self.test_nll.update(loss, weight=n_tokens)
+
+    def on_test_epoch_end(self) -> None:
+        if not self.test_nll.update_called:
+            return
+        nll = self.test_nll.compute()
+        self.test_nll.reset()
+        self.log("test/loss", nll, sync_dist=True)
+        self.log("test/ppl", torch.exp(nll), sync_dist=True)
+        bpt = getattr(self.trainer.datamodule, "test_bytes_per_token", None) if self._trainer else None
+        if bpt:  # bits per UTF-8 byte of the test text: comparable across tokenizers and languages
+            self.log("test/bpb", nll / bpt / math.log(2), sync_dist=True)
