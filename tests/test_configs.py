@@ -10,21 +10,23 @@ from conftest import ROOT
 
 from minillm_lightning.cli import main
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "real").glob("*.yaml"))
 
 
 def test_every_stage_has_tiny_and_small_recipes() -> None:
-    names = {p.stem for p in CONFIGS}
+    """Both recipes (the shipped sample, and real corpora) have both sizes of every stage."""
+    names = {str(p.relative_to(ROOT / "configs").with_suffix("")) for p in CONFIGS}
     for stage in ("pretrain", "sft", "reward", "dpo", "ppo"):
-        assert {f"{stage}_tiny", f"{stage}_small"} <= names, stage
+        for prefix in ("", "real/"):
+            assert {f"{prefix}{stage}_tiny", f"{prefix}{stage}_small"} <= names, prefix + stage
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
 def test_config_parses_and_starts_with_a_header(config: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     text = config.read_text()
     verb = "predict" if config.stem == "predict" else "fit"
-    assert text.startswith("#") and f"minillm {verb} --config configs/{config.name}" in text
+    assert text.startswith("#") and f"minillm {verb} --config {config.relative_to(ROOT).as_posix()}" in text
     with pytest.raises(SystemExit) as exit_info:
         main([verb, "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
