@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from minillm_lightning.checkpoint import backbone_state, load_checkpoint
 from minillm_lightning.errors import CheckpointError, MiniLLMError
 from minillm_lightning.losses import IGNORE_INDEX, DPOLossType, dpo_loss, lm_loss, sequence_logprobs
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
@@ -37,7 +38,7 @@ from minillm_lightning.stages.reward import (
     padded_forward,
 )
 
-Split = Literal["train", "val"]
+Split = Literal["train", "val", "test"]
 METRICS = (
     "rewards/chosen",
     "rewards/rejected",
@@ -64,7 +65,8 @@ class DPOModule(StageModule):
     names, per step and as epoch means over all ranks): ``rewards/chosen``, ``rewards/rejected`` (implicit
     rewards ``beta * (log pi - log ref)``), ``rewards/margins``, ``rewards/accuracies`` (share of pairs with
     a higher chosen reward; 0 at step 0, where policy == reference), ``logps/chosen``, ``logps/rejected``,
-    under ``train/`` and ``val/``; plus ``train/loss``, ``val/loss`` and ``train/nll_loss`` with ``rpo_alpha``.
+    under ``train/`` and ``val/`` (and ``test/`` from ``minillm test`` on ``data.test_sources``); plus
+    ``train/loss``, ``val/loss``, ``test/loss`` and ``train/nll_loss`` with ``rpo_alpha``.
 
     Args:
         arch: backbone architecture (ignored with ``init_from``: the checkpoint's architecture is used).
@@ -132,6 +134,7 @@ class DPOModule(StageModule):
         keys = ["loss", *METRICS] + (["nll_loss"] if rpo_alpha else [])
         self.train_metrics = nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in keys[1:]})
         self.val_metrics = nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in keys})
+        self.test_metrics = nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in keys})
 
     def train(self, mode: bool = True) -> DPOModule:
         """Lightning switches the whole module to train mode; the reference stays in eval (no dropout)."""
@@ -238,12 +241,32 @@ class DPOModule(StageModule):
         self.count_tokens(2 * batch["chosen_input_ids"].numel())
         return check_finite(loss + aux, self, self.hparams.on_nonfinite)
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        loss, _, stats = self._step(batch, "val")
+    def _eval_step(self, batch: dict[str, Tensor], split: Literal["val", "test"]) -> None:
+        """Accumulate the epoch means of a held-out split: ``<split>/loss`` and ``<split>/<METRICS>``."""
+        loss, _, stats = self._step(batch, split)
+        metrics = self.val_metrics if split == "val" else self.test_metrics
         for name, value in {"loss": loss.expand(len(stats["logps/chosen"])), **stats}.items():
-            metric = self.val_metrics[name.replace("/", "_")]
+            metric = metrics[name.replace("/", "_")]
             metric.update(value)
-            self.log(f"val/{name}", metric, on_epoch=True, prog_bar=name == "rewards/accuracies")
+            self.log(f"{split}/{name}", metric, on_epoch=True, prog_bar=name == "rewards/accuracies")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_test_start(self) -> None:
+        if self.ref_model is None:  # freed after precomputing in this process; the test split has no cache
+            self.ref_model = self._load_reference().to(self.device)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _load_reference(self) -> MiniGPT:
+        """The frozen reference rebuilt from ``init_from`` (what ``__init__`` copied before training)."""
+        if not self.init_from:
+            raise CheckpointError("DPO test after a precomputed reference needs model.init_from to rebuild it")
+        reference = MiniGPT(self.arch)
+        reference.load_state_dict(backbone_state(load_checkpoint(self.init_from)["state_dict"]), strict=False)
+        return reference.requires_grad_(False).eval()
 
     # ---- checkpoints: the reference stays out ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -179,7 +179,8 @@ class PPOModule(StageModule):
             ending (0: off).
         max_grad_norm: gradient clipping inside each optimizer step (``trainer.gradient_clip_val`` is refused
             with manual optimization). None: off.
-        eval_temperature: temperature of validation generation (0: greedy, a deterministic ``val/reward_mean``).
+        eval_temperature: temperature of validation and test generation (0: greedy, a deterministic
+            ``val/reward_mean``; sampled replies use a seed fixed per batch). Both log ``kl`` (:meth:`sequence_kl`).
         eval_reward_fn: an independent Python reward (same forms as ``reward_fn``) that validation also logs, as
             ``val/eval_reward_mean``. The policy never trains on it, so it shows reward hacking: the trained
             reward rising while this one falls.
@@ -447,6 +448,31 @@ class PPOModule(StageModule):
         texts = [self.tokenizer.decode(r[:-1] if e else r) for r, e in zip(responses, ended)]
         return texts, torch.tensor(ended, device=self.device)
 
+    def _join(self, prompt_ids: list[list[int]], responses: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, int]:
+        """(ids, keep, positions, P) of prompts left-padded to P tokens followed by right-padded responses,
+        on the model's device (the :class:`Rollout` layout)."""
+        N, P, R = len(responses), max(len(p) for p in prompt_ids), max(len(r) for r in responses)
+        ids = torch.full((N, P + R), self.tokenizer.pad_id, dtype=torch.long)
+        keep = torch.zeros(N, P + R, dtype=torch.bool)
+        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+            ids[i, P - len(p) : P] = torch.tensor(p)
+            ids[i, P : P + len(r)] = torch.tensor(r)
+            keep[i, P - len(p) : P + len(r)] = True
+        ids, keep = ids.to(self.device), keep.to(self.device)
+        return ids, keep, (keep.long().cumsum(-1) - 1).clamp(min=0), P
+
+    @torch.no_grad()
+    def sequence_kl(self, prompt_ids: list[list[int]], responses: list[list[int]]) -> Tensor:
+        """(N,) KL(policy || reference) of each response, summed over its tokens: at every response position the
+        exact KL between the two next-token distributions (at the rollout temperature, the distributions the
+        training penalty compares). Exact per token, so it is meaningful for greedy replies too."""
+        ids, keep, positions, P = self._join(prompt_ids, responses)
+        response, mask = ids[:, P:], keep[:, P:].float()
+        policy = torch.log_softmax(self._response_forward(self.model, ids, keep, positions, P, response)[1], -1)
+        reference = torch.log_softmax(self._response_forward(self.ref_policy, ids, keep, positions, P, response)[1], -1)
+        per_token = (policy.exp() * (policy - reference)).sum(-1)  # (N, R)
+        return (per_token * mask).sum(-1)
+
     # ---- the RL step ----
     @torch.no_grad()
     def make_rollout(self, batch: dict[str, Any], seed: int) -> Rollout:
@@ -462,19 +488,8 @@ class PPOModule(StageModule):
         raw = self.score_responses(messages, prompts, texts)
         scores = raw - hp.missing_eos_penalty * (~ended).float()
 
-        # left-padded prompts followed by right-padded responses
-        N, P, R = len(responses), max(len(p) for p in prompt_ids), max(len(r) for r in responses)
-        pad = self.tokenizer.pad_id
-        ids = torch.full((N, P + R), pad, dtype=torch.long)
-        keep = torch.zeros(N, P + R, dtype=torch.bool)
-        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
-            ids[i, P - len(p) : P] = torch.tensor(p)
-            ids[i, P : P + len(r)] = torch.tensor(r)
-            keep[i, P - len(p) : P + len(r)] = True
-        ids, keep = ids.to(self.device), keep.to(self.device)
-        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
-        mask = keep[:, P:].float()  # (N, R)
-        response = ids[:, P:]
+        ids, keep, positions, P = self._join(prompt_ids, responses)
+        N, mask, response = len(responses), keep[:, P:].float(), ids[:, P:]  # mask (N, R): 1.0 on response tokens
 
         logprobs, logits, hidden, _ = self._response_forward(self._forward, ids, keep, positions, P, response)
         entropy = masked_mean(entropy_from_logits(logits), mask)
@@ -583,20 +598,30 @@ class PPOModule(StageModule):
             self.log(k, metrics.pop(k), prog_bar=True, batch_size=N)
         self.log_dict(metrics, batch_size=N)
 
-    # ---- validation: greedy (by default) answers to held-out prompts, scored like the rollouts ----
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    # ---- validation and test: greedy (by default) answers to held-out prompts, scored like the rollouts ----
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, split: Literal["val", "test"]) -> None:
+        """Answer a batch of held-out prompts with ``eval_temperature`` (0: greedy; else sampled with a seed fixed
+        by the batch index) and log the epoch means ``<split>/reward_mean``, ``/kl`` (see :meth:`sequence_kl`),
+        ``/response_length``, ``/ended_share`` and, with ``eval_reward_fn``, ``/eval_reward_mean``."""
         hp = self.hparams
         responses = self._generate(batch["prompt_ids"], hp.eval_temperature, self.seed + batch_idx)
         texts, ended = self._decode(responses)
         raw = self.score_responses(batch["messages"], batch["prompt"], texts)
         n = len(responses)
         lengths = torch.tensor([float(len(r)) for r in responses], device=self.device)
-        self.log("val/reward_mean", raw.mean(), prog_bar=True, sync_dist=True, batch_size=n)
-        self.log("val/response_length", lengths.mean(), sync_dist=True, batch_size=n)
-        self.log("val/ended_share", ended.float().mean(), sync_dist=True, batch_size=n)
+        self.log(f"{split}/reward_mean", raw.mean(), prog_bar=True, sync_dist=True, batch_size=n)
+        self.log(f"{split}/kl", self.sequence_kl(batch["prompt_ids"], responses).mean(), sync_dist=True, batch_size=n)
+        self.log(f"{split}/response_length", lengths.mean(), sync_dist=True, batch_size=n)
+        self.log(f"{split}/ended_share", ended.float().mean(), sync_dist=True, batch_size=n)
         if self.eval_reward_function is not None:
             check = torch.tensor(self.eval_reward_function(list(batch["prompt"]), texts), dtype=torch.float32)
-            self.log("val/eval_reward_mean", check.mean().to(self.device), sync_dist=True, batch_size=n)
+            self.log(f"{split}/eval_reward_mean", check.mean().to(self.device), sync_dist=True, batch_size=n)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
 
     def generate_text(self, prompts: list[str], temperature: float = 0.0, seed: int = 0) -> list[str]:
         """Answers of the current policy to plain user prompts (for notebooks and tests)."""

@@ -215,8 +215,9 @@ class RewardModule(StageModule):
 
     Batches come from :class:`~minillm_lightning.data.preference.PreferenceDataModule`; both halves run as
     one (2B, T) forward. Logged: ``train/loss`` and, as epoch means over all ranks (torchmetrics),
-    ``{train,val}/accuracy`` (share of pairs with r_chosen > r_rejected), ``/margin`` (mean r_c - r_r),
-    ``/reward_chosen``, ``/reward_rejected``; ``val/loss``.
+    ``{train,val,test}/accuracy`` (share of pairs with r_chosen > r_rejected), ``/margin`` (mean r_c - r_r),
+    ``/reward_chosen``, ``/reward_rejected``; ``val/loss``, ``test/loss``. ``test/`` comes from ``minillm test``
+    on ``data.test_sources``.
 
     Args:
         arch: backbone architecture (ignored with ``init_from``: the checkpoint's architecture is used).
@@ -273,6 +274,7 @@ class RewardModule(StageModule):
         names = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected")
         self.train_metrics = nn.ModuleDict({n: MeanMetric() for n in names[1:]})
         self.val_metrics = nn.ModuleDict({n: MeanMetric() for n in names})
+        self.test_metrics = nn.ModuleDict({n: MeanMetric() for n in names})
 
     def pair_rewards(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(chosen rewards (B,), rejected rewards (B,), MoE aux loss) of a preference batch, in one forward."""
@@ -308,8 +310,16 @@ class RewardModule(StageModule):
         self.count_tokens(2 * batch["chosen_input_ids"].numel())
         return check_finite(loss + aux, self, self.hparams.on_nonfinite)
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def _eval_step(self, batch: dict[str, Tensor], split: Literal["val", "test"]) -> None:
+        """Accumulate the epoch means of a held-out split: ``<split>/loss``, ``/accuracy``, ``/margin``, ..."""
         loss, _, stats = self._step(batch)
+        metrics = self.val_metrics if split == "val" else self.test_metrics
         for name, value in {"loss": loss.expand(len(stats["margin"])), **stats}.items():
-            self.val_metrics[name].update(value)
-            self.log(f"val/{name}", self.val_metrics[name], on_epoch=True, prog_bar=name == "accuracy")
+            metrics[name].update(value)
+            self.log(f"{split}/{name}", metrics[name], on_epoch=True, prog_bar=name == "accuracy")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")

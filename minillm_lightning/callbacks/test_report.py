@@ -1,0 +1,85 @@
+"""TestReport: when ``trainer.test`` (``minillm test``) ends, write its metrics to a JSON file beside the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def report_path(ckpt_path: str | os.PathLike | None, run_dir: str | os.PathLike) -> Path:
+    """``<checkpoint stem>.test.json`` beside the checkpoint; without a checkpoint (the ``init_from`` weights, a
+    baseline) ``test.json`` in the run directory."""
+    if ckpt_path:
+        path = Path(ckpt_path)
+        return path.with_name(f"{path.stem}.test.json")
+    return Path(run_dir) / "test.json"
+
+
+def _examples(trainer: L.Trainer) -> int | None:
+    """Items in the test loaders, for data modules without ``test_summary``; None when a loader has no length."""
+    try:
+        return sum(len(loader.dataset) for loader in trainer.test_dataloaders or [])
+    except (TypeError, AttributeError):
+        return None
+
+
+def test_report(trainer: L.Trainer) -> dict[str, Any]:
+    """The report of the test run ``trainer`` just finished: metrics, checkpoint, stage and test data.
+
+    Metrics are the ``test*`` entries of ``trainer.callback_metrics`` (epoch values, already reduced across
+    ranks). The data module may describe its test data with ``test_summary()`` (files, examples scored); else
+    the report counts the items of the test loaders.
+    """
+    module, dm = trainer.lightning_module, trainer.datamodule
+    metrics = {
+        k: float(v) if isinstance(v, torch.Tensor) else v
+        for k, v in sorted(trainer.callback_metrics.items())
+        if k.startswith("test")
+    }
+    summary = getattr(dm, "test_summary", None)
+    data = summary() if callable(summary) else {"examples": _examples(trainer)}
+    return {
+        "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+        "init_from": getattr(module, "init_from", None),
+        "stage": getattr(module, "stage_name", None),
+        "model": f"{type(module).__module__}.{type(module).__qualname__}",
+        "data": f"{type(dm).__module__}.{type(dm).__qualname__}" if dm is not None else None,
+        "metrics": metrics,
+        **data,
+    }
+
+
+class TestReport(Callback):
+    """Write :func:`test_report` as JSON when a test run ends (see :func:`report_path` for where).
+
+    Args:
+        path: write here instead (a file path); ``None`` picks the place from the checkpoint.
+    """
+
+    __test__ = False  # not a pytest test class despite its name
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self.written: Path | None = None
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        report = test_report(trainer)
+        path = (
+            Path(self.path)
+            if self.path
+            else report_path(trainer.ckpt_path, trainer.log_dir or trainer.default_root_dir)
+        )
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
+            rank_zero_info(f"test report: {path}")
+        self.written = path
