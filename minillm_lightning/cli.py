@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from minillm_lightning.callbacks import InterruptCheckpoint
 from minillm_lightning.callbacks.interrupt import is_worker_crash
+from minillm_lightning.callbacks.test_report import TestReport
 from minillm_lightning.checkpoint import META_KEY, load_checkpoint, newest_intact_checkpoint
 from minillm_lightning.errors import CheckpointError, MiniLLMError
 from minillm_lightning.stages.base import StageModule
@@ -121,7 +122,8 @@ def run_lightning(args: list[str] | None = None, **cli_kwargs) -> MiniLLMCLI:
         args=args,
         parser_kwargs={"default_env": True, "env_prefix": "MINILLM"},
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [InterruptCheckpoint()]},
+        # TestReport: `minillm test` writes <checkpoint stem>.test.json next to the checkpoint
+        trainer_defaults={"callbacks": [InterruptCheckpoint(), TestReport()]},
     )
     return MiniLLMCLI(StageModule, LightningDataModule, **{**settings, **cli_kwargs})
 
