@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from torchmetrics import MeanMetric
-
 from minillm_lightning.errors import CheckpointError
 from minillm_lightning.model import MiniGPTConfig
 from minillm_lightning.stages.pretrain import PretrainModule
@@ -16,7 +13,8 @@ class SFTModule(PretrainModule):
     """Supervised fine-tuning stage. Batches carry ``labels`` that are ``IGNORE_INDEX`` everywhere except on
     assistant tokens, so the loss and perplexity are those of the replies; packed batches also carry
     ``segment_ids``/``position_ids`` and attention stays within each conversation. ``minillm test`` reports
-    ``test/loss`` and ``test/ppl`` on the replies of ``data.test_sources`` (token-weighted, as validation).
+    ``test/loss`` and ``test/ppl`` of the replies of ``data.test_sources`` (PretrainModule's test step,
+    token-weighted as validation; no ``test/bpb``, which needs the data module's ``test_bytes_per_token``).
 
     Args:
         arch: backbone architecture (ignored with ``init_from``: the checkpoint's architecture is used).
@@ -71,16 +69,3 @@ class SFTModule(PretrainModule):
             self.warn_once(
                 f"SFT from random weights: set model.init_from to a pretrained checkpoint ({self.prerequisite})"
             )
-        self.sft_test_nll = MeanMetric()  # token-weighted NLL of the test replies, reduced across ranks
-
-    # ---- test: the validation loss on the held-out files ----
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, n_tokens, _ = self._lm_loss(batch)
-        self.sft_test_nll.update(loss, weight=n_tokens)
-
-    def on_test_epoch_end(self) -> None:
-        nll = self.sft_test_nll.compute()
-        self.sft_test_nll.reset()
-        # already reduced across ranks by the metric; sync_dist averages identical values (and silences a warning)
-        self.log("test/loss", nll, sync_dist=True)
-        self.log("test/ppl", torch.exp(nll), sync_dist=True)
