@@ -40,13 +40,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from minillm_lightning.bench_dpo import dpo_section, format_dpo
+from minillm_lightning.bench_eval import eval_section, format_eval
 from minillm_lightning.callbacks.throughput import compute_dtype, flops_per_token
 from minillm_lightning.commands.serve_bench import format_serve, serve_section
 from minillm_lightning.generation import GenerationConfig, TextGenerator
 from minillm_lightning.losses import lm_loss
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 
-SECTIONS = ("train", "loop", "decode", "data", "dpo", "serve")
+SECTIONS = ("train", "loop", "decode", "data", "dpo", "serve", "eval")
 DEFAULT_CONFIGS = ["configs/pretrain_tiny.yaml", "configs/pretrain_small.yaml"]
 # plain `minillm bench` on a CPU: pretrain_small as configured (batch 32 x 512, bf16-mixed) takes tens of seconds
 # per step there, so the default run measures it at batch 4 in fp32 with few steps (minutes instead of an hour)
@@ -547,6 +548,11 @@ def bench_config(config: str, args: argparse.Namespace, sections: set[str], peak
             result["dpo"] = dpo_section(arch, device, dtype, pairs, seq_len, args.steps, args.warmup, args.repeats)
         if "serve" in sections:
             result["serve"] = serve_section(arch, dm.tokenizer, device)
+        if "eval" in sections:
+            dec_dtype = torch.bfloat16 if device.type == "cuda" and dtype == torch.bfloat16 else torch.float32
+            eval_arch = replace(arch, vocab_size=args.eval_vocab or arch.vocab_size)
+            train_shape = (dm.batch_size, seq_len)
+            result["eval"] = eval_section(eval_arch, device, dec_dtype, *train_shape, args.steps, args.repeats)
     return result
 
 
@@ -637,6 +643,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--decode-lengths", type=_ints, default=[128, 256, 512], help="new tokens per decode run")
     p.add_argument("--beam-length", type=int, default=128, help="new tokens of the beam search vs greedy run")
+    p.add_argument(
+        "--eval-vocab", type=int, default=None, help="eval section: vocabulary of its random model (default: config's)"
+    )
     p.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak FLOP/s (cpu 2048, gpu 8192)")
     p.add_argument(
         "--override",
@@ -711,6 +720,8 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(format_dpo(r["dpo"]))
         if "serve" in r:
             lines.append(format_serve(r["serve"]))
+        if "eval" in r:
+            lines.append(format_eval(r["eval"]))
         if "data" in r:
             d = r["data"]
             if "skipped" in d:
@@ -735,6 +746,10 @@ def format_table(results: dict[str, Any]) -> str:
 def bench_main(argv: list[str]) -> dict[str, Any]:
     """Entry point of ``minillm bench``; returns the results it prints (and writes with ``--output``)."""
     args = parse_args(argv)
+    if args.output and Path(args.output).is_dir():  # checked now, not after minutes of measuring
+        from minillm_lightning.errors import MiniLLMError
+
+        raise MiniLLMError(f"--output {args.output} is a directory; give a JSON file path such as {args.output}/b.json")
     only_wall = args.fit_wall is not None and args.config is None and args.sections is None
     configs = [] if only_wall else (args.config or DEFAULT_CONFIGS)
     sections = set((args.sections or ",".join(SECTIONS)).split(","))

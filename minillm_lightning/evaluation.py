@@ -341,6 +341,23 @@ def ensure_files(task: str, data_dir: Path, download: bool = True) -> None:
         tmp.replace(path)
 
 
+def load_task(task: str, data_dir: Path) -> list[Any]:
+    """The documents of ``task`` from its files under ``data_dir``; a file of another format is one DataError."""
+    files = ", ".join(str(data_dir / f) for f in TASKS[task].files)
+    try:
+        docs = TASKS[task].load(data_dir)
+    except MiniLLMError:
+        raise
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise DataError(
+            f"task {task}: {files} is not in the expected format ({type(e).__name__}: {e}); delete it so that "
+            f"minillm eval downloads it again"
+        ) from None
+    if not docs:
+        raise DataError(f"task {task}: {files} holds no documents; delete it so that minillm eval downloads it again")
+    return docs
+
+
 # ---------------------------------------------------------------- scoring with the model
 
 
@@ -370,6 +387,8 @@ class LogLikelihoodScorer:
         """Tokens fed through the model so far (padding excluded)."""
         self.scored_tokens = 0
         """Predictions scored so far."""
+        self.chunk_values = 1 << 22
+        """Logits computed at a time (rows of the output head x vocabulary)."""
 
     @property
     def device(self) -> torch.device:
@@ -386,16 +405,30 @@ class LogLikelihoodScorer:
         cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else self.tokenizer.encode(continuation)
         return [self.tokenizer.eos_id, *ctx], cont or self.tokenizer.encode(continuation)
 
-    def _logits_at(self, ids: Tensor, flat_pos: Tensor) -> Tensor:
-        """Logits (M, V) of the predictions at ``flat_pos`` (indices into the flattened (B, T) positions).
+    def _nll_at(self, ids: Tensor, flat_pos: Tensor, target: Tensor, greedy: bool) -> tuple[Tensor, Tensor | None]:
+        """NLL (M,) of ``target`` at ``flat_pos`` (indices into the flattened (B, T) predictions), and whether each
+        target is the argmax when ``greedy``.
 
-        A MiniGPT runs its output head on those positions only; other models compute all logits and pick.
+        A MiniGPT runs its output head only on those positions. Logits go through the head and the loss in chunks
+        of about 4M values, which stay in the CPU cache between the matmul and the softmax: 1.5-2x faster than one
+        (M, V) pass at a 6k vocabulary.
         """
         if isinstance(self.model, MiniGPT):
             hidden = self.model(ids, compute_logits=False).hidden
-            return self.model.lm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_pos))
-        logits = self.model(ids).logits
-        return logits.reshape(-1, logits.shape[-1]).index_select(0, flat_pos)
+            rows, head = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_pos), self.model.lm_head
+        else:
+            logits = self.model(ids).logits
+            rows, head = logits.reshape(-1, logits.shape[-1]).index_select(0, flat_pos), None
+        vocab = head.out_features if head is not None else rows.shape[-1]
+        chunk = max(1, self.chunk_values // vocab)
+        nll, hits = [], []
+        for i in range(0, len(rows), chunk):
+            logits = (head(rows[i : i + chunk]) if head is not None else rows[i : i + chunk]).float()
+            nll.append(F.cross_entropy(logits, target[i : i + chunk], reduction="none"))
+            if greedy:
+                hits.append(logits.argmax(-1) == target[i : i + chunk])
+        empty = rows.new_zeros(0)
+        return torch.cat(nll) if nll else empty, (torch.cat(hits) if hits else empty.bool()) if greedy else None
 
     @torch.inference_mode()
     def score_rows(
@@ -426,13 +459,13 @@ class LogLikelihoodScorer:
             pos = torch.arange(width)
             keep = (pos >= first[sel, None]) & (pos < last[sel, None])  # (B, width) scored predictions
             flat_pos = keep.reshape(-1).nonzero().squeeze(1)
-            logits = self._logits_at(ids[:, :-1].to(device), flat_pos.to(device)).float()
             target = ids[:, 1:].reshape(-1)[flat_pos].to(device)
+            batch_nll, batch_hits = self._nll_at(ids[:, :-1].to(device), flat_pos.to(device), target, greedy)
             # where these scores go: each row's block of the output, in row order (keep is row-major)
             dest = (offsets[sel, None] + (pos - first[sel, None]))[keep]
-            nll[dest] = F.cross_entropy(logits, target, reduction="none").double().cpu()
+            nll[dest] = batch_nll.double().cpu()
             if hits is not None:
-                hits[dest] = (logits.argmax(-1) == target).cpu()
+                hits[dest] = batch_hits.cpu()
             self.forward_tokens += int(last[sel].sum())
         self.scored_tokens += len(nll)
         return nll, hits
@@ -607,7 +640,7 @@ def run_tasks(
                 raise MiniLLMError(f"unknown task {name!r}; choose from {', '.join(TASKS)} or text:PATH")
             spec = TASKS[name]
             ensure_files(name, data_dir, download)
-            docs = spec.load(data_dir)
+            docs = load_task(name, data_dir)
         total = len(docs)
         docs = docs[:limit] if limit else docs
         fed, scored, t_score = scorer.forward_tokens, scorer.scored_tokens, time.perf_counter()

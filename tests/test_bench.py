@@ -40,7 +40,7 @@ def bench_run(tmp_path_factory) -> tuple[dict, str]:
     config = str(micro_config(tmp))
     out = tmp / "bench.json"
     argv = ["--config", config, "--steps", "3", "--warmup", "1", "--repeats", "1", "--device", "cpu"]
-    argv += ["--sections", "train,loop,decode,data,dpo"]
+    argv += ["--sections", "train,loop,decode,data,dpo,eval", "--eval-vocab", "300"]
     argv += ["--peak-n", "128", "--decode-lengths", "4,8", "--beam-length", "4", "--output", str(out)]
     bench_main(argv)
     return json.loads(out.read_text()), config
@@ -75,6 +75,11 @@ def test_every_section_reports_positive_numbers(bench_run) -> None:
     assert dpo["pairs"] == r["model"]["batch_size"] // 2 and dpo["seq_len"] == 32
     _positive(dpo["ms_per_step"], ["sft", "dpo", "dpo_precomputed"])
     _positive(dpo, ["dpo_vs_sft", "dpo_precomputed_vs_sft"])
+    ev = r["eval"]
+    assert ev["strides"] == {"half": 32, "block": 64} and ev["train_shape"] == [r["model"]["batch_size"], 32]
+    assert ev["scored_tokens"] == 6 * 4 * 64  # 24 windows' worth of random documents, every token scored once
+    _positive(ev["tokens_per_sec"], ["train", "half", "block"])
+    _positive(ev["vs_train"], ["half", "block"])
 
 
 def test_dpo_bench_batch_and_losses_are_real() -> None:

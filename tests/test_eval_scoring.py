@@ -52,6 +52,7 @@ def test_batched_rolling_nll_equals_window_by_window(stride: int, wrap: bool) ->
     lengths = [2, 9, 16, 17, 40, 63, 5]  # shorter than a window, exactly one, one more, several
     docs = [[1, *torch.randint(2, 50, (n - 1,), generator=g).tolist()] for n in lengths]
     scorer = ev.LogLikelihoodScorer(LogitsOnly(model) if wrap else model, TOK, batch_size=3)
+    scorer.chunk_values = 50 * 7  # logits in chunks of 7 rows: chunk edges fall inside windows
     got = scorer.rolling_nll(docs, stride)
     for doc, (nll, n) in zip(docs, got):
         ref_nll, ref_n = reference_rolling_nll(model, doc, 16, stride)
@@ -73,6 +74,7 @@ def test_batched_loglikelihood_equals_one_request_at_a_time() -> None:
         nxt = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
     requests.append((ctx, [nxt]))
     scorer = ev.LogLikelihoodScorer(model, TOK, batch_size=2)
+    scorer.chunk_values = 50 * 3
     got = scorer.loglikelihood(requests)
     for (c, k), (ll, greedy) in zip(requests, got):
         seq = (c + k)[-17:]
