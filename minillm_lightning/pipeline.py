@@ -169,10 +169,8 @@ def run_stage(
     info = {"stage": stage.name, "checkpoint": str(ckpt), "wall_s": wall, "scalars": final_scalars(run_dir)}
     if test:
         info["test"] = {
-            "before": run_test(
-                config, None, run_dir / "test_before.json", f"{stage.name} (test, before)", best, output
-            ),
-            "after": run_test(config, ckpt, run_dir / "test_after.json", f"{stage.name} (test, after)", best, output),
+            "before": run_test(config, None, run_dir, f"{stage.name} (test, before)", best, output),
+            "after": run_test(config, ckpt, run_dir, f"{stage.name} (test, after)", best, output),
         }
     done.write_text(json.dumps(info, indent=2))
     return info
@@ -303,6 +301,8 @@ def pipeline_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     recipe = RECIPES[args.recipe]
     output = args.output or recipe.output
+    if output.exists() and not output.is_dir():
+        raise PipelineError(f"--output {output} is a file; give a folder for the stages' runs")
     wanted = args.stages.split(",")
     unknown = set(wanted) - {s.name for s in STAGES}
     if unknown:
