@@ -4,16 +4,17 @@ minillm serve --checkpoint checkpoints/sft_tiny/last.ckpt --port 8000
 curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"messages": [{"role": "user", "content": "What is 3 plus 4?"}], "max_tokens": 32}'
 
-How the pieces fit (LitServe owns the HTTP server, the request queue, the inference worker and the batching):
+How the pieces fit (LitServe owns the HTTP server, the request queue and the inference worker process):
 
 - :class:`ChatSpec`, an ``OpenAISpec`` living in the API server process, checks every request against the
   tokenizer and the model context *before* queueing it, so bad input gets an OpenAI-style 400 also when the
   client asked for a stream (a stream's 200 header goes out before the worker sees the request). It ends each
-  response as soon as that request is finished, not when the whole batch is.
-- :class:`ChatAPI`, the ``LitAPI`` in the inference worker, decodes the requests LitServe batched together with
-  :meth:`TextGenerator.stream_batch` (left padding + KV cache). Requests that cannot share one sampling loop
-  (different temperature/top_p, their own seed, or too long together for the context) run as separate
-  sub-batches stepped in turn, so every request streams from the first step.
+  response as soon as that request is finished.
+- :class:`ChatLoop`, a LitServe loop in the inference worker, takes queued requests whenever there is room (up
+  to ``max_batch_size``), also while others are decoding, and steps a :class:`ChatEngine`: continuous batching
+  on :meth:`TextGenerator.stream_batch` (left padding + KV cache). Newcomers start at once in a batch of their
+  own; every few steps batches that can share a sampling loop are merged into one (a re-prefill of each row's
+  prompt + tokens so far), so concurrent requests end up decoded by one forward per step.
 - A slow reader never blocks the worker: the worker pushes tokens into per-request buffers of the API server,
   and each HTTP response drains its own buffer at its client's pace.
 """
@@ -23,14 +24,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import signal
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from queue import Empty
 from types import SimpleNamespace
 from typing import Any
 
@@ -38,7 +42,7 @@ import litserve as ls
 import torch
 from fastapi import BackgroundTasks, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from litserve.loops import BatchedStreamingLoop
+from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 from litserve.specs.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -50,7 +54,7 @@ from litserve.specs.openai import (
     OpenAISpec,
     UsageInfo,
 )
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 from pydantic import ValidationError
 
 from minillm_lightning.commands.generate import DEFAULT_MAX_NEW, _load
@@ -59,6 +63,8 @@ from minillm_lightning.generation import GenerationConfig, IncrementalDecoder, T
 from minillm_lightning.tokenizer import ROLES, Tokenizer
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+_MAIN_PID = os.getpid()
+logger = logging.getLogger(__name__)
 
 
 class ChatRequest(ChatCompletionRequest):
@@ -144,7 +150,7 @@ def prepare(req: ChatRequest, tokenizer: Tokenizer, block_size: int, default_max
     return Job(prompt, max_tokens, temperature, top_p, req.seed, tuple(s for s in stop if s))
 
 
-# ---- decoding a batch of jobs (inference worker) ----
+# ---- decoding (inference worker) ----
 
 
 class StopStrings:
@@ -171,23 +177,32 @@ class StopStrings:
 
 
 class _Row:
-    """The text and the usage of one job while it is decoded."""
+    """One request while it is decoded: its tokens so far, its text and its usage."""
 
-    def __init__(self, job: Job, tokenizer: Tokenizer, stop_ids: Sequence[int]) -> None:
-        self.job = job
+    def __init__(self, uid: Any, job: Job, tokenizer: Tokenizer, stop_ids: Sequence[int], key: tuple) -> None:
+        self.uid, self.job, self.key = uid, job, key
         self.stop_ids = set(stop_ids)
         self.decoder = IncrementalDecoder(tokenizer, skip_ids=stop_ids)
         self.stops = StopStrings(job.stop)
-        self.n = 0
+        self.tokens: list[int] = []
         self.finished = False
+
+    @property
+    def context(self) -> list[int]:
+        """Prompt + tokens generated so far: what a rebuilt batch prefills to continue this row."""
+        return self.job.prompt + self.tokens
+
+    @property
+    def left(self) -> int:
+        return self.job.max_tokens - len(self.tokens)
 
     def push(self, token: int) -> dict[str, Any]:
         """Take the next token; return the event to send ({} when there is nothing new)."""
-        self.n += 1
+        self.tokens.append(token)
         if token in self.stop_ids:
             return self.end("stop", self.decoder.flush())
         piece = self.decoder.push(token)
-        if self.n >= self.job.max_tokens:
+        if self.left <= 0:
             return self.end("length", piece + self.decoder.flush())
         text, hit = self.stops.push(piece)
         if hit:
@@ -201,100 +216,214 @@ class _Row:
 
     def _final(self, text: str, reason: str) -> dict[str, Any]:
         self.finished = True
-        usage = {"prompt_tokens": len(self.job.prompt), "completion_tokens": self.n}
-        usage["total_tokens"] = usage["prompt_tokens"] + self.n
+        n = len(self.tokens)
+        usage = {
+            "prompt_tokens": len(self.job.prompt),
+            "completion_tokens": n,
+            "total_tokens": len(self.job.prompt) + n,
+        }
         return {"content": text, "finish_reason": reason, "usage": usage}
 
 
-def plan_batches(jobs: Sequence[Job], block_size: int) -> list[tuple[list[int], GenerationConfig]]:
-    """Split jobs into sub-batches that can share one sampling loop, with the generation config of each.
+def sampling_key(job: Job, uid: Any) -> tuple:
+    """Requests with equal keys can share one sampling loop. Greedy ones always can; sampling ones with the same
+    temperature and top_p can; a seeded request never shares, so its output depends on its seed alone."""
+    if job.temperature == 0:
+        return ("greedy",)
+    if job.seed is not None:
+        return ("seed", uid)
+    return ("sample", job.temperature, job.top_p)
 
-    Greedy jobs all share one; sampling jobs share one per (temperature, top_p); a seeded job runs alone, so its
-    output depends on its seed only, never on its neighbours. A sub-batch's longest prompt plus its largest
-    ``max_tokens`` must fit the context (the generator's batch check).
-    """
-    groups: list[tuple[tuple, list[int]]] = []
-    for i, job in enumerate(jobs):
-        if job.temperature == 0:
-            key: tuple = ("greedy",)
-        elif job.seed is not None:
-            key = ("seed", i)
-        else:
-            key = ("sample", job.temperature, job.top_p)
-        for gkey, members in groups:
-            fits = max(len(jobs[j].prompt) for j in [*members, i]) + max(jobs[j].max_tokens for j in [*members, i])
-            if gkey == key and fits <= block_size:
-                members.append(i)
+
+def pack(rows: Sequence[_Row], block_size: int) -> list[list[_Row]]:
+    """Group rows into batches of one key whose longest context plus largest remaining budget fits the context
+    (the generator's check for a batch); first fit, in order."""
+    groups: list[list[_Row]] = []
+    for row in rows:
+        for group in groups:
+            members = [*group, row]
+            fits = max(len(r.context) for r in members) + max(r.left for r in members) <= block_size
+            if group[0].key == row.key and fits:
+                group.append(row)
                 break
         else:
-            groups.append((key, [i]))
-    plans = []
-    for _, members in groups:
-        first = jobs[members[0]]
-        greedy = first.temperature == 0
+            groups.append([row])
+    return groups
+
+
+class _Run:
+    """A batch decoding in lockstep: its rows and the generator's step iterator over their contexts."""
+
+    def __init__(self, gen: TextGenerator, rows: list[_Row]) -> None:
+        self.rows = rows
+        job = rows[0].job
+        greedy = job.temperature == 0
         cfg = GenerationConfig(
-            max_new_tokens=max(jobs[j].max_tokens for j in members),
-            temperature=first.temperature,
-            top_p=1.0 if greedy else first.top_p,
-            seed=None if greedy else first.seed,
+            max_new_tokens=max(r.left for r in rows),
+            temperature=job.temperature,
+            top_p=1.0 if greedy else job.top_p,
+            seed=None if greedy else job.seed,
         )
-        plans.append((members, cfg))
-    return plans
+        self.steps = gen.stream_batch([r.context for r in rows], cfg)
+
+    def live(self) -> list[_Row]:
+        return [r for r in self.rows if not r.finished]
 
 
-def decode_jobs(gen: TextGenerator, jobs: Sequence[Job]) -> Iterator[list[dict[str, Any]]]:
-    """Decode jobs together; yield, step by step, one event dict per job ({} when it has nothing new).
+class ChatEngine:
+    """Continuous batching on top of :meth:`TextGenerator.stream_batch`.
 
-    A job's last event carries ``finish_reason`` ("stop": stop token or stop string, "length": ``max_tokens``)
-    and ``usage``; after it the job only gets {}.
+    New requests start decoding at once, as a batch of their own (prefill of their prompts only). Every
+    ``merge_every`` steps, batches of the same sampling key are merged into one and finished rows are dropped:
+    the merged batch prefills each row's prompt + tokens so far (left-padded, KV cache from there), which costs
+    one prefill and then decodes all rows with one forward per step instead of one per batch.
+
+    Args:
+        gen: the generator (model + tokenizer).
+        merge_every: steps between merges; each merge re-prefills the merged rows.
     """
-    rows = [_Row(job, gen.tokenizer, gen.stop_tokens) for job in jobs]
-    runs = [
-        (members, gen.stream_batch([jobs[i].prompt for i in members], cfg))
-        for members, cfg in plan_batches(jobs, gen.model.config.block_size)
-    ]
-    while runs:
-        events: list[dict[str, Any]] = [{} for _ in jobs]
-        live = []
-        for members, steps in runs:
-            tokens = next(steps, None)
-            for pos, i in enumerate(members):
-                if not rows[i].finished:
-                    events[i] = rows[i].end("length") if tokens is None else rows[i].push(tokens[pos])
-            if all(rows[i].finished for i in members):
-                steps.close()
+
+    def __init__(self, gen: TextGenerator, merge_every: int = 8) -> None:
+        self.gen, self.merge_every = gen, merge_every
+        self.block_size = gen.model.config.block_size
+        self.runs: list[_Run] = []
+        self.steps_done = 0
+
+    @property
+    def active(self) -> int:
+        return sum(len(run.live()) for run in self.runs)
+
+    def add(self, requests: Sequence[tuple[Any, Job]]) -> None:
+        """Start decoding ``(uid, job)`` requests; requests arriving together share batches where they can."""
+        rows = [
+            _Row(uid, job, self.gen.tokenizer, self.gen.stop_tokens, sampling_key(job, uid)) for uid, job in requests
+        ]
+        self.runs += [_Run(self.gen, group) for group in pack(rows, self.block_size)]
+
+    def step(self) -> list[tuple[Any, dict[str, Any]]]:
+        """One token for every active request; the (uid, event) pairs with something to send. A request's last
+        event carries ``finish_reason`` ("stop": stop token or string, "length": ``max_tokens``) and ``usage``."""
+        self.steps_done += 1
+        if self.steps_done % self.merge_every == 0:
+            self._merge()
+        events, runs = [], []
+        for run in self.runs:
+            tokens = next(run.steps, None)
+            for pos, row in enumerate(run.rows):
+                if not row.finished:
+                    event = row.end("length") if tokens is None else row.push(tokens[pos])
+                    if event:
+                        events.append((row.uid, event))
+            if run.live():
+                runs.append(run)
             else:
-                live.append((members, steps))
-        runs = live
-        if any(events):
-            yield events
+                run.steps.close()
+        self.runs = runs
+        return events
+
+    def _merge(self) -> None:
+        """Rebuild the batches of every key that has several of them, or whose finished rows are half or more."""
+        by_key: dict[tuple, list[_Run]] = {}
+        for run in self.runs:
+            by_key.setdefault(run.rows[0].key, []).append(run)
+        runs = []
+        for group in by_key.values():
+            live = [r for run in group for r in run.live()]
+            total = sum(len(run.rows) for run in group)
+            if len(group) == 1 and 2 * len(live) > total:
+                runs += group
+                continue
+            for run in group:
+                run.steps.close()
+            runs += [_Run(self.gen, rows) for rows in pack(live, self.block_size)]
+        self.runs = runs
+
+    def reset(self) -> None:
+        for run in self.runs:
+            run.steps.close()
+        self.runs = []
+
+
+class ChatLoop(LitLoop):
+    """The inference worker's loop: takes requests from LitServe's queue whenever there is room (also while others
+    are decoding), steps the :class:`ChatEngine` and sends each request's events to its response queue."""
+
+    def __call__(
+        self,
+        lit_api: ChatAPI,
+        device: str,
+        worker_id: int,
+        request_queue: Any,
+        transport: Any,
+        workers_setup_status: dict,
+        callback_runner: Any,
+    ) -> None:
+        engine = lit_api.engine
+        active: dict[Any, int] = {}  # uid -> the API server's response queue id
+        while True:
+            new = []
+            for item in self._take(request_queue, lit_api, room=lit_api.max_batch_size - len(active), wait=not active):
+                if item == _SENTINEL_VALUE:
+                    return
+                queue_id, uid, _, request = item
+                try:
+                    new.append((uid, lit_api.decode_request(request)))
+                    active[uid] = queue_id
+                except Exception as e:  # validated by ChatSpec already; a failure here fails this request only
+                    self.put_error_response(transport, queue_id, uid, e, LoopResponseType.STREAMING)
+            try:
+                engine.add(new)
+                events = engine.step() if engine.runs else []
+            except Exception as e:
+                logger.exception("generation failed; failing the %d active requests", len(active))
+                for uid, queue_id in active.items():
+                    self.put_error_response(transport, queue_id, uid, e, LoopResponseType.STREAMING)
+                active.clear()
+                engine.reset()
+                continue
+            for uid, event in events:
+                queue_id = active[uid]
+                self.put_response(
+                    transport, queue_id, uid, json.dumps(event), LitAPIStatus.OK, LoopResponseType.STREAMING
+                )
+                if event.get("finish_reason"):
+                    del active[uid]
+                    self.put_response(
+                        transport, queue_id, uid, "", LitAPIStatus.FINISH_STREAMING, LoopResponseType.STREAMING
+                    )
+
+    @staticmethod
+    def _take(request_queue: Any, lit_api: ChatAPI, room: int, wait: bool) -> list[tuple]:
+        """Up to ``room`` queued requests. Idle (``wait``): block for the first one, then gather those arriving
+        within ``batch_timeout``. Busy: only what is already queued, so decoding never waits for arrivals."""
+        items: list[tuple] = []
+        try:
+            if wait:
+                items.append(request_queue.get(timeout=1.0))
+                deadline = time.monotonic() + lit_api.batch_timeout
+                while len(items) < room and (left := deadline - time.monotonic()) > 0:
+                    items.append(request_queue.get(timeout=left))
+            while len(items) < room:
+                items.append(request_queue.get_nowait())
+        except Empty:
+            pass
+        return items
 
 
 class ChatAPI(ls.LitAPI):
-    """The model side: loads the checkpoint in the inference worker and decodes batches of chat requests."""
+    """The model side: loads the checkpoint in the inference worker; :class:`ChatLoop` drives its engine."""
 
     def __init__(self, checkpoint: str, dtype: str, spec: ChatSpec, max_batch_size: int, batch_timeout: float):
-        # the batched streaming loop also for max_batch_size 1, so predict always sees a list of requests
-        super().__init__(
-            max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec, loop=BatchedStreamingLoop()
-        )
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec, loop=ChatLoop())
         self.checkpoint, self.dtype = checkpoint, dtype
 
     def setup(self, device: str) -> None:
-        self.generator, _ = _load(SimpleNamespace(checkpoint=self.checkpoint, device=device, dtype=self.dtype))
+        generator, _ = _load(SimpleNamespace(checkpoint=self.checkpoint, device=device, dtype=self.dtype))
+        self.engine = ChatEngine(generator)
 
     def decode_request(self, request: ChatRequest, **kwargs: Any) -> Job:
         spec: ChatSpec = self.spec
-        return prepare(request, self.generator.tokenizer, spec.block_size, spec.default_max_tokens)
-
-    def batch(self, inputs: list[Job]) -> list[Job]:
-        return list(inputs)
-
-    def predict(self, jobs: list[Job], **kwargs: Any) -> Iterator[list[dict[str, Any]]]:
-        yield from decode_jobs(self.generator, jobs)
-
-    def encode_response(self, outputs: Iterator[list[dict[str, Any]]], **kwargs: Any) -> Iterator[list[dict]]:
-        yield from outputs  # one JSON object per request and step; ChatSpec turns them into OpenAI responses
+        return prepare(request, self.engine.gen.tokenizer, spec.block_size, spec.default_max_tokens)
 
 
 # ---- the HTTP side (API server process) ----
@@ -342,7 +471,10 @@ class ChatSpec(OpenAISpec):
         return self._tokenizer
 
     def pre_setup(self, lit_api: ls.LitAPI) -> None:
-        super().pre_setup(lit_api)
+        # not OpenAISpec.pre_setup: its checks are for a LitAPI whose predict yields text, and ChatAPI decodes
+        # in ChatLoop instead
+        self.add_endpoint(self.api_path, self.chat_completion, ["POST"])
+        self.add_endpoint(self.api_path, self.options_chat_completions, ["OPTIONS"])
         self.add_endpoint("/v1/models", self.list_models, ["GET"])
 
     async def list_models(self) -> dict[str, Any]:
@@ -508,5 +640,7 @@ def serve_main(argv: list[str]) -> None:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    """LitServer.run shuts its workers down on KeyboardInterrupt only."""
-    raise KeyboardInterrupt
+    """LitServer.run shuts its workers down on KeyboardInterrupt only (in the main process; the forked API
+    server inherits this handler and simply returns from it once uvicorn has stopped)."""
+    if os.getpid() == _MAIN_PID:
+        raise KeyboardInterrupt
