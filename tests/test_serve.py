@@ -141,21 +141,23 @@ def test_engine_outputs_equal_each_request_generated_alone(gen: TextGenerator) -
     def job(uid: str) -> Job:
         messages, s = asks[uid]
         prompt = gen.tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
-        return Job(prompt, s["max_tokens"], s["temperature"], 1.0, s["seed"], ())
+        return Job(prompt, s["max_tokens"], s["temperature"], 1.0, s["seed"], (), stream=uid in "ace")
 
     engine = ChatEngine(gen, merge_every=2)
     engine.add([(u, job(u)) for u in "abc"])
-    texts, finals, greedy_batches = dict.fromkeys(asks, ""), {}, []
+    texts, counts, finals, greedy_batches = dict.fromkeys(asks, ""), dict.fromkeys(asks, 0), {}, []
     while engine.runs:
         if engine.steps_done == 2:
             engine.add([(u, job(u)) for u in "de"])  # arrive while a, b, c decode
         for uid, event in engine.step():
             assert uid not in finals  # nothing after a request's final event
             texts[uid] += event.get("content", "")
+            counts[uid] += 1
             if event.get("finish_reason"):
                 finals[uid] = event
         greedy_batches.append(sum(run.rows[0].key == ("greedy",) for run in engine.runs))
     assert greedy_batches[2] == 2 and greedy_batches[3] == 1  # e decodes alone at step 3, merged at step 4
+    assert counts["b"] == counts["d"] == 1 and counts["a"] + counts["e"] > 4  # b, d not streamed: one event
     for uid in "abce":
         messages, s = asks[uid]
         text, tokens = solo(gen, messages, s["max_tokens"], temperature=s["temperature"], seed=s["seed"])

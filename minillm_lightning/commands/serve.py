@@ -92,6 +92,9 @@ class Job:
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
+    stream: bool = False
+    """Send text as it comes; otherwise the worker sends one event at the end (one message instead of one per
+    token between the worker and the API server)."""
 
 
 def _content_text(content: Any, i: int) -> str:
@@ -147,7 +150,7 @@ def prepare(req: ChatRequest, tokenizer: Tokenizer, block_size: int, default_max
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP_STRINGS:
         raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
-    return Job(prompt, max_tokens, temperature, top_p, req.seed, tuple(s for s in stop if s))
+    return Job(prompt, max_tokens, temperature, top_p, req.seed, tuple(s for s in stop if s), bool(req.stream))
 
 
 # ---- decoding (inference worker) ----
@@ -185,6 +188,7 @@ class _Row:
         self.decoder = IncrementalDecoder(tokenizer, skip_ids=stop_ids)
         self.stops = StopStrings(job.stop)
         self.tokens: list[int] = []
+        self.held = ""  # text not sent yet (a request that is not streamed gets it all at the end)
         self.finished = False
 
     @property
@@ -207,6 +211,9 @@ class _Row:
         text, hit = self.stops.push(piece)
         if hit:
             return self._final(text, "stop")
+        if not self.job.stream:
+            self.held += text
+            return {}
         return {"content": text} if text else {}
 
     def end(self, reason: str, raw: str = "") -> dict[str, Any]:
@@ -222,7 +229,7 @@ class _Row:
             "completion_tokens": n,
             "total_tokens": len(self.job.prompt) + n,
         }
-        return {"content": text, "finish_reason": reason, "usage": usage}
+        return {"content": self.held + text, "finish_reason": reason, "usage": usage}
 
 
 def sampling_key(job: Job, uid: Any) -> tuple:

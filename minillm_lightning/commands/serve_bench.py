@@ -126,8 +126,8 @@ def serve_section(
     tokenizer: Tokenizer,
     device: torch.device,
     levels: Sequence[int] = CLIENT_LEVELS,
-    max_tokens: int = 32,
-    rounds: int = 2,
+    max_tokens: int = 64,
+    rounds: int = 4,
     max_batch_size: int = 16,
 ) -> dict[str, Any]:
     """Tokens/s of ``minillm serve`` at each number of concurrent clients (each sends ``rounds`` requests)."""
