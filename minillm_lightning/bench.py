@@ -41,13 +41,15 @@ from lightning.pytorch.callbacks import Callback
 
 from minillm_lightning.bench_dpo import dpo_section, format_dpo
 from minillm_lightning.bench_eval import eval_section, format_eval
+from minillm_lightning.bench_profile import format_profile, profile_section
 from minillm_lightning.callbacks.throughput import compute_dtype, flops_per_token
 from minillm_lightning.commands.serve_bench import format_serve, serve_section
 from minillm_lightning.generation import GenerationConfig, TextGenerator
 from minillm_lightning.losses import lm_loss
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 
-SECTIONS = ("train", "loop", "decode", "data", "dpo", "serve", "eval")
+SECTIONS = ("train", "loop", "decode", "data", "dpo", "serve", "eval", "profile")
+DEFAULT_SECTIONS = [s for s in SECTIONS if s != "profile"]  # the profile is asked for by name
 DEFAULT_CONFIGS = ["configs/pretrain_tiny.yaml", "configs/pretrain_small.yaml"]
 # plain `minillm bench` on a CPU: pretrain_small as configured (batch 32 x 512, bf16-mixed) takes tens of seconds
 # per step there, so the default run measures it at batch 4 in fp32 with few steps (minutes instead of an hour)
@@ -548,6 +550,8 @@ def bench_config(config: str, args: argparse.Namespace, sections: set[str], peak
             result["dpo"] = dpo_section(arch, device, dtype, pairs, seq_len, args.steps, args.warmup, args.repeats)
         if "serve" in sections:
             result["serve"] = serve_section(arch, dm.tokenizer, device)
+        if "profile" in sections:
+            result["profile"] = profile_section(cli, args.warmup, args.steps)
         if "eval" in sections:
             dec_dtype = torch.bfloat16 if device.type == "cuda" and dtype == torch.bfloat16 else torch.float32
             eval_arch = replace(arch, vocab_size=args.eval_vocab or arch.vocab_size)
@@ -640,7 +644,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="alternating Lightning / plain-loop repetitions (median)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument("--precision", default=None, help="override the configs' trainer.precision (e.g. 32-true)")
-    p.add_argument("--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    p.add_argument(
+        "--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but profile)"
+    )
     p.add_argument("--decode-lengths", type=_ints, default=[128, 256, 512], help="new tokens per decode run")
     p.add_argument("--beam-length", type=int, default=128, help="new tokens of the beam search vs greedy run")
     p.add_argument(
@@ -722,6 +728,8 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(format_serve(r["serve"]))
         if "eval" in r:
             lines.append(format_eval(r["eval"]))
+        if "profile" in r:
+            lines.append(format_profile(r["profile"]))
         if "data" in r:
             d = r["data"]
             if "skipped" in d:
@@ -752,7 +760,7 @@ def bench_main(argv: list[str]) -> dict[str, Any]:
         raise MiniLLMError(f"--output {args.output} is a directory; give a JSON file path such as {args.output}/b.json")
     only_wall = args.fit_wall is not None and args.config is None and args.sections is None
     configs = [] if only_wall else (args.config or DEFAULT_CONFIGS)
-    sections = set((args.sections or ",".join(SECTIONS)).split(","))
+    sections = set((args.sections or ",".join(DEFAULT_SECTIONS)).split(","))
     device = torch.device(args.device)
     results: dict[str, Any] = {
         "machine": {
