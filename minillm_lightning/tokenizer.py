@@ -188,10 +188,14 @@ def train_sentencepiece(texts: Iterable[str], settings: TokenizerSettings) -> by
     """Train a SentencePiece model in memory and return its serialized bytes."""
     buf = io.BytesIO()
     byte_fallback = settings.model_type != "char"
-    sentences = (piece for t in texts for line in t.split("\n") if line.strip() for piece in split_long(line))
+    sentences = _Guarded(piece for t in texts for line in t.split("\n") if line.strip() for piece in split_long(line))
     try:
         _train(sentences, buf, settings, byte_fallback)
     except RuntimeError as e:
+        if (
+            sentences.error is not None
+        ):  # the corpus reader failed (e.g. a bad line): its own error, not SentencePiece's
+            raise sentences.error from None
         msg = str(e)
         if "required_chars" in msg:
             needed = msg.split(" vs ")[-1].split(".")[0] if " vs " in msg else "more"
@@ -204,9 +208,29 @@ def train_sentencepiece(texts: Iterable[str], settings: TokenizerSettings) -> by
     return buf.getvalue()
 
 
+class _Guarded:
+    """An iterator that remembers the exception its source raised: SentencePiece reports an error from inside its
+    sentence iterator as a RuntimeError "INTERNAL", losing the original (e.g. a DataError naming file and line)."""
+
+    def __init__(self, source: Iterator[str]) -> None:
+        self.source, self.error = source, None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self.source)
+        except StopIteration:
+            raise
+        except Exception as e:
+            self.error = e
+            raise
+
+
 # SentencePiece silently drops sentences longer than this many bytes (a corpus of such lines leaves it nothing)
 MAX_SENTENCE_BYTES = 1 << 16
-_SENTENCE_END = re.compile(r"(?<=[.!?;。！？；])\s*")
+_SENTENCE = re.compile(r".*?(?:[.!?;。！？；]+\s*|$)", re.S)  # a sentence with its end and spaces
 
 
 def split_long(line: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
@@ -217,7 +241,7 @@ def split_long(line: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
         return
     limit = max_bytes // 4  # characters: at most 4 UTF-8 bytes each
     piece = ""
-    for sentence in _SENTENCE_END.split(line):
+    for sentence in filter(None, _SENTENCE.findall(line)):
         while len(sentence) > limit:  # no sentence end for a long stretch: cut it
             if piece:
                 yield piece

@@ -1,4 +1,5 @@
-"""PretrainDataModule: sampling, validation split, token cache, stats and clear errors on bad input."""
+"""PretrainDataModule on LitData: sampling and splits, the prepared directory (reuse, hash key, interrupted
+preparation), lazy reading, held-out val/test files, long documents, windows and exact resume of the loader."""
 
 from __future__ import annotations
 
@@ -7,15 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, SHARED_DATA
+import torch
+from conftest import SAMPLE, real_data_path
+from test_cli import minillm, workdir  # noqa: F401  (fixture re-used)
 
 from minillm_lightning import PretrainDataModule
+from minillm_lightning.data import shards
 from minillm_lightning.data.common import ResumableSampler
 from minillm_lightning.errors import DataError, MiniLLMError
+from minillm_lightning.tokenizer import MAX_SENTENCE_BYTES, Tokenizer, split_long
 
 
 def _dm(tmp_path: Path, sources, **kw) -> PretrainDataModule:
-    args = dict(sources=sources, seq_len=32, batch_size=2, vocab_size=512, cache_dir=str(tmp_path / "cache"))
+    args = dict(
+        sources=sources, seq_len=32, batch_size=2, vocab_size=512, cache_dir=str(tmp_path / "cache"), prepare_workers=1
+    )
     return PretrainDataModule(**{**args, **kw})
 
 
@@ -24,46 +31,286 @@ def _jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def _docs(n: int, words: int = 30, tag: str = "doc") -> list[dict]:
+    return [{"text": " ".join(f"{tag}{i} word{j % 17} and more text {j}" for j in range(words))} for i in range(n)]
+
+
+def _index_tokens(split_dir: Path) -> int:
+    return sum(c["dim"] for c in json.loads((split_dir / "index.json").read_text())["chunks"])
+
+
 def test_sampling_ratios_val_share_and_stats(tmp_path) -> None:
-    en, zh = SHARED_DATA / "pretrain" / "pretrain_en.jsonl", SHARED_DATA / "pretrain" / "pretrain_zh.jsonl"
+    en, zh = real_data_path("pretrain", "pretrain_en.jsonl"), real_data_path("pretrain", "pretrain_zh.jsonl")
     dm = _dm(
         tmp_path,
         [{"path": str(en)}, {"path": str(zh), "sample_ratio": 0.1, "val_share": 0.2}],
         val_share=0.1,
         vocab_size=4096,
     )
-    train, val, stats = dm.documents()
-    s_en, s_zh = stats[str(en)], stats[str(zh)]
+    dm.setup("fit")
+    s_en, s_zh = dm.stats["sources"][str(en)], dm.stats["sources"][str(zh)]
     assert s_en["raw_records"] == 330 and s_zh["raw_records"] == 2313
     assert s_en["sampled"] == 330 and s_en["val_docs"] == 33
     assert s_zh["sampled"] == round(2313 * 0.1) and s_zh["val_docs"] == round(s_zh["sampled"] * 0.2)
+    train = [t for _, t in dm.iter_documents("train")]
+    val = [t for _, t in dm.iter_documents("val")]
     assert len(train) + len(val) == s_en["sampled"] + s_zh["sampled"]
-    assert not {t for _, t in train} & {t for _, t in val}  # no document in both splits
-    dm.setup("fit")
+    assert not set(train) & set(val)  # no document in both splits
     assert dm.stats["tokens_per_source"][str(en)] > 0
-    assert dm.stats["train_tokens"] == len(dm.train_set.tokens)
+    root = Path(dm.stats["dataset_dir"])
+    assert dm.stats["train_tokens"] == _index_tokens(root / "train")
+    # the shards hold exactly the tokenized documents, each followed by EOS
+    expected = sum(len(ids) + 1 for ids in dm.tokenizer.encode_batch(val))
+    assert dm.stats["val_tokens"] == _index_tokens(root / "val") == expected
 
 
-def test_token_cache_is_memory_mapped_and_reused(tmp_path) -> None:
-    dm = _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}])
+def test_prepared_dir_is_reused_and_keyed_by_content(tmp_path) -> None:
+    corpus = _jsonl(tmp_path / "c.jsonl", _docs(60))
+    dm = _dm(tmp_path, [{"path": str(corpus)}])
+    assert not dm.is_prepared()
     dm.setup("fit")
-    assert isinstance(dm.train_set.tokens, np.memmap)
-    first = dm._cache_paths()["train"]
-    mtime = first.stat().st_mtime_ns
-    again = _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}])
-    again.setup("fit")
-    assert again._cache_paths()["train"] == first and first.stat().st_mtime_ns == mtime
+    root = Path(dm.dataset_path)
+    assert dm.is_prepared() and root.parent == tmp_path / "cache" / "tokens"
+    assert (root / "meta.json").is_file() and (root / "tokenizer.model").is_file()
+    stamp = (root / "meta.json").stat().st_mtime_ns
     item = dm.train_set[3]
     assert item["input_ids"].shape == (32,)
     assert (item["labels"][:-1] == item["input_ids"][1:]).all()  # labels are the next tokens
 
+    again = _dm(tmp_path, [{"path": str(corpus)}], seq_len=16, batch_size=4)  # windows are not part of the key
+    assert again.is_prepared() and again.dataset_path == str(root)
+    again.setup("fit")
+    assert (root / "meta.json").stat().st_mtime_ns == stamp  # used, not rebuilt
+    assert again.tokenizer.sha256 == dm.tokenizer.sha256
+
+    other_ratio = _dm(tmp_path, [{"path": str(corpus)}], sample_ratio=0.5)
+    assert other_ratio.dataset_path != str(root)
+    _jsonl(corpus, _docs(60, tag="changed"))  # same name, new content
+    changed = _dm(tmp_path, [{"path": str(corpus)}])
+    assert changed.dataset_path != str(root) and not changed.is_prepared()
+
+    pinned = _dm(tmp_path, [], dataset_dir=str(root))  # a pinned prepared dir needs no sources at all
+    pinned.setup("fit")
+    assert pinned.tokenizer.sha256 == dm.tokenizer.sha256 and pinned.stats["train_tokens"] == dm.stats["train_tokens"]
+
+
+def test_interrupted_preparation_is_not_taken_as_complete(tmp_path, monkeypatch) -> None:
+    corpus = _jsonl(tmp_path / "c.jsonl", _docs(60))
+    real_write = shards.write_split
+    calls = []
+
+    def dies_on_val(tasks, out_dir, job, workers, chunk_tokens):
+        calls.append(out_dir.name)
+        if out_dir.name == "val":  # the train split is written, then the process is interrupted
+            raise KeyboardInterrupt
+        return real_write(tasks, out_dir, job, workers, chunk_tokens)
+
+    import minillm_lightning.data.pretrain as pretrain_mod
+
+    monkeypatch.setattr(pretrain_mod, "write_split", dies_on_val)
+    dm = _dm(tmp_path, [{"path": str(corpus)}])
+    with pytest.raises(KeyboardInterrupt):
+        dm.prepare_data()
+    assert calls == ["train", "val"]
+    assert not Path(dm.dataset_path).exists() and not dm.is_prepared()
+    monkeypatch.undo()
+
+    # a stale folder under the final name without meta.json (e.g. copied half-way) is not complete either
+    Path(dm.dataset_path, "train").mkdir(parents=True)
+    fresh = _dm(tmp_path, [{"path": str(corpus)}])
+    assert not fresh.is_prepared()
+    fresh.setup("fit")
+    assert fresh.is_prepared() and fresh.stats["train_tokens"] > 0 and fresh.stats["val_tokens"] > 0
+
+
+def test_documents_are_read_lazily(tmp_path) -> None:
+    """The reader streams: the first document arrives before the broken last line is ever read."""
+    rows = [*_docs(200), '{"text": "broken']
+    corpus = _jsonl(tmp_path / "c.jsonl", rows)
+    dm = _dm(tmp_path, [{"path": str(corpus)}], val_share=0.0)
+    docs = dm.iter_documents("train")
+    first = next(docs)
+    assert first[0] == str(corpus) and first[1].startswith("doc")
+    with pytest.raises(DataError, match=r"c\.jsonl:201: malformed JSON line"):
+        list(docs)
+
+
+def test_tokenizer_sample_is_bounded(tmp_path) -> None:
+    corpus = _jsonl(tmp_path / "c.jsonl", _docs(2000))  # ~1.7 MB
+    dm = _dm(tmp_path, [{"path": str(corpus)}], tokenizer_sample_bytes=200_000, val_share=0.0)
+    total = corpus.stat().st_size
+    sample = sum(len(t.encode()) for t in dm._tokenizer_sample())
+    assert 100_000 < sample < 300_000 < total
+    full = _dm(tmp_path, [{"path": str(corpus)}], val_share=0.0)  # budget above the corpus: everything
+    assert sum(1 for _ in full._tokenizer_sample()) == 2000
+
+
+def test_val_and_test_sources(tmp_path) -> None:
+    train = _jsonl(tmp_path / "train.jsonl", _docs(80, tag="train"))
+    val = _jsonl(tmp_path / "val.jsonl", _docs(10, tag="val"))
+    test = _jsonl(tmp_path / "test.jsonl", _docs(12, tag="test"))
+    dm = _dm(
+        tmp_path,
+        [{"path": str(train), "val_share": 0.5}],  # ignored: explicit validation files replace the share
+        val_sources=[{"path": str(val)}],
+        test_sources=[{"path": str(test)}],
+    )
+    assert all(t.startswith("train") for _, t in dm.iter_documents("train"))
+    assert sum(1 for _ in dm.iter_documents("train")) == 80
+    assert sorted(src for src, _ in dm.iter_documents("val")) == [str(val)] * 10
+    test_texts = [t for _, t in dm.iter_documents("test")]
+    assert len(test_texts) == 12 and all(t.startswith("test") for t in test_texts)
+    dm.setup("test")
+    assert dm.val_set is not None and dm.test_set is not None
+    n_tokens = sum(len(ids) + 1 for ids in dm.tokenizer.encode_batch(test_texts))
+    assert dm.stats["test_tokens"] == n_tokens
+    assert dm.test_bytes_per_token == pytest.approx(sum(len(t.encode()) for t in test_texts) / n_tokens)
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["input_ids"].shape == (2, 32)
+    no_test = _dm(tmp_path, [{"path": str(train)}])
+    no_test.setup("fit")
+    with pytest.raises(DataError, match="no test split: set data.init_args.test_sources"):
+        no_test.test_dataloader()
+
 
 def test_txt_file_tail_is_validation(tmp_path) -> None:
-    text = (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text()
-    dm = _dm(tmp_path, [{"path": str(SHARED_DATA / "tinyshakespeare" / "input.txt")}], val_share=0.1)
-    train, val, _ = dm.documents()
+    text = "".join(f"Line {i}: some words of a play, spoken aloud.\n" for i in range(3000))
+    path = tmp_path / "play.txt"
+    path.write_text(text)
+    dm = _dm(tmp_path, [{"path": str(path)}], val_share=0.1)
     cut = int(len(text) * 0.9)
-    assert train[0][1] == text[:cut] and val[0][1] == text[cut:]
+    assert "".join(t for _, t in dm.iter_documents("train")) == text[:cut]
+    assert "".join(t for _, t in dm.iter_documents("val")) == text[cut:]
+
+
+def test_stride_windows_match_the_token_stream(tmp_path) -> None:
+    """block_stride=1 (the character recipes): window i is tokens [i, i + seq_len] of the training text."""
+    text = "".join(f"line {i} of a small text file\n" for i in range(400))
+    path = tmp_path / "small.txt"
+    path.write_text(text)
+    kw = dict(val_share=0.1, tokenizer_type="char", vocab_size=64, character_coverage=1.0, seq_len=16)
+    dm = _dm(tmp_path, [{"path": str(path)}], block_stride=1, **kw)
+    dm.setup("fit")
+    cut = int(len(text) * 0.9)
+    stream = torch.tensor([*dm.tokenizer.encode(text[:cut]), dm.tokenizer.eos_id])
+    assert dm.stats["train_tokens"] == len(stream)
+    assert dm.stats["train_blocks"] == len(stream) - 16  # one window per start offset
+    for i in (0, 1, 7, len(stream) - 17):
+        item = dm.train_set[i]
+        assert torch.equal(item["input_ids"], stream[i : i + 16]) and torch.equal(
+            item["labels"], stream[i + 1 : i + 17]
+        )
+    disjoint = _dm(tmp_path, [{"path": str(path)}], **kw)  # default stride seq_len: every token a target once
+    disjoint.setup("fit")
+    assert disjoint.stats["train_blocks"] == (len(stream) - 17) // 16 + 1
+    assert torch.equal(disjoint.train_set[2]["input_ids"], stream[32:48])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_resumes_exactly_mid_epoch(tmp_path, num_workers: int) -> None:
+    """Batches after a restored loader state are the batches an uninterrupted loader yields next, also across the
+    epoch boundary (the state is what training consumed, not what the loader prefetched)."""
+    corpus = _jsonl(tmp_path / "c.jsonl", _docs(120))
+    dm = _dm(tmp_path, [{"path": str(corpus)}], batch_size=4, num_workers=num_workers)
+    dm.setup("fit")
+    consumed = {"n": 0}
+
+    def epochs(loader, n_epochs: int):
+        out = []
+        for _ in range(n_epochs):
+            consumed["n"] = 0
+            for batch in loader:
+                consumed["n"] += 1
+                out.append(batch["input_ids"])
+                if consumed["n"] == per_epoch:
+                    break  # Lightning stops after len(loader) batches
+        return out
+
+    straight = shards.ResumableStreamingLoader(
+        dm.train_set, lambda: consumed["n"], batch_size=4, drop_last=True, num_workers=num_workers
+    )
+    per_epoch = len(straight)
+    assert per_epoch >= 4
+    expected = epochs(straight, 2)
+    assert not torch.equal(expected[0], expected[per_epoch])  # epoch 2 is reshuffled
+
+    stop = per_epoch // 2 + 1
+    first = shards.ResumableStreamingLoader(
+        dm.train_set, lambda: consumed["n"], batch_size=4, drop_last=True, num_workers=num_workers
+    )
+    consumed["n"] = 0
+    it = iter(first)
+    for _ in range(stop + 1):  # one batch more than training consumed: prefetched, must not count
+        next(it)
+    consumed["n"] = stop
+    state = first.state_dict()
+    del it
+
+    again = _dm(tmp_path, [{"path": str(corpus)}], batch_size=4, num_workers=num_workers)
+    again.setup("fit")
+    resumed = shards.ResumableStreamingLoader(
+        again.train_set, lambda: consumed["n"], batch_size=4, drop_last=True, num_workers=num_workers
+    )
+    resumed.load_state_dict(state)
+    rest = []
+    consumed["n"] = stop
+    for batch in resumed:
+        consumed["n"] += 1
+        rest.append(batch["input_ids"])
+        if consumed["n"] == per_epoch:
+            break
+    rest += epochs(resumed, 1)
+    assert len(rest) == len(expected) - stop
+    for a, b in zip(rest, expected[stop:]):
+        assert torch.equal(a, b)
+
+
+def test_long_single_line_documents_train_the_tokenizer(tmp_path) -> None:
+    """A book per JSON line (multi-megabyte lines): SentencePiece would drop every such line and fail."""
+    sentence = "The old ship sailed on through the long grey night. 船在夜里继续航行。 "
+    books = [{"text": f"Book {b}. " + sentence * (2_000_000 // len(sentence))} for b in range(3)]
+    corpus = _jsonl(tmp_path / "books.jsonl", books)
+    dm = _dm(tmp_path, [{"path": str(corpus)}], vocab_size=400, val_share=0.0)
+    tok = dm.tokenizer
+    ids = tok.encode(sentence)
+    assert tok.decode(ids) == sentence and len(ids) < len(sentence) / 2  # merges were learned
+    dm.setup("fit")
+    assert dm.stats["train_tokens"] > 3 * 1_000_000 // 4
+
+
+def test_split_long_keeps_every_character_within_the_limit() -> None:
+    line = ("word " * 30 + "end. ") * 3000 + "x" * 100_000  # sentences, then a run with no break at all
+    pieces = list(split_long(line))
+    assert "".join(pieces) == line
+    assert all(len(p.encode()) <= MAX_SENTENCE_BYTES for p in pieces) and len(pieces) > 3
+    assert list(split_long("short line")) == ["short line"]
+
+
+def test_fit_on_book_per_line_corpus_trains(workdir) -> None:  # noqa: F811
+    """`minillm fit` on a corpus of multi-megabyte single-line documents trains without a traceback."""
+    sentence = "It was a bright cold day in April, and the clocks were striking thirteen. "
+    rows = [{"text": f"Volume {b}. " + sentence * (2_200_000 // len(sentence))} for b in range(3)]
+    _jsonl(workdir / "books.jsonl", rows)
+    args = [
+        "fit",
+        "--config",
+        "configs/pretrain_tiny.yaml",
+        "--data.init_args.sources=[{path: books.jsonl}]",
+        "--data.init_args.vocab_size=512",
+        "--data.init_args.seq_len=64",
+        "--data.init_args.prepare_workers=1",
+        "--model.init_args.arch.n_layer=2",
+        "--model.init_args.arch.dim=64",
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+    ]
+    r = minillm(args, workdir, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and "sentences_.empty" not in out
+    assert torch.load(workdir / "checkpoints" / "pretrain_tiny" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
 def test_source_sampled_to_zero_warns_loudly(tmp_path) -> None:
@@ -71,7 +318,7 @@ def test_source_sampled_to_zero_warns_loudly(tmp_path) -> None:
     b = _jsonl(tmp_path / "b.jsonl", [{"text": "tiny"}])
     dm = _dm(tmp_path, [{"path": str(a)}, {"path": str(b), "sample_ratio": 0.0}])
     with pytest.warns(UserWarning, match="contributes NOTHING"):
-        dm.documents()
+        dm._check_plan()
 
 
 @pytest.mark.parametrize(
@@ -80,45 +327,59 @@ def test_source_sampled_to_zero_warns_loudly(tmp_path) -> None:
         (['{"text": "ok"}', '{"text": "broken'], r"bad\.jsonl:2: malformed JSON line"),
         ([{"text": "ok"}, {"body": "wrong field"}], r"bad\.jsonl:2: field 'text' is missing"),
         ([{"text": "ok"}, {"text": 42}], r"bad\.jsonl:2: field 'text' is a int, not a string"),
-        (['["a", "list"]'], r"bad\.jsonl:1: malformed JSON line \(expected a JSON object"),
+        (['["a", "list"]', '{"text": "ok"}'], r"bad\.jsonl:1: malformed JSON line \(expected a JSON object"),
     ],
 )
 def test_bad_lines_name_file_and_line(tmp_path, rows, message) -> None:
     bad = _jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError, match=message):
-        _dm(tmp_path, [{"path": str(bad)}]).documents()
+    with pytest.raises(DataError, match=message):  # found while reading the tokenizer's sample
+        _dm(tmp_path, [{"path": str(bad)}], val_share=0.0).prepare_data()
+
+
+def test_bad_line_found_by_a_tokenizing_worker_is_one_error(tmp_path) -> None:
+    """With a given tokenizer nothing is read in the main process: the worker's error comes back as a DataError."""
+    model = tmp_path / "tok.model"
+    model.write_bytes(_dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}]).tokenizer.model_bytes)
+    bad = _jsonl(tmp_path / "bad.jsonl", [*_docs(30), {"body": "no text"}])
+    dm = _dm(tmp_path, [{"path": str(bad)}], tokenizer=str(model), val_share=0.0)
+    with pytest.raises(DataError, match=r"bad\.jsonl:31: field 'text' is missing"):
+        dm.prepare_data()
+    assert not dm.is_prepared()
 
 
 def test_skip_bad_records_counts_them(tmp_path) -> None:
     good = [{"text": f"a perfectly fine document {i} " * 10} for i in range(20)]
     bad = _jsonl(tmp_path / "mixed.jsonl", [*good, '{"text": "broken', {"body": "x"}, {"text": ""}])
-    dm = _dm(tmp_path, [{"path": str(bad)}], skip_bad_records=True)
-    _, _, stats = dm.documents()
-    assert stats[str(bad)]["raw_records"] == 22
-    assert stats[str(bad)]["skipped"] == {"malformed JSON": 1, "field 'text' missing": 1, "empty text": 1}
+    dm = _dm(tmp_path, [{"path": str(bad)}], skip_bad_records=True, seq_len=8)
+    dm.setup("fit")
+    stats = dm.stats["sources"][str(bad)]
+    assert stats["raw_records"] == 23  # non-blank lines
+    assert stats["skipped"] == {"malformed JSON": 1, "field 'text' missing": 1, "empty text": 1}
 
 
 def test_empty_glob_empty_corpus_and_not_utf8(tmp_path) -> None:
     with pytest.raises(DataError, match="matches no file"):
-        _dm(tmp_path, [{"path": str(tmp_path / "nothing" / "*.jsonl")}]).documents()
+        _dm(tmp_path, [{"path": str(tmp_path / "nothing" / "*.jsonl")}]).prepare_data()
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="corpus is empty"):
-        _dm(tmp_path, [{"path": str(empty)}]).documents()
+        _dm(tmp_path, [{"path": str(empty)}]).prepare_data()
     gbk = tmp_path / "gbk.jsonl"
     gbk.write_bytes(json.dumps({"text": "中文"}, ensure_ascii=False).encode("gbk") + b"\n")
     with pytest.raises(DataError, match=r"gbk\.jsonl:1: not valid UTF-8"):
-        _dm(tmp_path, [{"path": str(gbk)}]).documents()
+        _dm(tmp_path, [{"path": str(gbk)}]).prepare_data()
 
 
 def test_multi_megabyte_line_is_read(tmp_path) -> None:
     big = _jsonl(tmp_path / "big.jsonl", [{"text": "word " * 600_000}, {"text": "small doc " * 50}])
-    train, val, stats = _dm(tmp_path, [{"path": str(big)}], val_share=0.0).documents()
-    assert stats[str(big)]["raw_records"] == 2 and max(len(t) for _, t in train) == 3_000_000
+    dm = _dm(tmp_path, [{"path": str(big)}], val_share=0.0)
+    lengths = [len(t) for _, t in dm.iter_documents("train")]
+    assert sorted(lengths) == [500, 3_000_000]
 
 
 def test_vocab_too_small_for_the_characters_is_explained(tmp_path) -> None:
-    dm = _dm(tmp_path, [{"path": str(SHARED_DATA / "pretrain" / "pretrain_zh.jsonl")}], vocab_size=300)
+    zh = real_data_path("pretrain", "pretrain_zh.jsonl")
+    dm = _dm(tmp_path, [{"path": str(zh)}], vocab_size=300)
     with pytest.raises(MiniLLMError, match="raise vocab_size or lower character_coverage"):
         _ = dm.tokenizer
 
@@ -129,6 +390,7 @@ def test_bad_sizes_are_refused(tmp_path) -> None:
         ({"seq_len": 0}, "seq_len"),
         ({"batch_size": -1}, "batch_size"),
         ({"val_share": 1.5}, "val_share"),
+        ({"chunk_tokens": 0}, "chunk_tokens"),
     ]:
         with pytest.raises(ValueError, match=field):
             _dm(tmp_path, src, **kw)
@@ -143,8 +405,28 @@ def test_too_little_data_for_one_batch(tmp_path) -> None:
         dm.setup("fit")
 
 
+def test_remote_dataset_dir_is_passed_through(tmp_path) -> None:
+    dm = _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}], dataset_dir="s3://bucket/minillm/tiny")
+    assert dm.dataset_path == "s3://bucket/minillm/tiny" and shards.is_remote(dm.dataset_path)
+
+
+def test_labels_are_exact_counts_and_seeded() -> None:
+    a = shards.draw_labels(1000, 0.3, 0.1, seed=[1, 0])
+    assert (a > 0).sum() == 300 and (a == shards.VAL).sum() == 30
+    assert np.array_equal(a, shards.draw_labels(1000, 0.3, 0.1, seed=[1, 0]))
+    assert not np.array_equal(a, shards.draw_labels(1000, 0.3, 0.1, seed=[2, 0]))
+    assert (shards.draw_labels(10, 1.0, 0.5, seed=0, split=shards.TEST) == shards.TEST).all()
+
+
+def test_tokenizer_travels_in_the_prepared_dir(tmp_path) -> None:
+    dm = _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}])
+    dm.prepare_data()
+    assert Tokenizer.from_file(Path(dm.dataset_path) / "tokenizer.model").sha256 == dm.tokenizer.sha256
+
+
 def test_sampler_shards_without_overlap_and_resumes_across_world_sizes() -> None:
-    """Two ranks see disjoint halves; resuming after 10 global samples with 3 ranks skips exactly them."""
+    """(The SFT/preference loaders' sampler.) Two ranks see disjoint halves; resuming after 10 global samples with
+    3 ranks skips exactly them."""
     full = list(ResumableSampler(40, 1, 0, seed=5))
     r0, r1 = list(ResumableSampler(40, 2, 0, seed=5)), list(ResumableSampler(40, 2, 1, seed=5))
     assert not set(r0) & set(r1) and sorted(r0 + r1) == sorted(full)

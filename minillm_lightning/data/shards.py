@@ -331,6 +331,9 @@ def tokenize_task(task: Task, job: TokenizeJob) -> Iterator[np.ndarray]:
         counts["tokens"] += len(flat)
         return np.asarray(flat, dtype=dtype)
 
+    err = Path(job.work_dir) / "error.txt"
+    if err.exists():  # another task already failed: the preparation is void, finish quickly
+        return
     try:
         for text in iter_task_texts(task, counts):
             counts["chars"] += len(text)
@@ -358,10 +361,11 @@ def tokenize_task(task: Task, job: TokenizeJob) -> Iterator[np.ndarray]:
             counts["tokens"] += 1
             yield np.asarray([eos], dtype=dtype)
     except DataError as e:
-        err = Path(job.work_dir) / "error.txt"
+        # recorded, not raised: LitData terminates its workers on an error and leaves their uploader processes
+        # orphaned; ending the task normally lets it shut down cleanly, then write_split raises this error
         if not err.exists():
             err.write_text(str(e))
-        raise
+        return
     name = f"{task.split}-{hashlib.sha1(repr(asdict(task)).encode()).hexdigest()[:12]}.json"
     _atomic_write(Path(job.work_dir) / "stats" / name, json.dumps({"source": task.source, **counts}))
 
@@ -404,8 +408,9 @@ def write_split(
     os.environ.update(env)
     from functools import partial
 
+    started = _Descendants()
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # LitData's chatter must not pollute a command's stdout
+        with started, contextlib.redirect_stdout(sys.stderr):  # LitData's chatter must not pollute stdout
             optimize(
                 fn=partial(tokenize_task, job=job),
                 inputs=tasks,
@@ -416,10 +421,8 @@ def write_split(
                 reorder_files=False,
                 start_method=START_METHOD,
             )
-    except RuntimeError:
-        err = Path(job.work_dir) / "error.txt"
-        if err.is_file():
-            raise DataError(err.read_text()) from None
+    except BaseException:
+        started.kill()  # interrupted or failed: LitData would leave worker and uploader processes behind
         raise
     finally:
         for k, v in saved_env.items():
@@ -429,6 +432,46 @@ def write_split(
                 os.environ[k] = v
         multiprocessing.set_start_method(saved_method, force=True)
         shutil.rmtree(scratch, ignore_errors=True)
+    err = Path(job.work_dir) / "error.txt"
+    if err.is_file():
+        raise DataError(err.read_text())
+
+
+class _Descendants:
+    """Records the processes started below this one while active (polled), to kill them if the run fails."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.procs: dict[int, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                for child in me.children(recursive=True):
+                    self.procs.setdefault(child.pid, child)
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> _Descendants:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def kill(self) -> None:
+        import psutil
+
+        for proc in self.procs.values():
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running():  # psutil compares the start time too: never a recycled pid
+                    proc.kill()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -456,13 +499,12 @@ class BlockLoader(TokensLoader):
         from litdata.streaming.item_loader import Interval
 
         intervals, begin = [], 0
-        for idx, chunk in enumerate(self._chunks):
+        for chunk in self._chunks:
             dim = chunk["dim"] or 0
             n = (dim - self._block_size) // self._stride + 1 if dim >= self._block_size else 0
-            lo, hi = begin, begin + n
-            if self.region_of_interest is not None:
-                lo, hi = begin + self.region_of_interest[idx][0], begin + self.region_of_interest[idx][1]
-            intervals.append(Interval(begin, lo, hi, begin + n))
+            # LitData's default region of interest assumes back-to-back blocks (dim // block_size); windows every
+            # `stride` tokens are more, and this loader is never subsampled: every window of the chunk is in
+            intervals.append(Interval(begin, begin, begin + n, begin + n))
             begin += n
         return intervals
 
