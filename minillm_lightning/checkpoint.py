@@ -3,6 +3,7 @@ rebuilt from the checkpoint file alone."""
 
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
 import zipfile
@@ -17,19 +18,66 @@ from minillm_lightning.model import MiniGPT, MiniGPTConfig
 META_KEY = "minillm"  # {"stage": ..., "arch": MiniGPTConfig dict, "format": 1}
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save (and so every Lightning checkpoint) writes a zip archive
+_RETRY = "use another checkpoint from the same directory (e.g. best.ckpt or an older step)"
+
+
+def _not_a_checkpoint(path: Path, head: bytes) -> CheckpointError:
+    """The error for a file that is not a zip archive at all; says what it looks like instead."""
+    try:  # an incremental decoder accepts a character cut off at the end of the sample
+        sample = codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        sample = None
+    if not head:
+        what = "it is empty (0 bytes)"
+    elif sample is not None and all(c.isprintable() or c in "\t\r\n" for c in sample):
+        what = "it holds text"
+    else:
+        what = "it is some other binary format"
+    return CheckpointError(
+        f"{path} is not a minillm checkpoint: {what}, not the zip archive `minillm fit` writes (.ckpt); "
+        f"pass a checkpoint such as checkpoints/<run>/last.ckpt"
+    )
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with tensors and plain data only (``weights_only``), refusing bad files in one line.
+
+    A file that is not a zip archive (a text file, an empty file) is "not a minillm checkpoint"; a zip archive
+    that is cut short or whose CRCs do not match (a partial copy, a bit flip in the weights, which torch itself
+    would load silently) is "corrupted or truncated".
+
+    Raises:
+        CheckpointError: the file is missing, a directory, unreadable, not a checkpoint, or damaged.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass a .ckpt file in it (e.g. {path / 'last.ckpt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror or e})") from None
+    if not head.startswith(ZIP_MAGIC):
+        raise _not_a_checkpoint(path, head)
+    if not is_intact(path):
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated (zip archive damaged); {_RETRY}")
+    try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as e:
+    except pickle.UnpicklingError as e:  # an intact archive holding objects other than tensors and plain data
         raise CheckpointError(
-            f"checkpoint {path} is corrupted or truncated ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            f"use another checkpoint from the same directory (e.g. best.ckpt or an older step)"
+            f"{path} is not a minillm checkpoint: it holds Python objects a minillm checkpoint never contains "
+            f"({str(e).splitlines()[-1][:200]})"
+        ) from None
+    except Exception as e:  # noqa: BLE001 (torch raises RuntimeError, KeyError, ... on archives it cannot read)
+        raise CheckpointError(
+            f"{path} is not a minillm checkpoint: a zip archive torch.load cannot read "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
+        raise CheckpointError(f"{path} is not a minillm checkpoint: a PyTorch file without a Lightning state_dict")
     return ckpt
 
 
@@ -70,6 +118,24 @@ def backbone_state(state_dict: dict[str, torch.Tensor], prefix: str = "model.") 
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+def load_backbone_weights(model: MiniGPT, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Copy the backbone weights of a stage checkpoint's ``state_dict`` into ``model``, in place.
+
+    With tied embeddings the output head is the embedding matrix, so a state dict without ``lm_head.weight``
+    is complete; any other missing or unexpected weight is an error.
+
+    Raises:
+        CheckpointError: the weights do not fit ``model``'s architecture (``source`` names the file in the message).
+    """
+    missing, unexpected = model.load_state_dict(backbone_state(state_dict), strict=False)
+    missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: backbone weights do not match its architecture (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); was the checkpoint written by another version of minillm-lightning?"
+        )
+
+
 def load_backbone(path: str | os.PathLike, map_location: str = "cpu") -> tuple[MiniGPT, dict[str, Any]]:
     """Rebuild the trained MiniGPT of any stage checkpoint; returns (model in eval mode, checkpoint dict)."""
     ckpt = load_checkpoint(path, map_location)
@@ -77,8 +143,5 @@ def load_backbone(path: str | os.PathLike, map_location: str = "cpu") -> tuple[M
     config = MiniGPTConfig.from_dict(meta["arch"])
     config.gradient_checkpointing = False
     model = MiniGPT(config)
-    missing, unexpected = model.load_state_dict(backbone_state(ckpt["state_dict"]), strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: backbone weights do not match its config (missing {missing[:3]})")
+    load_backbone_weights(model, ckpt["state_dict"], str(path))
     return model.eval(), ckpt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
                 file=sys.stderr,
             )
             sys.exit(3)
-        user_error = _find_user_error(e)
+        user_error = _find_user_error(e) or _invalid_option(e)
         if user_error is None or os.environ.get("MINILLM_TRACEBACK"):
             raise
         print(f"error: {user_error}", file=sys.stderr)
@@ -182,6 +183,35 @@ def _find_user_error(exc: BaseException | None) -> MiniLLMError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _raised_in(exc: BaseException, directory: Path) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is a file under ``directory``."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(directory)
+
+
+def _invalid_option(exc: BaseException) -> ValueError | None:
+    """The ValueError a minillm class raised on a bad option value while jsonargparse instantiated it.
+
+    jsonargparse re-raises such an error inside its own multi-line "Does not validate against any of the Union
+    subtypes" ValueError (exit code 1, traceback). The constructors' checks (``MiniGPTConfig.validate``,
+    ``learning_rate must be positive``, ...) already name the field and the fix, so that innermost message is
+    the one line the user needs.
+    """
+    if "jsonargparse" not in "".join(f.filename for f in traceback.extract_tb(exc.__traceback__)):
+        return None
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    root = chain[-1]
+    return root if isinstance(root, ValueError) and _raised_in(root, PACKAGE_DIR) else None
 
 
 if __name__ == "__main__":

@@ -79,13 +79,25 @@ def parse_hh_dialogue(text: str) -> list[dict[str, str]]:
     return messages
 
 
-def convert_hh(lines: Iterator[str], write: Callable[[str], object]) -> tuple[int, int]:
-    """HH-RLHF {"chosen": text, "rejected": text} lines -> {"chosen": [msgs], "rejected": [msgs]}."""
+def convert_hh(lines: Iterator[str], write: Callable[[str], object], source: str = "input") -> tuple[int, int]:
+    """HH-RLHF {"chosen": text, "rejected": text} lines -> {"chosen": [msgs], "rejected": [msgs]}.
+
+    Raises:
+        DataError: a line that is not a JSON object (naming ``source`` and the line): not an HH-RLHF file.
+    """
     kept = skipped = 0
-    for line in lines:
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{source}:{lineno}: not a JSON line ({e.msg}); expected HH-RLHF's train.jsonl(.gz)"
+            ) from None
+        if not isinstance(rec, dict):
+            what = type(rec).__name__
+            raise DataError(f"{source}:{lineno}: expected a JSON object with chosen/rejected, got {what}")
         try:
             chosen, rejected = parse_hh_dialogue(rec["chosen"]), parse_hh_dialogue(rec["rejected"])
         except (ValueError, KeyError):
@@ -101,7 +113,7 @@ def convert_hh(lines: Iterator[str], write: Callable[[str], object]) -> tuple[in
 
 def _open_text(path: Path) -> Iterator[str]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows tools) is dropped
         yield from f
 
 
@@ -111,6 +123,10 @@ def fetch(name: str, output: Path | None = None, source: Path | None = None, log
         raise MiniLLMError(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)}")
     corpus = CORPORA[name]
     out = Path(output or corpus.output)
+    if out.is_dir():
+        raise DataError(f"--output {out} is a directory; give a file path, e.g. {out / Path(corpus.output).name}")
+    if source is not None:
+        _check_source(Path(source))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if source is None:
@@ -126,18 +142,43 @@ def fetch(name: str, output: Path | None = None, source: Path | None = None, log
                 ) from None
         else:
             raw = Path(source)
-            if not raw.is_file():
-                raise DataError(f"--from {raw}: no such file")
         partial = out.with_suffix(out.suffix + ".partial")
-        if corpus.convert == "hh":
-            with open(partial, "w", encoding="utf-8") as f:
-                kept, skipped = convert_hh(_open_text(raw), f.write)
-            log(f"converted {kept} pairs ({skipped} skipped: unparsable, identical or different prompts)")
-        else:
-            shutil.copyfile(raw, partial)
+        try:
+            if corpus.convert == "hh":
+                kept, skipped = _convert_hh_file(raw, partial)
+                log(f"converted {kept} pairs ({skipped} skipped: unparsable, identical or different prompts)")
+            else:
+                shutil.copyfile(raw, partial)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # never leave half a conversion behind
+            raise
         os.replace(partial, out)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return out
+
+
+def _convert_hh_file(raw: Path, out: Path) -> tuple[int, int]:
+    """Convert the HH-RLHF file ``raw`` into ``out``; (pairs kept, pairs skipped). Bad input is one DataError."""
+    try:
+        with open(out, "w", encoding="utf-8") as f:
+            kept, skipped = convert_hh(_open_text(raw), f.write, str(raw))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{raw}: not valid UTF-8 ({e.reason}); expected HH-RLHF's train.jsonl(.gz)") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{raw}: not a complete gzip file ({e}); download it again") from None
+    if not kept:
+        raise DataError(f"{raw}: no usable HH-RLHF pair ({skipped} skipped); expected HH-RLHF's train.jsonl(.gz)")
+    return kept, skipped
+
+
+def _check_source(path: Path) -> None:
+    """``--from``: an existing, non-empty file."""
+    if path.is_dir():
+        raise DataError(f"--from {path} is a directory; give the downloaded file itself")
+    if not path.is_file():
+        raise DataError(f"--from {path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"--from {path} is empty (0 bytes); download it again")
 
 
 def download_main(argv: list[str]) -> None:

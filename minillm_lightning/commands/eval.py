@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from minillm_lightning.checkpoint import checkpoint_meta, load_backbone
-from minillm_lightning.errors import CheckpointError, MiniLLMError
+from minillm_lightning.errors import CheckpointError, DataError, MiniLLMError
 from minillm_lightning.evaluation import TASKS, LogLikelihoodScorer, harness_lm, results_table, run_tasks
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -86,6 +86,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_text_file(path: Path, option: str) -> None:
+    """A file to score must exist, be a file, hold something and be UTF-8; else one DataError naming it."""
+    if path.is_dir():
+        raise DataError(f"{option} {path} is a directory; give a text file")
+    if not path.is_file():
+        raise DataError(f"{option} {path}: no such file")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{option} {path} is empty; there is no text to score")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{option} {path}: not valid UTF-8 ({e.reason} at byte {e.start}); re-encode it as UTF-8 "
+            f"(e.g. iconv -f GBK -t UTF-8)"
+        ) from None
+
+
 def _device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise MiniLLMError("--device cuda: no CUDA device is available; use --device cpu")
@@ -121,9 +139,11 @@ def eval_main(argv: list[str]) -> None:
         if unknown:
             raise MiniLLMError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     for t in tasks:
-        if t.startswith("text:") and not Path(t[5:]).is_file():
-            raise MiniLLMError(f"--text {t[5:]}: no such file")
+        if t.startswith("text:"):
+            check_text_file(Path(t[5:]), "--text")
     args.data_dir = args.data_dir or DEFAULT_DATA_DIR
+    if args.data_dir.exists() and not args.data_dir.is_dir():
+        raise MiniLLMError(f"--data-dir {args.data_dir} is a file; give the directory holding the task files")
     ckpt_path = Path(args.checkpoint)
     model, ckpt = load_backbone(ckpt_path)
     try:

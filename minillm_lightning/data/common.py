@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from minillm_lightning.errors import CheckpointError, DataError
+from minillm_lightning.checkpoint import load_checkpoint
+from minillm_lightning.errors import CheckpointError, DataError, MiniLLMError
 from minillm_lightning.tokenizer import Tokenizer
 
 
@@ -43,14 +44,23 @@ class ReadStats:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
 
+UTF8_BOM = "\ufeff"
+
+
 def _decode(path: Path, raw: bytes, lineno: int) -> str:
+    """UTF-8 text of line ``lineno`` (1: also a whole file); a byte-order mark opening the file is dropped.
+
+    Windows tools (Notepad, PowerShell) start UTF-8 files with a BOM, which JSON parsers reject; CRLF line ends
+    need nothing here: ``\r`` is whitespace to JSON.
+    """
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(
             f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8 "
             f"(e.g. iconv -f GBK -t UTF-8)"
         ) from None
+    return text[1:] if lineno == 1 and text.startswith(UTF8_BOM) else text
 
 
 def iter_records(path: Path, stats: ReadStats, skip_bad: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -88,6 +98,8 @@ def iter_records(path: Path, stats: ReadStats, skip_bad: bool = False) -> Iterat
                 if skip_bad:
                     stats.skip("malformed JSON")
                     continue
+                if isinstance(e, DataError):  # not UTF-8: its message already names the line and the fix
+                    raise
                 raise DataError(
                     f"{path}:{lineno}: malformed JSON line ({e}); fix or delete the line, or set "
                     f"skip_bad_records: true to skip and count such lines"
@@ -195,6 +207,10 @@ def checkpoint_tokenizer(path: str | None, owner: str, prerequisite: str, exampl
             f"checkpoint (e.g. {example}) so data and model share its tokenizer"
         )
     file = Path(path)
+    if file.is_dir():
+        raise CheckpointError(
+            f"data.tokenizer={file} is a directory; set it to the model.init_args.init_from checkpoint file"
+        )
     if not file.is_file():
         # checkpoints/<run>/last.ckpt is written by configs/<run>.yaml: name that config when it exists
         own = f"minillm fit --config {Path('configs') / f'{file.parent.name}.yaml'}"
@@ -204,4 +220,15 @@ def checkpoint_tokenizer(path: str | None, owner: str, prerequisite: str, exampl
             f"(model.init_from): run `{prerequisite}` first{own}, or point model.init_args.init_from and "
             f"data.init_args.tokenizer at an existing checkpoint"
         )
-    return Tokenizer.from_file(file)
+    try:
+        return Tokenizer.from_file(file)
+    except MiniLLMError:
+        raise
+    except ValueError as e:  # a checkpoint without a tokenizer, or a SentencePiece model without the chat tokens
+        raise CheckpointError(f"data.tokenizer: {e}") from None
+    except RuntimeError:  # SentencePiece cannot parse it: a checkpoint not named *.ckpt, or not a tokenizer at all
+        ckpt = load_checkpoint(file)  # raises the precise "not a minillm checkpoint" / "corrupted" error
+        try:
+            return Tokenizer.from_checkpoint(ckpt, f"data.tokenizer={file}")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from minillm_lightning.errors import ConfigError
+
 SizeName = Literal["tiny", "small", "medium", "custom"]
 
 # Presets. tiny: a laptop CPU trains it in minutes. small: ~26M parameters, one consumer GPU
@@ -81,7 +83,7 @@ class MiniGPTConfig:
 
     def __post_init__(self) -> None:
         if self.size not in PRESETS:
-            raise ValueError(f"MiniGPTConfig.size={self.size!r} is not one of {sorted(PRESETS)}")
+            raise ConfigError(f"MiniGPTConfig.size={self.size!r} is not one of {sorted(PRESETS)}")
         preset = {**_DEFAULTS, **PRESETS[self.size]}
         for f in fields(self):
             if f.name != "size" and getattr(self, f.name) is None and preset.get(f.name) is not None:
@@ -92,31 +94,31 @@ class MiniGPTConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field and the fix when the architecture is inconsistent."""
+        """Raise ``ConfigError`` (a ValueError) naming the field and the fix when the architecture is inconsistent."""
         positive = ["vocab_size", "block_size", "n_layer", "dim", "n_head", "n_kv_head", "intermediate_size"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"MiniGPTConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"MiniGPTConfig.{name} must be a positive integer, got {value!r}")
         if self.dim % self.n_head:
-            raise ValueError(
+            raise ConfigError(
                 f"MiniGPTConfig: n_head={self.n_head} does not divide dim={self.dim}; "
                 f"choose n_head among {[h for h in range(1, self.dim + 1) if self.dim % h == 0 and h <= 64]}"
             )
         if self.head_dim % 2:
-            raise ValueError(f"MiniGPTConfig: head size dim/n_head={self.head_dim} must be even for RoPE")
+            raise ConfigError(f"MiniGPTConfig: head size dim/n_head={self.head_dim} must be even for RoPE")
         if self.n_head % self.n_kv_head:
-            raise ValueError(
+            raise ConfigError(
                 f"MiniGPTConfig: n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (grouped-query attention)"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"MiniGPTConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"MiniGPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ValueError("MiniGPTConfig.rope_theta and norm_eps must be positive")
+            raise ConfigError("MiniGPTConfig.rope_theta and norm_eps must be positive")
         if self.n_experts < 0 or self.n_shared_experts < 0:
-            raise ValueError("MiniGPTConfig.n_experts and n_shared_experts must be >= 0")
+            raise ConfigError("MiniGPTConfig.n_experts and n_shared_experts must be >= 0")
         if self.n_experts and not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"MiniGPTConfig.top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
+            raise ConfigError(f"MiniGPTConfig.top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
 
     @property
     def head_dim(self) -> int:
@@ -134,7 +136,7 @@ class MiniGPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"MiniGPTConfig: unknown fields {sorted(unknown)}")
+            raise ConfigError(f"MiniGPTConfig: unknown fields {sorted(unknown)}")
         return cls(**data)
 
     @classmethod
