@@ -70,11 +70,12 @@ def test_val_sources_replace_the_share_and_test_sources_load_in_file_order(tiny_
     assert dm.train_set is None and len(dm.test_set) == 12  # test reads only the test files
     assert dm.test_summary() == {"test_files": [str(files["test"])], "examples": 12, "rows": 12}
     # file order, and each row is what the module's own encoding of that record gives
-    test_items, _ = dm.read([str(files["test"])])
-    expected = dm.encode_items(test_items[:1], dm.new_counts(), "test")[0]
+    test_items, _ = dm.load([str(files["test"])])
+    encoded = dm.encode_items(test_items, [0], dm.new_counts(), "test")
+    expected = dm.make_dataset(encoded)[0] if name == "sft" else encoded[0]
     first = next(iter(dm.test_dataloader()))
     if name == "sft":
-        assert first["input_ids"][0, : len(expected.input_ids)].tolist() == expected.input_ids.tolist()
+        assert first["input_ids"][0, : len(expected["input_ids"])].tolist() == expected["input_ids"].tolist()
     elif name == "preference":
         assert dm.test_set.rows[0] == expected and first["index"].tolist() == [0, 1, 2, 3]
     else:

@@ -4,19 +4,25 @@ The base owns the checkpoint's tokenizer, the train / validation / test splits a
 resumable training order, ``dataset_stats.json`` and the state checked on resume. A subclass provides only:
 
 - :meth:`ChatDataModule.read`: records of some files -> items (conversations, pairs, prompts) and per-file stats;
-- :meth:`ChatDataModule.encode_items`: items -> token rows, per split (training-only augmentation lives here);
+- optionally :meth:`ChatDataModule.load`: the same items as an indexable table kept out of memory (SFT: the token
+  cache of :mod:`minillm_lightning.data.chat_cache`, built once in parallel); by default it is :meth:`read`;
+- :meth:`ChatDataModule.encode_items`: items (by index) -> token rows, per split (training-only augmentation
+  lives here);
 - :meth:`ChatDataModule.make_dataset`: rows -> a ``Dataset`` (SFT packs rows here);
 - :meth:`ChatDataModule.collate_fn` and :meth:`ChatDataModule.describe` (the statistics of the fit splits).
 
 Splits: validation is either ``val_share`` of ``sources`` (shuffled with ``seed``) or, when ``val_sources`` is
 set, those files (and all of ``sources`` trains). ``test_sources`` are files read only by ``trainer.test``
-(``minillm test``), in file order.
+(``minillm test``), in file order. The split shuffles item *indices* with ``random.Random(seed)`` (the same
+permutation as shuffling the items themselves), so no module needs its items as one Python list.
 """
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -57,6 +63,8 @@ class ChatDataModule(L.LightningDataModule):
         skip_bad_records: skip and count unusable records instead of stopping at the first one.
         num_workers: DataLoader worker processes.
         seed: seed of the split and the batch order.
+        cache_dir: where token caches are kept (modules that cache: see :meth:`load`).
+        prepare_workers: processes that tokenize a file into its cache (None: the CPU count, at most 8).
     """
 
     kind: ClassVar[str] = "chat"
@@ -72,6 +80,8 @@ class ChatDataModule(L.LightningDataModule):
     pin_memory: ClassVar[bool] = True
     split_encoded: ClassVar[bool] = False
     """Split ``val_share`` after encoding (over usable rows) instead of over the records read."""
+    cached: ClassVar[bool] = False
+    """Whether :meth:`load` builds on-disk caches (then :meth:`prepare_data` builds them once per node)."""
 
     def __init__(
         self,
@@ -85,6 +95,8 @@ class ChatDataModule(L.LightningDataModule):
         skip_bad_records: bool,
         num_workers: int,
         seed: int,
+        cache_dir: str = "data/.cache",
+        prepare_workers: int | None = None,
     ) -> None:
         super().__init__()
         sources = _as_list(sources)
@@ -94,6 +106,10 @@ class ChatDataModule(L.LightningDataModule):
         self.val_sources, self.test_sources = _as_list(val_sources), _as_list(test_sources)
         self.batch_size, self.val_share, self.skip_bad = batch_size, val_share, skip_bad_records
         self.num_workers, self.seed = num_workers, seed
+        self.cache_dir = Path(cache_dir)
+        if prepare_workers is not None and prepare_workers < 1:
+            raise ValueError(f"{type(self).__name__}: prepare_workers must be at least 1, got {prepare_workers}")
+        self.prepare_workers = prepare_workers or min(os.cpu_count() or 1, 8)
         self._tokenizer: Tokenizer | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -106,15 +122,20 @@ class ChatDataModule(L.LightningDataModule):
         """The usable items of ``sources`` (default: ``self.sources``) and per-file statistics."""
         raise NotImplementedError
 
+    def load(self, sources: list[str]) -> tuple[Sequence[Any], dict[str, Any]]:
+        """The items of ``sources`` as an indexable sequence, and per-file statistics (default: :meth:`read`)."""
+        return self.read(sources)
+
     def new_counts(self) -> dict[str, int]:
         """Zeroed counters that :meth:`encode_items` increments (truncations, drops)."""
         return {}
 
-    def encode_items(self, items: list[Any], counts: dict[str, int], split: Split) -> list[Any]:
-        """Token rows of ``items`` (dropping what does not fit); ``split`` lets training augment."""
+    def encode_items(self, items: Sequence[Any], indices: Sequence[int], counts: dict[str, int], split: Split) -> Any:
+        """Token rows of ``items[i] for i in indices``, in that order (dropping what does not fit); ``split`` lets
+        training augment. The result supports ``len`` and (``split_encoded``) slicing."""
         raise NotImplementedError
 
-    def make_dataset(self, rows: list[Any]) -> Dataset:
+    def make_dataset(self, rows: Any) -> Dataset:
         raise NotImplementedError
 
     def collate_fn(self) -> Callable[[list[Any]], Any]:
@@ -141,6 +162,14 @@ class ChatDataModule(L.LightningDataModule):
         return self.tokenizer.vocab_size
 
     # ---- splits ----
+    def prepare_data(self) -> None:
+        """Build the token caches of the fit files once per node (Lightning calls this on one process per node
+        before ``setup`` on every process)."""
+        if self.cached:
+            self.load(self.sources)
+            if self.val_sources:
+                self.load(self.val_sources)
+
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
             self._setup_fit()
@@ -148,23 +177,25 @@ class ChatDataModule(L.LightningDataModule):
             self._setup_test()
 
     def _setup_fit(self) -> None:
-        items, sources = self.read(self.sources)
-        random.Random(self.seed).shuffle(items)
+        items, sources = self.load(self.sources)
+        order = list(range(len(items)))
+        random.Random(self.seed).shuffle(order)
         counts = self.new_counts()
         extra: dict[str, Any] = {}
         if self.val_sources:
-            val_items, extra["val_sources"] = self.read(self.val_sources)
+            val_items, extra["val_sources"] = self.load(self.val_sources)
             n_items = (len(items), len(val_items))
-            train = self.encode_items(items, counts, "train")
-            val = self.encode_items(val_items, counts, "val")
+            train = self.encode_items(items, order, counts, "train")
+            val = self.encode_items(val_items, range(len(val_items)), counts, "val")
         elif self.split_encoded:
-            rows = self.encode_items(items, counts, "train")
+            rows = self.encode_items(items, order, counts, "train")
             n_items = split_counts(len(rows), self.val_share)
             train, val = rows[: n_items[0]], rows[n_items[0] : sum(n_items)]
         else:
             n_items = split_counts(len(items), self.val_share)
-            train = self.encode_items(items[: n_items[0]], counts, "train")
-            val = self.encode_items(items[n_items[0] : sum(n_items)], counts, "val")
+            train = self.encode_items(items, order[: n_items[0]], counts, "train")
+            val = self.encode_items(items, order[n_items[0] : sum(n_items)], counts, "val")
+        del order
         self.train_set, self.val_set = self.make_dataset(train), self.make_dataset(val)
         world = self.trainer.world_size if self.trainer else 1
         if len(self.train_set) < world * self.batch_size:
@@ -189,9 +220,9 @@ class ChatDataModule(L.LightningDataModule):
                 f"{type(self).__name__} has no test files: set data.init_args.test_sources to held-out files the "
                 f"model never trained on (e.g. --data.init_args.test_sources '[data/my_test.jsonl]')"
             )
-        items, sources = self.read(self.test_sources)
+        items, sources = self.load(self.test_sources)
         counts = self.new_counts()
-        rows = self.encode_items(items, counts, "test")
+        rows = self.encode_items(items, range(len(items)), counts, "test")
         self.test_set = self.make_dataset(rows)
         if len(self.test_set) == 0:
             raise DataError(f"no usable {self.item_name} in test_sources {self.test_sources}; dropped: {counts}")

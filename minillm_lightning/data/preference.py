@@ -15,7 +15,7 @@ tokens), all padded to ONE length T so that a stage can run both halves as a sin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -336,8 +336,8 @@ class PreferenceDataModule(ChatDataModule):
     def new_counts(self) -> dict[str, int]:
         return {"prompt_truncated_turns": 0, "prompt_cut_tokens": 0, "dropped_too_long": 0}
 
-    def encode_items(self, items: list[Pair], counts: dict[str, int], split: str) -> list[Row]:
-        return self.encode(items, counts)
+    def encode_items(self, items: list[Pair], indices: Sequence[int], counts: dict[str, int], split: str) -> list[Row]:
+        return self.encode([items[i] for i in indices], counts)
 
     def make_dataset(self, rows: list[Row]) -> PreferenceDataset:
         return PreferenceDataset(rows)

@@ -12,7 +12,7 @@ template), ``prompt`` (the last user message, what a reward function reads) and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -253,8 +253,10 @@ class PromptDataModule(ChatDataModule):
     def new_counts(self) -> dict[str, int]:
         return {"truncated_turns": 0, "dropped_too_long": 0}
 
-    def encode_items(self, items: list[list[Message]], counts: dict[str, int], split: str) -> list[PromptExample]:
-        return [ex for m in items if (ex := self.encode(m, counts)) is not None]
+    def encode_items(
+        self, items: list[list[Message]], indices: Sequence[int], counts: dict[str, int], split: str
+    ) -> list[PromptExample]:
+        return [ex for i in indices if (ex := self.encode(items[i], counts)) is not None]
 
     def make_dataset(self, rows: list[PromptExample]) -> PromptDataset:
         return PromptDataset(rows)
@@ -283,7 +285,8 @@ class PromptDataModule(ChatDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":  # every prompt, in file order (`minillm predict` writes one completion each)
             prompts, _ = self.read()
-            self.predict_set = self.make_dataset(self.encode_items(prompts, self.new_counts(), "test"))
+            rows = self.encode_items(prompts, range(len(prompts)), self.new_counts(), "test")
+            self.predict_set = self.make_dataset(rows)
             return
         super().setup(stage)
 

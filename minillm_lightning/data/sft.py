@@ -9,13 +9,12 @@ only tokens with a label. Labels are aligned with the inputs: ``labels[t]`` is t
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -25,9 +24,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from minillm_lightning.data.chat import ChatDataModule
+from minillm_lightning.data.chat_cache import BadRecord, TokenCache, json_item_line, load_or_build
 from minillm_lightning.data.common import ReadStats, expand_paths, iter_records
 from minillm_lightning.errors import DataError
 from minillm_lightning.losses import IGNORE_INDEX
+from minillm_lightning.tokenizer import Tokenizer
 
 T = TypeVar("T")
 
@@ -60,14 +61,6 @@ class SFTFields:
     """Alpaca: the assistant reply."""
     history: str = "history"
     """Alpaca: optional earlier ``[instruction, reply]`` pairs (LLaMA-Factory's multi-turn Alpaca)."""
-
-
-class BadRecord(Exception):
-    """A record that is not a usable conversation; ``reason`` is the category counted in the stats."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 # ---- records -> turns ----
@@ -171,22 +164,6 @@ def split_system(messages: list[Message]) -> tuple[list[Message], list[list[Mess
     return head, [body[i : i + 2] for i in range(0, len(body), 2)]
 
 
-def _json_item_line(path: Path, item: int) -> int | None:
-    """Line on which item ``item`` (1-based) of a JSON array file starts (for error messages only)."""
-    text, dec = path.read_text("utf-8"), json.JSONDecoder()
-    pos = text.find("[") + 1
-    try:
-        for i in range(1, item + 1):
-            while text[pos] in " \t\r\n,":
-                pos += 1
-            if i == item:
-                return text.count("\n", 0, pos) + 1
-            _, pos = dec.raw_decode(text, pos)
-    except (IndexError, ValueError):
-        return None
-    return None
-
-
 def read_chat_files(
     sources: list[str],
     fmt: str | None,
@@ -215,7 +192,7 @@ def read_chat_files(
                 if skip_bad:
                     rs.skip(e.reason)
                     continue
-                line = _json_item_line(path, lineno) if path.suffix == ".json" else lineno
+                line = json_item_line(path, lineno) if path.suffix == ".json" else lineno
                 where = f"{path}:{line}" if line else f"{path} item {lineno}"
                 raise DataError(
                     f"{where}: {e} ({e.reason}); fix the record, or set skip_bad_records: true to skip "
@@ -233,70 +210,169 @@ def file_stats(fmt: str | None, rs: ReadStats, kept: int) -> dict[str, Any]:
     return {"format": fmt, "raw_records": rs.records, "kept": kept, "skipped": rs.skipped}
 
 
-# ---- token sequences ----
+# ---- the token cache of conversations ----
 @dataclass
-class Example:
-    """One training row: ``input_ids`` and aligned ``labels``; packed rows also carry segment/position ids."""
+class SFTCodec:
+    """How the token cache reads and encodes conversations (picklable: it goes to the tokenizing processes).
 
-    input_ids: np.ndarray
-    labels: np.ndarray
-    segment_ids: np.ndarray | None = None
-    position_ids: np.ndarray | None = None
-
-
-def to_example(ids: list[int], mask: list[bool]) -> Example:
-    """Shift by one: input t predicts token t+1, which is labelled only when the template marks it trainable."""
-    tokens = np.asarray(ids, dtype=np.int64)
-    learn = np.asarray(mask[1:], dtype=bool)
-    labels = np.where(learn, tokens[1:], IGNORE_INDEX)
-    return Example(tokens[:-1], labels)
-
-
-def pack(examples: list[Example], max_length: int) -> list[Example]:
-    """Greedily concatenate consecutive examples into rows of at most ``max_length`` tokens.
-
-    Segment ids number the conversations of a row from 1 (the model attends only within a segment) and
-    position ids restart at 0 for each, so a packed conversation is computed exactly as it would be alone.
+    A conversation is cached whole, message by message: ``ids`` and ``mask`` (the template's tokens and which of
+    them an assistant turn produces), ``ends`` (the token offset where each message ends), ``learn`` (trained
+    tokens per message) and ``system`` (whether it opens with a system prompt). The chat template encodes every
+    message on its own, so any run of messages is a slice of these tokens: truncation and turn truncation never
+    tokenize again.
     """
-    rows: list[Example] = []
-    group: list[Example] = []
-    used = 0
 
-    def flush() -> None:
-        rows.append(
-            Example(
-                np.concatenate([e.input_ids for e in group]),
-                np.concatenate([e.labels for e in group]),
-                np.concatenate([np.full(len(e.input_ids), s, dtype=np.int64) for s, e in enumerate(group, 1)]),
-                np.concatenate([np.arange(len(e.input_ids), dtype=np.int64) for e in group]),
-            )
+    names: SFTFields
+    system_prompt: str | None
+    what: ClassVar[str] = "conversations"
+    fields: ClassVar[dict[str, str]] = {
+        "ids": "token",
+        "mask": "uint8",
+        "ends": "int32",
+        "learn": "int32",
+        "system": "uint8",
+    }
+
+    def settings(self) -> dict[str, Any]:
+        return {"fields": asdict(self.names), "system_prompt": self.system_prompt}
+
+    def detect(self, rec: dict[str, Any]) -> str | None:
+        return detect_format(rec, self.names)
+
+    def unknown_schema(self, rec: dict[str, Any]) -> str:
+        return (
+            f"cannot tell the conversation schema from the keys {sorted(rec)[:8]}; set format "
+            f"(messages, sharegpt or alpaca) and the field names under fields"
         )
 
-    for ex in examples:
-        if group and used + len(ex.input_ids) > max_length:
-            flush()
-            group, used = [], 0
-        group.append(ex)
-        used += len(ex.input_ids)
-    if group:
-        flush()
-    return rows
+    def convert(self, rec: dict[str, Any], fmt: str) -> list[Message]:
+        messages = to_messages(rec, fmt, self.names)
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
+
+    def encode(self, messages: list[Message], tok: Tokenizer) -> dict[str, list[int]]:
+        ids: list[int] = []
+        mask: list[bool] = []
+        ends, learn = [], []
+        for m in messages:
+            m_ids, m_mask = tok.encode_chat([m])
+            ids += m_ids
+            mask += m_mask
+            ends.append(len(ids))
+            learn.append(sum(m_mask))
+        return {"ids": ids, "mask": mask, "ends": ends, "learn": learn, "system": [messages[0]["role"] == "system"]}
+
+
+def _ragged(caches: list[TokenCache], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values, item offsets) of a per-message field over several caches, as one table."""
+    values = [c.load(name) for c in caches]
+    bases = np.cumsum([0] + [len(v) for v in values])
+    offsets = [c.offsets[name][:-1] + b for c, b in zip(caches, bases)]
+    return np.concatenate(values), np.concatenate([*offsets, bases[-1:]]).astype(np.int64)
+
+
+class Conversations:
+    """The cached conversations of some files, numbered in file order: what :meth:`SFTDataModule.load` returns.
+
+    Only per-conversation and per-message numbers live in memory (a few dozen bytes per conversation); tokens
+    stay on disk.
+    """
+
+    def __init__(self, caches: list[TokenCache]) -> None:
+        self.caches = caches
+        self.file = np.concatenate([np.full(len(c), k, dtype=np.int32) for k, c in enumerate(caches)])
+        self.start = np.concatenate([c.offsets["ids"][:-1] for c in caches]).astype(np.int64)
+        self.system = np.concatenate([c.load("system") for c in caches]).astype(np.int64)
+        self.ends, self.msg_offsets = _ragged(caches, "ends")
+        learn, _ = _ragged(caches, "learn")
+        self.learn_cum = np.concatenate([[0], np.cumsum(learn, dtype=np.int64)])
+        self.n_messages = np.diff(self.msg_offsets)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+@dataclass
+class Examples:
+    """Encoded conversations (rows before packing), each a slice of a cached conversation: its first ``head``
+    tokens (the system prompt) then tokens from ``body`` on, ``length`` tokens in all (positions in the file's
+    cache); ``trained`` counts its labelled tokens."""
+
+    caches: list[TokenCache]
+    file: np.ndarray
+    start: np.ndarray
+    head: np.ndarray
+    body: np.ndarray
+    length: np.ndarray
+    trained: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    def tokens(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, template mask) of example ``e``."""
+        cache = self.caches[self.file[e]]
+        return read_slice(cache, int(self.start[e]), int(self.head[e]), int(self.body[e]), int(self.length[e]))
+
+
+def read_slice(cache: TokenCache, start: int, head: int, body: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) of ``length`` tokens: the ``head`` tokens from ``start`` on, then those from ``body`` on."""
+    first = min(head, length)
+    if body == start + first or first == length:  # nothing cut out of the middle: one read
+        spans = [(start, start + length)]
+    else:
+        spans = [(start, start + first), (body, body + length - first)]
+    ids = np.concatenate([cache.read("ids", a, b) for a, b in spans])
+    mask = np.concatenate([cache.read("mask", a, b) for a, b in spans])
+    return ids, mask
+
+
+def to_example(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels): input t predicts token t+1, which is labelled only when the template marks it trainable."""
+    tokens = ids.astype(np.int64)
+    return tokens[:-1], np.where(mask[1:].astype(bool), tokens[1:], IGNORE_INDEX)
+
+
+def pack_bounds(lengths: np.ndarray, max_length: int) -> np.ndarray:
+    """Row boundaries of greedily concatenating consecutive examples into rows of at most ``max_length`` tokens:
+    row r holds examples ``bounds[r]:bounds[r + 1]``."""
+    bounds, used = [0], 0
+    for i, n in enumerate(lengths.tolist()):
+        if i > bounds[-1] and used + n > max_length:
+            bounds.append(i)
+            used = 0
+        used += n
+    if len(lengths):
+        bounds.append(len(lengths))
+    return np.asarray(bounds, dtype=np.int64)
 
 
 class SFTDataset(Dataset):
-    """A list of :class:`Example` rows as dicts of tensors (unpadded; :func:`collate` pads a batch)."""
+    """Rows of :class:`Examples` as dicts of tensors (unpadded; :func:`collate` pads a batch), read from the cache.
 
-    def __init__(self, rows: list[Example]) -> None:
-        self.rows = rows
+    Packed rows concatenate consecutive examples: segment ids number the conversations of a row from 1 (the
+    model attends only within a segment) and position ids restart at 0 for each, so a packed conversation is
+    computed exactly as it would be alone.
+    """
+
+    def __init__(self, examples: Examples, bounds: np.ndarray | None) -> None:
+        self.examples, self.bounds = examples, bounds
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.examples) if self.bounds is None else len(self.bounds) - 1
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        row = self.rows[i]
-        item = {"input_ids": row.input_ids, "labels": row.labels}
-        if row.segment_ids is not None:
-            item |= {"segment_ids": row.segment_ids, "position_ids": row.position_ids}
+        if self.bounds is None:
+            inputs, labels = to_example(*self.examples.tokens(i))
+            return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
+        parts = [to_example(*self.examples.tokens(e)) for e in range(self.bounds[i], self.bounds[i + 1])]
+        item = {
+            "input_ids": np.concatenate([x for x, _ in parts]),
+            "labels": np.concatenate([y for _, y in parts]),
+            "segment_ids": np.concatenate([np.full(len(x), s, dtype=np.int64) for s, (x, _) in enumerate(parts, 1)]),
+            "position_ids": np.concatenate([np.arange(len(x), dtype=np.int64) for x, _ in parts]),
+        }
         return {k: torch.from_numpy(v) for k, v in item.items()}
 
 
@@ -340,10 +416,14 @@ class SFTDataModule(ChatDataModule):
         skip_bad_records: skip and count malformed records instead of stopping at the first one.
         num_workers: DataLoader worker processes.
         seed: seed of the split, the augmentation and the batch order.
+        cache_dir: where the token caches of the files are kept (``<cache_dir>/chat/<file>-<key>``): a file is
+            tokenized once, and again only when it, the tokenizer or a setting that changes its tokens changes.
+        prepare_workers: processes that tokenize a file into its cache (None: the CPU count, at most 8).
     """
 
     kind, stats_key, row_name, item_name = "SFT", "sft", "rows", "conversations"
     prerequisite, example_checkpoint = PRETRAIN_COMMAND, "checkpoints/pretrain_tiny/last.ckpt"
+    cached = True
 
     def __init__(
         self,
@@ -363,6 +443,8 @@ class SFTDataModule(ChatDataModule):
         skip_bad_records: bool = False,
         num_workers: int = 0,
         seed: int = 1337,
+        cache_dir: str = "data/.cache",
+        prepare_workers: int | None = None,
     ) -> None:
         super().__init__(
             sources,
@@ -375,6 +457,8 @@ class SFTDataModule(ChatDataModule):
             skip_bad_records,
             num_workers,
             seed,
+            cache_dir,
+            prepare_workers,
         )
         if max_length < 2 or batch_size <= 0:
             raise ValueError("SFTDataModule: max_length must be >= 2 and batch_size positive")
@@ -389,81 +473,128 @@ class SFTDataModule(ChatDataModule):
 
     # ---- reading ----
     def read(self, sources: list[str] | None = None) -> tuple[list[list[Message]], dict[str, Any]]:
-        """All valid conversations of ``sources`` (default: ``self.sources``), and per-file statistics."""
+        """All valid conversations of ``sources`` (default: ``self.sources``) in memory, and per-file statistics
+        (training reads them through :meth:`load` instead)."""
         sources = self.sources if sources is None else sources
         conversations: list[list[Message]] = []
         stats: dict[str, Any] = {}
+        codec = self.codec()
+        fmt = None if self.format == "auto" else self.format
         files = read_chat_files(
-            sources,
-            None if self.format == "auto" else self.format,
-            self.skip_bad,
-            lambda rec: detect_format(rec, self.fields),
-            lambda rec: (
-                f"cannot tell the conversation schema from the keys {sorted(rec)[:8]}; set format "
-                f"(messages, sharegpt or alpaca) and the field names under fields"
-            ),
-            lambda rec, fmt: to_messages(rec, fmt, self.fields),
-            "conversations",
+            sources, fmt, self.skip_bad, codec.detect, codec.unknown_schema, codec.convert, "conversations"
         )
         for path, fmt, rs, items in files:
-            for messages in items:
-                if self.system_prompt and messages[0]["role"] != "system":
-                    messages.insert(0, {"role": "system", "content": self.system_prompt})
             conversations.extend(items)
             stats[str(path)] = file_stats(fmt, rs, len(items))
         if not conversations:
             raise DataError(f"no usable conversations in {sources}; check the paths and the record schema")
         return conversations, stats
 
-    def truncate_turns(self, conversations: list[list[Message]]) -> int:
-        """Turn-truncation augmentation: replace some conversations by a shorter prefix of their exchanges.
+    def codec(self) -> SFTCodec:
+        return SFTCodec(self.fields, self.system_prompt)
 
-        Drawn once per run from ``seed`` (so a resumed run sees the same rows); returns how many changed.
+    def load(self, sources: list[str]) -> tuple[Conversations, dict[str, Any]]:
+        """The conversations of ``sources`` from their token caches (tokenizing a file only when its cache is
+        missing), and per-file statistics: the same conversations, counts and errors as :meth:`read`."""
+        caches: list[TokenCache] = []
+        stats: dict[str, Any] = {}
+        fmt = None if self.format == "auto" else self.format
+        for path in (p for s in sources for p in expand_paths(s, (".jsonl", ".json"))):
+            cache, _ = load_or_build(
+                path, self.codec(), self.tokenizer, self.skip_bad, fmt, self.cache_dir, self.prepare_workers
+            )
+            meta = cache.meta
+            if meta["skipped"]:
+                rank_zero_warn(f"{path}: skipped {sum(meta['skipped'].values())} unusable records: {meta['skipped']}")
+            if not len(cache):
+                rank_zero_warn(
+                    f"!!! {path} contributes NO conversations (records={meta['raw_records']}); check its schema"
+                )
+            caches.append(cache)
+            stats[str(path)] = {
+                "format": meta["format"],
+                "raw_records": meta["raw_records"],
+                "kept": len(cache),
+                "skipped": meta["skipped"],
+            }
+        if not sum(len(c) for c in caches):
+            raise DataError(f"no usable conversations in {sources}; check the paths and the record schema")
+        return Conversations(caches), stats
+
+    def _turn_truncation(self, kept: np.ndarray, n_ex: np.ndarray, head: np.ndarray) -> int:
+        """Turn-truncation augmentation: some conversations keep only a shorter prefix of their exchanges.
+
+        Drawn once per run from ``seed``, in training order (so a resumed run sees the same rows); updates the
+        kept message counts ``kept`` and exchange counts ``n_ex`` in place and returns how many changed.
         """
-        if self.turn_truncation <= 0:
-            return 0
         rng, changed = random.Random(f"turn-truncation-{self.seed}"), 0
-        for i, messages in enumerate(conversations):
-            head, exchanges = split_system(messages)
-            if len(exchanges) > 1 and rng.random() < self.turn_truncation:
-                keep = rng.randint(1, len(exchanges) - 1)
-                conversations[i] = head + [m for ex in exchanges[:keep] for m in ex]
+        for j in np.flatnonzero(n_ex > 1).tolist():
+            if rng.random() < self.turn_truncation:
+                keep = rng.randint(1, int(n_ex[j]) - 1)
+                kept[j], n_ex[j] = head[j] + 2 * keep, keep
                 changed += 1
         return changed
-
-    def encode(self, messages: list[Message], counts: dict[str, int]) -> Example | None:
-        """Template + labels for one conversation fitted to ``max_length`` per the overflow policy (None: dropped)."""
-        tok, limit = self.tokenizer, self.max_length + 1  # n tokens give n-1 (input, label) pairs
-        ids, mask = tok.encode_chat(messages)
-        if len(ids) > limit and self.overflow == "drop":
-            counts["dropped_too_long"] += 1
-            return None
-        if len(ids) > limit:
-            head, exchanges = split_system(messages)
-            if len(exchanges) > 1:
-                counts["truncated_turns"] += 1
-            while len(ids) > limit and len(exchanges) > 1:
-                exchanges = exchanges[1:]  # the oldest exchange goes first; the system prompt stays
-                ids, mask = tok.encode_chat(head + [m for ex in exchanges for m in ex])
-            if len(ids) > limit:
-                ids, mask = ids[:limit], mask[:limit]
-                counts["cut_to_max_length"] += 1
-                if not any(mask[1:]):
-                    counts["dropped_too_long"] += 1  # not one reply token fits after the prompt
-                    return None
-        return to_example(ids, mask)
 
     # ---- ChatDataModule hooks ----
     def new_counts(self) -> dict[str, int]:
         return {"turn_truncated": 0, "truncated_turns": 0, "cut_to_max_length": 0, "dropped_too_long": 0}
 
-    def encode_items(self, items: list[list[Message]], counts: dict[str, int], split: str) -> list[Example]:
-        if split == "train":
-            counts["turn_truncated"] += self.truncate_turns(items)
-        return [ex for m in items if (ex := self.encode(m, counts)) is not None]
+    def encode_items(
+        self, items: Conversations, indices: Sequence[int], counts: dict[str, int], split: str
+    ) -> Examples:
+        """Fit the conversations ``indices`` (in that order) to ``max_length`` per the overflow policy.
 
-    def make_dataset(self, rows: list[Example]) -> SFTDataset:
-        return SFTDataset(pack(rows, self.max_length) if self.packing else rows)
+        A conversation of n tokens gives n-1 (input, label) pairs, so up to ``max_length + 1`` tokens fit. One
+        that is too long loses its oldest exchanges first (the system prompt stays); if its last exchange alone is
+        too long, its end is cut, and if then not one reply token is left it is dropped.
+        """
+        c, limit = items, self.max_length + 1
+        idx = np.asarray(indices, dtype=np.int64)
+        off = c.msg_offsets[idx]
+        head = c.system[idx]
+        kept = c.n_messages[idx].copy()  # messages kept, from the first
+        n_ex = (kept - head) // 2
+        if split == "train" and self.turn_truncation > 0:
+            counts["turn_truncated"] += self._turn_truncation(kept, n_ex, head)
+        head_tokens = np.where(head == 1, c.ends[off], 0)
+        total = c.ends[off + kept - 1]
+        trained = c.learn_cum[off + kept] - c.learn_cum[off]
+        body = head_tokens.copy()  # where the kept exchanges start, relative to the conversation
+        length = total.copy()
+        keep = np.ones(len(idx), dtype=bool)
+        for j in np.flatnonzero(total > limit).tolist():
+            if self.overflow == "drop":
+                counts["dropped_too_long"] += 1
+                keep[j] = False
+                continue
+            h, o, first = int(head_tokens[j]), int(off[j]), int(head[j])
+            bounds = np.concatenate([[0], c.ends[o : o + kept[j]]])  # token offsets of the message boundaries
+            if n_ex[j] > 1:
+                counts["truncated_turns"] += 1
+            k = 0
+            while h + total[j] - bounds[first + 2 * k] > limit and n_ex[j] - k > 1:
+                k += 1  # the oldest exchange goes first; the system prompt stays
+            body[j] = bounds[first + 2 * k]
+            length[j] = h + total[j] - body[j]
+            learn = c.learn_cum
+            trained[j] = learn[o + kept[j]] - learn[o + first + 2 * k] + learn[o + first] - learn[o]
+            if length[j] > limit:
+                length[j] = limit
+                counts["cut_to_max_length"] += 1
+                start = int(c.start[idx[j]])
+                mask = read_slice(c.caches[c.file[idx[j]]], start, h, start + int(body[j]), limit)[1]
+                trained[j] = int(mask[1:].sum())
+                if trained[j] == 0:
+                    counts["dropped_too_long"] += 1  # not one reply token fits after the prompt
+                    keep[j] = False
+        idx = idx[keep]
+        start = c.start[idx]
+        return Examples(
+            c.caches, c.file[idx], start, head_tokens[keep], start + body[keep], length[keep], trained[keep]
+        )
+
+    def make_dataset(self, rows: Examples) -> SFTDataset:
+        return SFTDataset(rows, pack_bounds(rows.length - 1, self.max_length) if self.packing else None)
 
     def collate_fn(self) -> Callable[[list[dict[str, Tensor]]], dict[str, Tensor]]:
         return partial(collate, pad_id=self.tokenizer.pad_id)
@@ -471,8 +602,8 @@ class SFTDataModule(ChatDataModule):
     def describe(
         self, n_items: tuple[int, int], train: SFTDataset, val: SFTDataset, counts: dict[str, int]
     ) -> tuple[dict[str, Any], str]:
-        tokens = sum(len(r.input_ids) for r in train.rows)
-        trained = sum(int((r.labels != IGNORE_INDEX).sum()) for r in train.rows)
+        tokens = int((train.examples.length - 1).sum())  # packing lays the same examples end to end
+        trained = int(train.examples.trained.sum())
         stats = {
             "train_conversations": n_items[0],
             "val_conversations": n_items[1],
