@@ -41,8 +41,9 @@ from lightning.pytorch.callbacks import Callback
 
 from minillm_lightning.bench_dpo import dpo_section, format_dpo
 from minillm_lightning.bench_eval import eval_section, format_eval
+from minillm_lightning.bench_nanogpt import format_nanogpt, run_nanogpt
 from minillm_lightning.bench_profile import format_profile, profile_section
-from minillm_lightning.callbacks.throughput import compute_dtype, flops_per_token
+from minillm_lightning.callbacks.throughput import compute_dtype, device_peak_flops, flops_per_token
 from minillm_lightning.commands.serve_bench import format_serve, serve_section
 from minillm_lightning.generation import GenerationConfig, TextGenerator
 from minillm_lightning.losses import lm_loss
@@ -90,13 +91,55 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int, min_sec
 
 
 def _datasheet_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Lightning's table of peak TFLOP/s for known GPUs (for reference next to the measured peak)."""
+    """The GPU's datasheet peak TFLOP/s in ``dtype`` (``callbacks.throughput.device_peak_flops``: Lightning's table
+    plus the chips it lacks, e.g. the H200); None on a CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    flops = get_available_flops(device, dtype)
+    flops = device_peak_flops(device, dtype)
     return flops / 1e12 if flops else None
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, limit: int = 4096) -> int | None:
+    """The largest batch size ``n <= limit`` with ``fits(n)``, assuming fitting is monotone: double from ``start``
+    until a size fails, then bisect between the last success and the failure. None if ``start`` fails."""
+    if not fits(start):
+        return None
+    good, bad = start, None
+    while bad is None and good < limit:
+        n = min(2 * good, limit)
+        good, bad = (n, None) if fits(n) else (good, n)
+    while bad is not None and bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def cuda_max_batch(arch: MiniGPTConfig, device: torch.device, precision: str, seq_len: int, start: int) -> int | None:
+    """Largest training batch (sequences of ``seq_len``) whose forward, backward and fused AdamW step fit in the GPU's
+    memory, with the run's precision (bf16 autocast for ``bf16-mixed``); CUDA only (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    torch.manual_seed(0)
+    model = MiniGPT(replace(arch, dropout=0.0)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(precision).startswith("bf16"))
+
+    def fits(batch: int) -> bool:
+        try:
+            x = torch.randint(0, arch.vocab_size, (batch, seq_len + 1), device=device)
+            with autocast:
+                logits = model(x[:, :-1]).logits
+            lm_loss(logits, x[:, 1:])[0].backward()
+            opt.step()
+            torch.cuda.synchronize(device)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    return largest_fitting(fits, start)
 
 
 def _rss() -> int:
@@ -540,6 +583,12 @@ def bench_config(config: str, args: argparse.Namespace, sections: set[str], peak
             if type(module).__name__ != "PretrainModule":
                 raise ValueError(f"{config}: bench trains PretrainModule configs only, not {type(module).__name__}")
             result.update(train_sections(cli, args, sections, peaks.get(key)))
+            sheet = result["model"]["datasheet_tflops"]
+            for name in ("train", "loop"):  # on a GPU: MFU against the datasheet too (the usual convention)
+                if name in result:
+                    result[name]["mfu_datasheet"] = result[name]["tflops"] / sheet if sheet else None
+            if device.type == "cuda":
+                result["model"]["max_batch"] = cuda_max_batch(arch, device, trainer.precision, seq_len, dm.batch_size)
         if "decode" in sections:
             dec_dtype = torch.bfloat16 if device.type == "cuda" and dtype == torch.bfloat16 else torch.float32
             result["decode"] = decode_section(arch, device, dec_dtype, args.decode_lengths, args.beam_length)
@@ -663,6 +712,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="write the results as JSON to this file")
     p.add_argument("--fit-wall", metavar="CONFIG", default=None, help="time a complete `minillm fit --config CONFIG`")
     p.add_argument("--keep", action="store_true", help="--fit-wall: run in the current directory and keep the run")
+    p.add_argument(
+        "--nanogpt",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help="run nanoGPT's CPU Shakespeare-char recipe from this nanoGPT checkout, then --fit-wall (default "
+        "configs/shakespeare_char.yaml), and print both wall times and the ratio",
+    )
+    p.add_argument("--nanogpt-iters", type=int, default=2000, help="--nanogpt: iterations of nanoGPT's recipe")
+    p.add_argument(
+        "--nanogpt-text",
+        type=Path,
+        default=Path("data/tinyshakespeare/input.txt"),
+        help="--nanogpt: Tiny Shakespeare text for nanoGPT's prepare.py (instead of its download)",
+    )
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         p.error("--warmup, --steps and --repeats must be >= 1")
@@ -698,12 +762,19 @@ def format_table(results: dict[str, Any]) -> str:
             if name in r:
                 t = r[name]
                 mfu = f"{100 * t['mfu']:.1f}%" if t["mfu"] is not None else "-"
+                if t.get("mfu_datasheet") is not None:
+                    mfu += f" (datasheet {100 * t['mfu_datasheet']:.1f}%)"
                 extra = f"  Lightning/plain x{t['lightning_overhead']:.3f}" if "lightning_overhead" in t else ""
                 lines.append(
                     f"  {label}  {_fmt(t['ms_per_step'], ' ms/step')}  {_fmt(t['tokens_per_sec'], ' tok/s')}  MFU {mfu}"
                     f"  data wait {100 * t['data_wait_share']:.1f}%  RSS {_fmt(t['peak_rss_mb'], ' MB')}"
                     f"  CUDA {_fmt(t['cuda_peak_mb'], ' MB')}{extra}"
                 )
+        if mi.get("datasheet_tflops") or mi.get("max_batch"):
+            lines.append(
+                f"  GPU: datasheet peak {_fmt(mi.get('datasheet_tflops'), ' TFLOP/s')}, largest training batch that "
+                f"fits: {_fmt(mi.get('max_batch'))} x {mi['seq_len']}"
+            )
         if "loop" in r and "loss_max_abs_diff" in r["loop"]:
             lines.append(f"  losses Lightning vs plain: max |diff| {r['loop']['loss_max_abs_diff']:.3g}")
         if "decode" in r:
@@ -740,6 +811,9 @@ def format_table(results: dict[str, Any]) -> str:
                     f"{_fmt(d['encode_tokens_per_sec'], ' tok/s')}, cache of {_fmt(d['cache_tokens'])} tokens built "
                     f"in {_fmt(d['cache_build_s'], ' s')} ({_fmt(d['cache_tokens_per_sec'], ' tok/s')})"
                 )
+    if results.get("nanogpt"):
+        lines.append(f"\nnanoGPT: python {results['nanogpt']['command']}")
+        lines.append(format_nanogpt(results["nanogpt"], results["fit_wall"]))
     if results.get("fit_wall"):
         f = results["fit_wall"]
         lines.append(
@@ -758,6 +832,8 @@ def bench_main(argv: list[str]) -> dict[str, Any]:
         from minillm_lightning.errors import MiniLLMError
 
         raise MiniLLMError(f"--output {args.output} is a directory; give a JSON file path such as {args.output}/b.json")
+    if args.nanogpt is not None and args.fit_wall is None:
+        args.fit_wall = "configs/shakespeare_char.yaml"
     only_wall = args.fit_wall is not None and args.config is None and args.sections is None
     configs = [] if only_wall else (args.config or DEFAULT_CONFIGS)
     sections = set((args.sections or ",".join(DEFAULT_SECTIONS)).split(","))
@@ -787,6 +863,8 @@ def bench_main(argv: list[str]) -> dict[str, Any]:
             )
         results["configs"][config] = bench_config(config, run_args, sections, peaks)
     results["machine"]["peak_tflops"] = {k: v / 1e12 for k, v in peaks.items()}
+    if args.nanogpt is not None:  # nanoGPT right before ours: both see the same machine state
+        results["nanogpt"] = run_nanogpt(args.nanogpt, args.nanogpt_text, args.nanogpt_iters)
     if args.fit_wall:
         results["fit_wall"] = fit_wall(args.fit_wall, args.keep, args.override)
     results["machine"]["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

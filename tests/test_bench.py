@@ -163,3 +163,63 @@ def test_plain_bench_on_cpu_measures_small_at_a_practical_size(monkeypatch: pyte
     seen.clear()
     bench_main(["--device", "cpu", "--sections", "decode", "--config", "configs/pretrain_small.yaml"])
     assert seen["configs/pretrain_small.yaml"] == ([], None, 20, 3)
+
+
+# ---- the CUDA-only paths, checked without a GPU by which branch is taken
+
+
+def test_largest_fitting_batch_search() -> None:
+    from minillm_lightning.bench import largest_fitting
+
+    for capacity in (1, 8, 37, 100, 4096):
+        tried: list[int] = []
+
+        def fits(n: int, cap: int = capacity, tried: list[int] = tried) -> bool:
+            tried.append(n)
+            return n <= cap
+
+        assert largest_fitting(fits, start=1) == capacity
+        assert len(tried) <= 2 * 13  # doubling then bisection: logarithmic, not one size at a time
+    assert largest_fitting(lambda n: n <= 5000, start=8, limit=512) == 512
+    assert largest_fitting(lambda n: False, start=8) is None
+
+
+def test_cuda_branches_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Datasheet peak of the detected GPU (H200 from our table, others from Lightning's, unknown: None), no batch
+    probe or datasheet on a CPU, and --device auto picking CUDA when it is available."""
+    import torch
+
+    import minillm_lightning.bench as bench
+    from minillm_lightning.callbacks.throughput import EXTRA_PEAK_FLOPS
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert bench._datasheet_flops(cpu, torch.bfloat16) is None
+    assert bench.cuda_max_batch(MiniGPTConfig(**MICRO, vocab_size=64), cpu, "bf16-mixed", 32, 4) is None
+    names = {"h200": "NVIDIA H200", "h100": "NVIDIA H100 80GB HBM3", "unknown": "Some Future GPU"}
+    for key, name in names.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        peak = bench._datasheet_flops(gpu, torch.bfloat16)
+        if key == "h200":
+            assert peak == pytest.approx(EXTRA_PEAK_FLOPS["h200"][torch.bfloat16] / 1e12)
+        elif key == "h100":
+            assert 900 < peak < 1000  # Lightning's table: H100 SXM, dense bf16 989 TFLOP/s
+        else:
+            assert peak is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bench.parse_args(["--sections", "decode"]).device == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.parse_args(["--sections", "decode"]).device == "cpu"
+
+
+def test_cuda_table_lines() -> None:
+    """What bench prints on a GPU: MFU against the measured and the datasheet peak, peak memory, largest batch."""
+    from minillm_lightning.bench import format_table
+
+    run = dict(ms_per_step=100.0, tokens_per_sec=1e5, tflops=300.0, mfu=0.5, mfu_datasheet=0.303)
+    run |= dict(data_wait_share=0.01, peak_rss_mb=900.0, cuda_peak_mb=20480.0)
+    model = dict(arch="8x512", params=26e6, seq_len=512, batch_size=32, precision="bf16-mixed", device="cuda:0")
+    model |= dict(flops_per_token=1.6e8, peak_tflops=600.0, datasheet_tflops=989.4, max_batch=384)
+    machine = dict(device_name="NVIDIA H200", torch="2.x", lightning="2.x", threads=16)
+    text = format_table({"machine": machine, "configs": {"small.yaml": {"model": model, "train": run}}})
+    assert "MFU 50.0% (datasheet 30.3%)" in text and "CUDA 20,480 MB" in text
+    assert "datasheet peak 989 TFLOP/s" in text and "largest training batch that fits: 384 x 512" in text

@@ -1,0 +1,98 @@
+"""``minillm bench --nanogpt PATH``: nanoGPT's CPU Shakespeare-char recipe, then ours, wall clock side by side.
+
+nanoGPT is not part of this project (nor vendored): point the option at a checkout of
+https://github.com/karpathy/nanoGPT. Its recipe is the one its README gives for a CPU ("baby GPT": 4 layers,
+4 heads, width 128, context 64, batch 12, 2000 iterations, no dropout, eval_iters 20). Its data are prepared with
+its own ``data/shakespeare_char/prepare.py``; the text it would download is copied there from ``--nanogpt-text``
+first, so nothing is fetched. Its checkpoints go to a temporary directory.
+
+nanoGPT's val loss is estimated on ``eval_iters=20`` random batches of the last 10% of the text; ours
+(``val/nats_per_char``) is computed on the whole split. Both are nats per character of the same text.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from minillm_lightning.errors import MiniLLMError
+
+README_RECIPE = [
+    "config/train_shakespeare_char.py",
+    "--device=cpu",
+    "--compile=False",
+    "--eval_iters=20",
+    "--log_interval=1",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--dropout=0.0",
+]
+_EVAL = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
+
+
+def prepare_nanogpt(checkout: Path, text: Path) -> None:
+    """Run nanoGPT's own character-level preparation on ``text`` (copied in as its ``input.txt``)."""
+    data = checkout / "data" / "shakespeare_char"
+    if not (checkout / "train.py").is_file() or not (data / "prepare.py").is_file():
+        raise MiniLLMError(f"--nanogpt {checkout}: not a nanoGPT checkout (no train.py / data/shakespeare_char)")
+    if not text.is_file():
+        raise MiniLLMError(f"--nanogpt-text {text}: no such file (minillm download tinyshakespeare)")
+    if not (data / "input.txt").is_file():
+        shutil.copyfile(text, data / "input.txt")
+    if not (data / "train.bin").is_file():
+        proc = subprocess.run([sys.executable, "prepare.py"], cwd=data, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"nanoGPT prepare.py failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
+
+
+def run_nanogpt(checkout: Path, text: Path, iters: int = 2000) -> dict[str, Any]:
+    """nanoGPT's README CPU recipe for ``iters`` iterations: wall clock of ``python train.py`` and its last eval."""
+    prepare_nanogpt(checkout, text)
+    eval_interval = 250 if iters % 250 == 0 else iters  # the README's 250, or one eval at the end
+    with tempfile.TemporaryDirectory(prefix="nanogpt-") as out:
+        cmd = [sys.executable, "train.py", *README_RECIPE, f"--max_iters={iters}", f"--lr_decay_iters={iters}"]
+        cmd += [f"--eval_interval={eval_interval}", f"--out_dir={out}"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    log = proc.stdout + proc.stderr
+    if proc.returncode:
+        raise RuntimeError(f"nanoGPT train.py failed ({proc.returncode}):\n{log[-3000:]}")
+    evals = _EVAL.findall(log)
+    if not evals:
+        raise RuntimeError(f"nanoGPT printed no evaluation line:\n{log[-2000:]}")
+    step, train_loss, val_loss = evals[-1]
+    return {
+        "command": " ".join(cmd[1:]),
+        "wall_s": wall,
+        "iters": iters,
+        "final_step": int(step),
+        "train_loss": float(train_loss),
+        "val_loss": float(val_loss),
+    }
+
+
+def format_nanogpt(nano: dict[str, Any], ours: dict[str, Any]) -> str:
+    """A Markdown table: nanoGPT's recipe and ours, wall clock, validation nats/char and the ratio."""
+    ratio = ours["wall_s"] / nano["wall_s"]
+    ours_val = ours.get("val_nats_per_char")
+    return "\n".join(
+        [
+            "",
+            "| run | steps | wall (s) | val nats/char |",
+            "|---|---:|---:|---:|",
+            f"| nanoGPT CPU recipe | {nano['final_step']} | {nano['wall_s']:.1f} | {nano['val_loss']:.3f} |",
+            f"| minillm {ours['config']} | {ours.get('final_step', '-')} | {ours['wall_s']:.1f} | "
+            + (f"{ours_val:.3f} |" if ours_val is not None else "- |"),
+            f"| ours / nanoGPT | | **x{ratio:.2f}** | |",
+        ]
+    )
