@@ -57,7 +57,7 @@ REAL_ROLES = ("pretrain", "sft", "preference")
 REAL_SPLIT: dict[str, dict[str, Any]] = {
     "tiny": {
         "val_share": 0.03,
-        "test_share": 0.05,
+        "test_share": 0.08,
         "budget": {"pretrain": 4_000_000, "sft": 1_600_000, "preference": 4_800_000},
     },
     "small": {"val_share": 0.005, "test_share": 0.005, "budget": {"pretrain": None, "sft": None, "preference": None}},
