@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -250,6 +252,16 @@ def test_eval_defaults_to_data_eval_and_names_a_missing_file(
     assert exc.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 2  # "evaluating ..." + error
     line = err.splitlines()[-1]
     assert line.startswith("error: task piqa: data/eval/piqa/valid.jsonl is missing") and "https://" in line
+
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # downloading allowed, but no network
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--checkpoint", str(tiny_pretrain_ckpt), "--tasks", "lambada"])
+    line = capfd.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and line.startswith("error: task lambada: data/eval/lambada/lambada_test.jsonl")
+    assert f"is missing and downloading {ev.DOWNLOADS['lambada/lambada_test.jsonl']} failed" in line
 
 
 def test_eval_command_errors(tiny_pretrain_ckpt: Path, tmp_path: Path, capsys) -> None:
