@@ -223,3 +223,29 @@ def test_cuda_table_lines() -> None:
     text = format_table({"machine": machine, "configs": {"small.yaml": {"model": model, "train": run}}})
     assert "MFU 50.0% (datasheet 30.3%)" in text and "CUDA 20,480 MB" in text
     assert "datasheet peak 989 TFLOP/s" in text and "largest training batch that fits: 384 x 512" in text
+
+
+def test_nanogpt_mode_runs_its_prepare_and_recipe(tmp_path: Path) -> None:
+    """A stand-in checkout (nanoGPT itself is not vendored): prepare.py gets the local text, train.py gets the
+    README's CPU recipe, and the last evaluation line is what is reported."""
+    from minillm_lightning.bench_nanogpt import format_nanogpt, run_nanogpt
+    from minillm_lightning.errors import MiniLLMError
+
+    data = tmp_path / "nano" / "data" / "shakespeare_char"
+    data.mkdir(parents=True)
+    (data / "prepare.py").write_text("open('train.bin', 'w').write(str(len(open('input.txt').read())))\n")
+    (tmp_path / "nano" / "train.py").write_text(
+        "import sys\nprint(' '.join(sys.argv[1:]))\n"
+        "print('step 0: train loss 4.2000, val loss 4.2100')\nprint('step 40: train loss 2.5000, val loss 2.6500')\n"
+    )
+    text = tmp_path / "input.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
+    out = run_nanogpt(tmp_path / "nano", text, iters=40)
+    assert (data / "train.bin").read_text() == str(len(text.read_text()))
+    assert out["final_step"] == 40 and out["val_loss"] == 2.65 and out["wall_s"] > 0
+    for flag in ("--device=cpu", "--batch_size=12", "--n_embd=128", "--max_iters=40", "--eval_interval=40"):
+        assert flag in out["command"]
+    table = format_nanogpt(out, {"config": "shakespeare_char.yaml", "wall_s": out["wall_s"] / 2, "final_step": 1})
+    assert "| ours / nanoGPT | | **x0.50** | |" in table
+    with pytest.raises(MiniLLMError, match="not a nanoGPT checkout"):
+        run_nanogpt(tmp_path, text)
