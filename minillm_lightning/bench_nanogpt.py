@@ -88,7 +88,7 @@ def format_nanogpt(nano: dict[str, Any], ours: dict[str, Any]) -> str:
     return "\n".join(
         [
             "",
-            "| run | steps | wall (s) | val nats/char |",
+            "| run | last eval at step | wall (s) | val nats/char |",
             "|---|---:|---:|---:|",
             f"| nanoGPT CPU recipe | {nano['final_step']} | {nano['wall_s']:.1f} | {nano['val_loss']:.3f} |",
             f"| minillm {ours['config']} | {ours.get('final_step', '-')} | {ours['wall_s']:.1f} | "
