@@ -40,6 +40,22 @@ def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     return (x if wide else x.mT).to(g.dtype)
 
 
+def grad_norms(params: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
+    """(per-parameter L2 norms (n,) in float32, their global L2 norm) of the gradients of ``params``.
+
+    The one gradient-norm computation of the package (stage logging, PPO, GradientHealthMonitor): one fused
+    ``torch._foreach_norm`` on the device, as ``clip_grad_norm_`` computes it, and no host sync. Lightning's
+    ``utilities.grad_norm`` is not used because it copies every parameter's norm to the host (one device sync
+    per parameter) and keeps no per-parameter tensor to group by layer.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        zero = torch.zeros(())
+        return zero.new_zeros(0), zero
+    per_param = torch.stack(torch._foreach_norm(grads)).float()
+    return per_param, torch.linalg.vector_norm(per_param)
+
+
 def muon_param_groups(
     module: nn.Module, *, lr: float, muon_lr: float, weight_decay: float, muon_prefix: str = "layers."
 ) -> list[dict]:

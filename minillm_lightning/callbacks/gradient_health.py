@@ -1,6 +1,6 @@
 """GradientHealthMonitor: gradient norms, clipping share, update-to-weight ratios, NaN/Inf handling, loss spikes.
 
-Cost per optimizer step: one fused ``torch._foreach_norm`` over the gradients (on the device) and one scalar
+Cost per optimizer step: one fused gradient-norm pass (``optim.grad_norms``, on the device) and one scalar
 copy to the host, the global norm, which is both the NaN/Inf check and what the clipping share and max norm
 are computed from; plus one host copy of the loss per training batch for the spike detector. That is one
 device sync per step, worth it: a NaN that reaches the weights ruins the run. Per-layer norms, update ratios
@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from minillm_lightning.callbacks.common import log_sparse, will_log
+from minillm_lightning.optim import grad_norms
 
 NonFiniteAction = Literal["skip", "stop", "warn"]
 
@@ -131,8 +132,7 @@ class GradientHealthMonitor(Callback):
             return
         step = trainer.global_step
         self.steps += 1
-        norms = torch._foreach_norm([p.grad for p in params])  # fused, on the device; what clip_grad_norm_ uses
-        per_param = torch.stack(norms).float()
+        per_param, _ = grad_norms(params)  # the package's one gradient-norm computation (fused, on the device)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             # 16-mixed with a fused optimizer: it unscales inside step(), so the gradients here are still scaled
