@@ -37,8 +37,10 @@ from minillm_lightning.losses import (
     whiten,
 )
 from minillm_lightning.rewards import ArithmeticReward, ContainsReward, load_reward_function
-from minillm_lightning.stages.ppo import PPOModule, distinct_n, render_for_scoring, repeated_ngram_rate
+from minillm_lightning.stages.base import use_fused_adamw
+from minillm_lightning.stages.ppo import PPOModule
 from minillm_lightning.stages.reward import RewardModule, load_reward_model
+from minillm_lightning.stages.rollout import distinct_n, render_for_scoring, repeated_ngram_rate
 
 SFT_CMD = "minillm fit --config configs/sft_tiny.yaml"
 EQUALS = {"class_path": "minillm_lightning.rewards.ContainsReward", "init_args": {"target": "equals"}}
@@ -387,16 +389,21 @@ def test_exact_resume(tmp_path, tiny_pretrain_ckpt, reward_ckpt):
         assert torch.equal(v, w), k
 
 
-def test_bf16_mixed_with_a_fused_optimizer_clips_gradients(tmp_path, tiny_pretrain_ckpt):
-    """bf16-mixed (autocast) rollouts and updates; with the fused AdamW the base class picks on CUDA, Lightning's
-    own clip_gradients refuses to clip, so PPO clips itself: every update's norm is at most max_grad_norm."""
+def test_fused_adamw_only_where_lightning_can_clip():
+    """Fused AdamW unscales AMP gradients inside step(), so Lightning refuses to clip them: the base class keeps it
+    for unclipped or full-precision runs on CUDA, and PPO (manual optimization, clipping itself) never gets it."""
+    assert use_fused_adamw(on_cuda=True, precision="bf16-mixed", clips=False)
+    assert use_fused_adamw(on_cuda=True, precision="bf16-true", clips=True)
+    assert not use_fused_adamw(on_cuda=True, precision="bf16-mixed", clips=True)
+    assert not use_fused_adamw(on_cuda=True, precision="16-mixed", clips=True)
+    assert not use_fused_adamw(on_cuda=False, precision="32-true", clips=False)
+
+
+def test_bf16_mixed_clips_gradients_with_lightning(tmp_path, tiny_pretrain_ckpt):
+    """bf16-mixed (autocast) rollouts and updates, clipped by Lightning's clip_gradients inside each optimizer
+    step: every update's norm is at most max_grad_norm, and the logged norms are those before clipping."""
     dm = prompt_dm(tiny_pretrain_ckpt, [SAMPLE / "prompts.jsonl"], batch_size=8)
     module = make_module(tiny_pretrain_ckpt, dm, max_grad_norm=1e-3)
-
-    def fused_adamw():
-        return torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
-
-    module.configure_optimizers = fused_adamw
     norms_after: list[float] = []
     step = module.on_before_optimizer_step
 

@@ -24,16 +24,15 @@ from minillm_lightning.data.preference import Pair, PreferenceDataModule, collat
 from minillm_lightning.errors import CheckpointError, DataError
 from minillm_lightning.losses import IGNORE_INDEX, bradley_terry_loss, dpo_loss
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
-from minillm_lightning.stages.dpo import DPOModule, pair_tensors
-from minillm_lightning.stages.reward import (
+from minillm_lightning.stages.dpo import DPOModule
+from minillm_lightning.stages.pairwise import (
     RIGHT_PADDED,
     NonFiniteLossError,
-    RewardModel,
-    RewardModule,
     check_finite,
-    load_reward_model,
     padded_forward,
+    pair_tensors,
 )
+from minillm_lightning.stages.reward import RewardModel, RewardModule, load_reward_model
 
 SYS = {"role": "system", "content": "You are helpful."}
 PROMPT = [SYS, {"role": "user", "content": "What is 2 plus 2?"}]
@@ -285,7 +284,7 @@ def test_dpo_loss_values():
 # ---- DPO: reference, step 0, checkpoints, resume ----
 def test_dpo_step_zero_is_ln2_with_zero_margins(tiny_pretrain_ckpt):
     model = DPOModule(init_from=str(tiny_pretrain_ckpt), beta=0.1)
-    loss, _, stats = model._step(first_batch(make_dm(tiny_pretrain_ckpt, SAMPLE / "preference.jsonl")), "train")
+    loss, _, stats = model.pair_step(first_batch(make_dm(tiny_pretrain_ckpt, SAMPLE / "preference.jsonl")), "train")
     assert_close(loss, torch.tensor(LN2))
     assert (stats["rewards/margins"] == 0).all() and (stats["rewards/accuracies"] == 0).all()
 

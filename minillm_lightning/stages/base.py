@@ -1,12 +1,18 @@
-"""What every stage shares: the MiniGPT backbone, ``init_from``, the tokenizer carried in checkpoints,
-AdamW with decay/no-decay groups and the warmup + cosine learning-rate schedule."""
+"""What every stage shares: the MiniGPT backbone, ``init_from``, the tokenizer carried in checkpoints, and the
+optimizer settings (:class:`OptimConfig`: AdamW or Muon, warmup + cosine learning-rate schedule).
+
+A stage module declares its own arguments and only the optimizer defaults it changes; everything else reaches
+:class:`StageModule` through ``**kwargs`` (LightningCLI follows ``**kwargs`` into the base class, so ``--help``
+and ``--print_config`` list every argument, flat: ``model.init_args.learning_rate``, ``...optimizer``, ...).
+"""
 
 from __future__ import annotations
 
 import math
 import random
-import time
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import numpy as np
@@ -16,13 +22,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from minillm_lightning.checkpoint import (
     META_KEY,
     CheckpointError,
-    backbone_state,
     checkpoint_meta,
+    load_backbone_weights,
     load_checkpoint,
 )
 from minillm_lightning.errors import ConfigError
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
-from minillm_lightning.optim import MuonAdamW, muon_param_groups
+from minillm_lightning.optim import MuonAdamW, grad_norms, muon_param_groups
 from minillm_lightning.tokenizer import Tokenizer
 
 
@@ -35,6 +41,59 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return min_ratio
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer settings every stage accepts (as flat ``model.init_args.*`` arguments); a stage changes
+    only the defaults it needs."""
+
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """``adamw``, or ``muon``: Muon (orthogonalised momentum) on the transformer blocks' weight matrices and AdamW
+    at ``learning_rate`` on embeddings, heads and norms; trains a small model from scratch in fewer steps
+    (configs/shakespeare_char.yaml). Not with FSDP or DeepSpeed (sharded matrices)."""
+    learning_rate: float = 3e-4
+    """Peak AdamW learning rate."""
+    muon_learning_rate: float = 0.02
+    """Peak Muon learning rate (follows the same warmup/cosine schedule)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on weight matrices and embeddings; 1-D parameters (norm weights) get none."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup: float = 0.02
+    """Warmup length: a share of the total optimizer steps when < 1, else a number of optimizer steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at ``learning_rate * min_lr_ratio`` (1: constant after warmup)."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if self.muon_learning_rate <= 0:
+            raise ValueError(f"muon_learning_rate must be positive, got {self.muon_learning_rate}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("warmup must be >= 0 and min_lr_ratio in [0, 1]")
+        object.__setattr__(self, "betas", tuple(self.betas))  # YAML gives a list
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Warmup in optimizer steps: 1) a share of ``total_steps`` or a count; 2) at least 1 unless it is 0."""
+        steps = int(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
+        return max(1, steps) if self.warmup > 0 else 0
+
+    def schedule(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """Linear warmup then cosine decay over ``total_steps`` optimizer steps (:func:`warmup_cosine`)."""
+        warmup = self.warmup_steps(total_steps)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total_steps, self.min_lr_ratio)
+        )
+
+
+def use_fused_adamw(on_cuda: bool, precision: str, clips: bool) -> bool:
+    """Whether a stage gets the fused AdamW: the fastest on a GPU, but it unscales AMP gradients inside ``step()``,
+    and Lightning's mixed-precision plugin then refuses to clip them. So not when gradients are clipped under a
+    mixed precision: Trainer-level ``gradient_clip_val``, or manual optimization, which clips by itself."""
+    return on_cuda and not ("mixed" in precision and clips)
 
 
 def rng_states() -> dict[str, Any]:
@@ -68,54 +127,50 @@ class StageModule(L.LightningModule):
         vocab_size: tokenizer vocabulary size; linked from the data module, do not set by hand.
         init_from: start a NEW stage from this checkpoint's weights (optimizer and counters start fresh).
             To continue the SAME run use ``--ckpt_path`` instead.
-        learning_rate: peak AdamW learning rate.
-        weight_decay: AdamW weight decay on weight matrices and embeddings; 1-D parameters (norm weights) get none.
-        betas: AdamW betas.
-        warmup: warmup length: a share of the total steps when < 1, else a number of optimizer steps.
-        min_lr_ratio: the cosine schedule ends at ``learning_rate * min_lr_ratio``.
         compile: run the backbone through ``torch.compile`` (faster steps after a one-off compile cost).
-        optimizer: ``adamw``, or ``muon``: Muon (orthogonalised momentum) on the transformer blocks' weight
-            matrices and AdamW at ``learning_rate`` on embeddings, head and norms; trains a small model from
-            scratch in fewer steps (configs/shakespeare_char.yaml). Not with FSDP or DeepSpeed (sharded matrices).
-        muon_learning_rate: peak Muon learning rate (follows the same warmup/cosine schedule).
+        **optim: the fields of :class:`OptimConfig` (``optimizer``, ``learning_rate``, ``muon_learning_rate``,
+            ``weight_decay``, ``betas``, ``warmup``, ``min_lr_ratio``), given flat.
     """
 
     stage_name = "base"
+    prerequisite: ClassVar[str | None] = None
+    """The command that writes the checkpoint this stage starts from; named when ``init_from`` is missing."""
+    starts_from: ClassVar[str] = "a checkpoint"
+    """What ``init_from`` normally is, in words, for the messages."""
+    requires_init_from: ClassVar[bool] = False
+    """Refuse to start without ``init_from`` (instead of warning that the stage starts from random weights)."""
 
     def __init__(
         self,
         arch: MiniGPTConfig | None = None,
         vocab_size: int | None = None,
         init_from: str | None = None,
-        learning_rate: float = 3e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup: float = 0.02,
-        min_lr_ratio: float = 0.1,
         compile: bool = False,
-        optimizer: Literal["adamw", "muon"] = "adamw",
-        muon_learning_rate: float = 0.02,
+        **optim: Any,
     ) -> None:
         super().__init__()
-        if optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
-        if muon_learning_rate <= 0:
-            raise ValueError(f"muon_learning_rate must be positive, got {muon_learning_rate}")
-        if learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {learning_rate}")
-        if warmup < 0 or not 0 <= min_lr_ratio <= 1:
-            raise ValueError("warmup must be >= 0 and min_lr_ratio in [0, 1]")
+        self.optim = OptimConfig(**optim)
         arch = arch if arch is not None else MiniGPTConfig(size="tiny")
         if isinstance(arch, dict):
             arch = MiniGPTConfig.from_dict(arch)
         self.tokenizer: Tokenizer | None = None
-        init_state = None
+        ckpt = None
+        if self.requires_init_from and not init_from:
+            raise CheckpointError(
+                f"{self.stage_name} needs model.init_args.init_from: {self.starts_from} (run `{self.prerequisite}` "
+                f"first)"
+            )
         if init_from:
+            if self.prerequisite and not Path(init_from).is_file():
+                raise CheckpointError(
+                    f"model.init_from={init_from} does not exist. {self.stage_name} starts from {self.starts_from}: "
+                    f"run `{self.prerequisite}` first, or point model.init_args.init_from and "
+                    f"data.init_args.tokenizer at an existing checkpoint"
+                )
             ckpt = load_checkpoint(init_from)
             meta = checkpoint_meta(ckpt, init_from)
             arch = MiniGPTConfig.from_dict({**meta["arch"], "gradient_checkpointing": arch.gradient_checkpointing})
             self.tokenizer = Tokenizer.from_checkpoint(ckpt, init_from)
-            init_state = backbone_state(ckpt["state_dict"])
             if vocab_size is not None and vocab_size != arch.vocab_size:
                 raise CheckpointError(
                     f"init_from={init_from} has vocabulary {arch.vocab_size} but the data module's tokenizer has "
@@ -123,21 +178,23 @@ class StageModule(L.LightningModule):
                 )
         elif vocab_size is not None:
             arch = MiniGPTConfig.from_dict({**arch.to_dict(), "vocab_size": vocab_size})
+        if self.prerequisite and not init_from:
+            self.warn_once(
+                f"{self.stage_name} from random weights: set model.init_from to {self.starts_from} "
+                f"({self.prerequisite})"
+            )
         self.arch = arch
         self.save_hyperparameters(ignore=["arch"])
-        # plain dicts only: LightningCLI reads hparams back with torch.load(weights_only=True)
+        # plain dicts only: LightningCLI reads hparams back with torch.load(weights_only=True); every optimizer
+        # setting is recorded, also those left at the stage's default
         self.hparams["arch"] = arch.to_dict()
+        self.hparams.update(asdict(self.optim))
         self.model = MiniGPT(arch)
-        if init_state is not None:
-            missing, unexpected = self.model.load_state_dict(init_state, strict=False)
-            missing = [k for k in missing if not (arch.tie_embeddings and k == "lm_head.weight")]
-            if missing or unexpected:
-                raise CheckpointError(f"init_from={init_from}: incompatible weights (missing {missing[:3]})")
+        if ckpt is not None:
+            load_backbone_weights(self.model, ckpt["state_dict"], f"init_from={init_from}")
         self.init_from = init_from
         # not a registered submodule (plain __dict__ entry): the weights are stored once, under `model.`
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
-        self._t_last: float | None = None
-        self._tokens_since = 0
 
     # ---- tokenizer bookkeeping ----
     def setup(self, stage: str) -> None:
@@ -215,59 +272,48 @@ class StageModule(L.LightningModule):
 
     # ---- optimisation ----
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        opt = self._muon_optimizer() if hp.get("optimizer", "adamw") == "muon" else self._adamw_optimizer()
+        opt = self._muon_optimizer() if self.optim.optimizer == "muon" else self._adamw_optimizer()
+        sched = self.optim.schedule(opt, self.schedule_steps())
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
+
+    def schedule_steps(self) -> int:
+        """Optimizer steps the learning-rate schedule spans: ``trainer.max_steps``, else Lightning's estimate."""
         total = self.trainer.max_steps
         if total is None or total < 0:
             # only when no max_steps is set: estimating touches the train loader, see Lightning's caveat
             total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
-        warmup = max(1, warmup) if hp.warmup > 0 else 0
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
+        return total
 
     def _adamw_optimizer(self) -> torch.optim.Optimizer:
-        hp = self.hparams
+        cfg = self.optim
         decay, no_decay = [], []
         for p in self.parameters():
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused AdamW: fastest on GPU, but Lightning's mixed-precision plugin refuses it with gradient clipping
-        mixed = "mixed" in str(self.trainer.precision)
-        fused = all(p.is_cuda for p in self.parameters()) and not (mixed and self.trainer.gradient_clip_val)
-        return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused or None)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # manual optimization (PPO) clips inside its steps with self.clip_gradients
+        clips = not self.automatic_optimization or bool(self.trainer.gradient_clip_val)
+        on_cuda = all(p.is_cuda for p in self.parameters())
+        fused = use_fused_adamw(on_cuda, str(self.trainer.precision), clips)
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, fused=fused or None)
 
     def _muon_optimizer(self) -> torch.optim.Optimizer:
-        hp = self.hparams
+        cfg = self.optim
         strategy = type(getattr(self.trainer, "strategy", None)).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy:
             raise ConfigError(
                 f"model.optimizer=muon needs whole weight matrices but {strategy} shards them; "
                 f"use model.optimizer=adamw with this strategy, or DDP"
             )
-        lrs = dict(lr=hp.learning_rate, muon_lr=hp.muon_learning_rate)
-        groups = muon_param_groups(self, **lrs, weight_decay=hp.weight_decay)
-        return MuonAdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
+        lrs = dict(lr=cfg.learning_rate, muon_lr=cfg.muon_learning_rate)
+        groups = muon_param_groups(self, **lrs, weight_decay=cfg.weight_decay)
+        return MuonAdamW(groups, lr=cfg.learning_rate, betas=cfg.betas)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
-            norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
-            if norms:
-                self.log("train/grad_norm", torch.stack(norms).norm(2))
-
-    # ---- throughput ----
-    def count_tokens(self, n: int) -> None:
-        """Log tokens/s over each logging window (wall clock, so it includes data loading)."""
-        now = time.perf_counter()
-        if self._t_last is None:
-            self._t_last = now
-            return
-        self._tokens_since += n
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
-            rate = self._tokens_since * self.trainer.world_size / max(now - self._t_last, 1e-9)
-            self.log("train/tokens_per_sec", rate, prog_bar=True)
-            self._t_last, self._tokens_since = now, 0
+            params = [p for p in self.parameters() if p.grad is not None]
+            if params:
+                self.log("train/grad_norm", grad_norms(params)[1])
 
     def warn_once(self, msg: str) -> None:
         rank_zero_warn(msg)

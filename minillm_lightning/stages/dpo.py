@@ -16,29 +16,20 @@ freed, saving its memory and one forward pass per step.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torch import Tensor
 
-from minillm_lightning.checkpoint import backbone_state, load_checkpoint
+from minillm_lightning.checkpoint import load_backbone
 from minillm_lightning.errors import CheckpointError, MiniLLMError
 from minillm_lightning.losses import IGNORE_INDEX, DPOLossType, dpo_loss, lm_loss, sequence_logprobs
-from minillm_lightning.model import MiniGPT, MiniGPTConfig
-from minillm_lightning.stages.base import StageModule
-from minillm_lightning.stages.reward import (
-    RIGHT_PADDED,
-    SFT_COMMAND,
-    OnNonFinite,
-    check_finite,
-    mark_padding,
-    padded_forward,
-)
+from minillm_lightning.model import MiniGPT
+from minillm_lightning.stages.pairwise import RIGHT_PADDED, PairwiseModule, Split, padded_forward, pair_tensors
 
-Split = Literal["train", "val", "test"]
+__all__ = ["DPOModule", "METRICS", "pair_tensors"]
+
 METRICS = (
     "rewards/chosen",
     "rewards/rejected",
@@ -50,14 +41,7 @@ METRICS = (
 CACHE_KEY = "dpo_reference_logps"
 
 
-def pair_tensors(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(input_ids, attention_mask, labels) of a preference batch as one (2B, T) batch: chosen rows first."""
-    return tuple(
-        torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("input_ids", "attention_mask", "labels")
-    )
-
-
-class DPOModule(StageModule):
+class DPOModule(PairwiseModule):
     """DPO stage (sigmoid DPO, conservative/label-smoothed DPO, IPO; optional NLL term on the chosen replies).
 
     Log-probabilities are summed over the reply tokens only (``losses.sequence_logprobs``; prompt and
@@ -68,19 +52,17 @@ class DPOModule(StageModule):
     under ``train/`` and ``val/`` (and ``test/`` from ``minillm test`` on ``data.test_sources``); plus
     ``train/loss``, ``val/loss``, ``test/loss`` and ``train/nll_loss`` with ``rpo_alpha``.
 
+    ``init_from`` is the checkpoint both the policy and the frozen reference start from, normally the SFT model;
+    it is needed again when resuming with ``--ckpt_path`` (the reference is rebuilt from it). The arguments every
+    stage shares are listed by :class:`~minillm_lightning.stages.base.StageModule` and
+    :class:`~minillm_lightning.stages.pairwise.PairwiseModule`; these defaults differ here:
+
     Args:
-        arch: backbone architecture (ignored with ``init_from``: the checkpoint's architecture is used).
-        vocab_size: tokenizer vocabulary size; linked from the data module, do not set by hand.
-        init_from: the checkpoint both the policy and the frozen reference start from, normally the SFT model.
-            Needed again when resuming with ``--ckpt_path`` (the reference is rebuilt from it).
         learning_rate: peak AdamW learning rate; 5e-7..1e-6 for real models (the DPO paper and TRL use 1e-6):
             the loss keeps pushing the log-ratio apart, so a large step quickly degrades the policy.
         weight_decay: AdamW weight decay on matrices.
-        betas: AdamW betas.
         warmup: warmup length (a share of the total steps when < 1, else optimizer steps); 0.1 as in the
             DPO/Zephyr recipes.
-        min_lr_ratio: the cosine schedule ends at ``learning_rate * min_lr_ratio``.
-        compile: run the policy through ``torch.compile``.
         beta: strength of the implicit KL penalty to the reference (0.1: the DPO paper's default; higher
             stays closer to the reference, lower lets the policy move further).
         loss_type: ``sigmoid`` (DPO; with ``label_smoothing`` > 0 conservative DPO) or ``ipo``.
@@ -89,52 +71,38 @@ class DPOModule(StageModule):
             Pang et al. 2024; 1.0 in the paper); keeps the chosen replies likely. 0 disables it.
         precompute_ref_logps: compute the reference log-probs once at fit start and free the reference
             model (needs a data module with ``ordered_dataloader``, such as PreferenceDataModule).
-        on_nonfinite: a NaN/Inf loss: ``raise`` (stop) or ``skip`` the batch with a warning (single device only).
     """
 
     stage_name = "dpo"
+    pair_stats = METRICS
+    prog_bar_stat = "rewards/accuracies"
 
     def __init__(
         self,
-        arch: MiniGPTConfig | None = None,
-        vocab_size: int | None = None,
-        init_from: str | None = None,
+        *,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.95),
         warmup: float = 0.1,
-        min_lr_ratio: float = 0.1,
-        compile: bool = False,
         beta: float = 0.1,
         loss_type: DPOLossType = "sigmoid",
         label_smoothing: float = 0.0,
         rpo_alpha: float = 0.0,
         precompute_ref_logps: bool = False,
-        on_nonfinite: OnNonFinite = "raise",
+        **kwargs: Any,
     ) -> None:
-        if init_from and not Path(init_from).is_file():
-            raise CheckpointError(
-                f"model.init_from={init_from} does not exist. DPO starts from the SFT model: run `{SFT_COMMAND}` "
-                f"first, or point model.init_args.init_from and data.init_args.tokenizer at an existing checkpoint"
-            )
-        if beta <= 0 or rpo_alpha < 0 or on_nonfinite not in ("raise", "skip"):
-            raise ValueError("DPOModule: beta must be > 0, rpo_alpha >= 0 and on_nonfinite raise or skip")
+        if beta <= 0 or rpo_alpha < 0:
+            raise ValueError("DPOModule: beta must be > 0 and rpo_alpha >= 0")
         if loss_type not in ("sigmoid", "ipo") or not 0 <= label_smoothing < 0.5:
             raise ValueError(
                 f"DPOModule: loss_type must be sigmoid or ipo (got {loss_type!r}), label_smoothing in [0, 0.5)"
             )
         if label_smoothing and loss_type != "sigmoid":
             raise ValueError("DPOModule: label_smoothing (conservative DPO) applies to loss_type sigmoid only")
-        super().__init__(arch, vocab_size, init_from, learning_rate, weight_decay, betas, warmup, min_lr_ratio, compile)
-        if not init_from:
-            self.warn_once(f"DPO from random weights: set model.init_from to the SFT checkpoint ({SFT_COMMAND})")
+        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup=warmup, **kwargs)
         # the frozen reference: the init_from weights, never trained, never checkpointed (see the module docstring)
         self.ref_model: MiniGPT | None = copy.deepcopy(self.model).requires_grad_(False).eval()
         self._ref_cache: dict[str, Tensor] = {}  # split -> (N, 2) reference log-probs (chosen, rejected)
-        keys = ["loss", *METRICS] + (["nll_loss"] if rpo_alpha else [])
-        self.train_metrics = nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in keys[1:]})
-        self.val_metrics = nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in keys})
-        self.test_metrics = nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in keys})
+        self._init_metrics(METRICS + (("nll_loss",) if rpo_alpha else ()))
 
     def train(self, mode: bool = True) -> DPOModule:
         """Lightning switches the whole module to train mode; the reference stays in eval (no dropout)."""
@@ -201,7 +169,7 @@ class DPOModule(StageModule):
         self.ref_model = None
 
     # ---- steps ----
-    def _step(self, batch: dict[str, Tensor], split: Split) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def pair_step(self, batch: dict[str, Tensor], split: Split) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         input_ids, attention_mask, labels = pair_tensors(batch)
         out = padded_forward(self._forward, input_ids, attention_mask, True, batch.get(RIGHT_PADDED))
         policy_chosen, policy_rejected = self._logps(out.logits, labels).chunk(2)
@@ -226,47 +194,15 @@ class DPOModule(StageModule):
             stats["nll_loss"] = nll.detach()
         return loss, out.aux_loss, stats
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return mark_padding(batch) if isinstance(batch, dict) else batch
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        loss, aux, stats = self._step(batch, "train")
-        self.log("train/loss", loss, prog_bar=True)
-        for name, value in stats.items():
-            metric = self.train_metrics[name.replace("/", "_")]
-            metric(value)  # batch value now, accumulated for the epoch mean
-            self.log(f"train/{name}", metric, on_step=True, on_epoch=True, prog_bar=name == "rewards/accuracies")
-        if self.arch.is_moe:
-            self.log("train/moe_aux_loss", aux)
-        self.count_tokens(2 * batch["chosen_input_ids"].numel())
-        return check_finite(loss + aux, self, self.hparams.on_nonfinite)
-
-    def _eval_step(self, batch: dict[str, Tensor], split: Literal["val", "test"]) -> None:
-        """Accumulate the epoch means of a held-out split: ``<split>/loss`` and ``<split>/<METRICS>``."""
-        loss, _, stats = self._step(batch, split)
-        metrics = self.val_metrics if split == "val" else self.test_metrics
-        for name, value in {"loss": loss.expand(len(stats["logps/chosen"])), **stats}.items():
-            metric = metrics[name.replace("/", "_")]
-            metric.update(value)
-            self.log(f"{split}/{name}", metric, on_epoch=True, prog_bar=name == "rewards/accuracies")
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
     def on_test_start(self) -> None:
         if self.ref_model is None:  # freed after precomputing in this process; the test split has no cache
             self.ref_model = self._load_reference().to(self.device)
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
 
     def _load_reference(self) -> MiniGPT:
         """The frozen reference rebuilt from ``init_from`` (what ``__init__`` copied before training)."""
         if not self.init_from:
             raise CheckpointError("DPO test after a precomputed reference needs model.init_from to rebuild it")
-        reference = MiniGPT(self.arch)
-        reference.load_state_dict(backbone_state(load_checkpoint(self.init_from)["state_dict"]), strict=False)
-        return reference.requires_grad_(False).eval()
+        return load_backbone(self.init_from)[0].requires_grad_(False)
 
     # ---- checkpoints: the reference stays out ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

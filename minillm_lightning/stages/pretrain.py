@@ -13,7 +13,7 @@ from minillm_lightning.stages.base import StageModule
 
 
 class PretrainModule(StageModule):
-    """Pretraining stage: causal language modelling (see :class:`StageModule` for the arguments).
+    """Pretraining stage: causal language modelling (arguments: :class:`StageModule` and :class:`OptimConfig`).
 
     SFT reuses this module's loss and metrics; its batches only label the assistant tokens."""
 
@@ -45,7 +45,6 @@ class PretrainModule(StageModule):
         self.log("train/ppl", torch.exp(loss.detach()))
         if self.arch.is_moe:
             self.log("train/moe_aux_loss", aux)
-        self.count_tokens(batch["input_ids"].numel())
         return loss + aux
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
