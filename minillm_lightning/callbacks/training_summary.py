@@ -23,6 +23,7 @@ from minillm_lightning.callbacks.system_stats import SystemMonitor
 from minillm_lightning.callbacks.throughput import Throughput
 
 MAX_DISTINCT_WARNINGS = 20
+NO_THROUGHPUT = "not measured: add the callback minillm_lightning.callbacks.Throughput"
 
 
 def _scalar(value: Any) -> float | None:
@@ -40,8 +41,9 @@ class TrainingSummary(Callback):
 
     The run dir is ``trainer.log_dir`` (resolved on every rank in ``on_fit_start``, as it is a collective). The
     summary holds the final and best value of ``monitor`` (tracked at every validation round, kept across
-    resumes), the run's average throughput (from a :class:`Throughput` callback when present, else tokens counted
-    here), the latest and best regression pass rate (:class:`RegressionSuite`), the counters of
+    resumes), the run's average throughput (from the :class:`Throughput` callback, the one place tokens/s is
+    measured; without it the summary says so), the latest and best regression pass rate
+    (:class:`RegressionSuite`), the counters of
     :class:`GradientHealthMonitor` and :class:`MemoryGuard` and the last :class:`SystemMonitor` reading when
     those callbacks are used, the Python warnings shown during fit (count and the distinct messages), and every
     scalar in ``trainer.callback_metrics``.
@@ -58,7 +60,6 @@ class TrainingSummary(Callback):
         self.monitor, self.mode, self.filename = monitor, mode, filename
         self._run_dir: Path | None = None
         self._t0 = 0.0
-        self._tokens = 0
         self._showwarning: Any = None
         # state kept in checkpoints
         self.final: float | None = None
@@ -71,7 +72,7 @@ class TrainingSummary(Callback):
     # ---- collecting ----
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: all ranks
-        self._t0, self._tokens = time.perf_counter(), 0
+        self._t0 = time.perf_counter()
         self._showwarning = warnings.showwarning
         warnings.showwarning = self._record_warning  # shows it as before, and counts it
 
@@ -86,12 +87,6 @@ class TrainingSummary(Callback):
         if self._showwarning is not None and warnings.showwarning == self._record_warning:
             warnings.showwarning = self._showwarning
         self._showwarning = None
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        ids = batch.get("input_ids") if isinstance(batch, dict) else None
-        self._tokens += ids.numel() if isinstance(ids, torch.Tensor) else 0
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -132,8 +127,7 @@ class TrainingSummary(Callback):
         if (tp := find(Throughput)) is not None:
             out["throughput"] = tp.summary()
         else:
-            tokens = self._tokens * trainer.world_size
-            out["throughput"] = {"tokens": tokens, "tokens_per_sec": tokens / elapsed if elapsed else None}
+            out["throughput"] = {"tokens": None, "tokens_per_sec": None, "note": NO_THROUGHPUT}
         if (rs := find(RegressionSuite)) is not None:
             last = rs.history[-1] if rs.history else {}
             out["regression"] = {
@@ -170,6 +164,7 @@ class TrainingSummary(Callback):
             f"  {v['monitor']}: final {_fmt(v['final'])} (step {v['final_step']}), best {_fmt(v['best'])} "
             f"(step {v['best_step']})",
             f"  throughput: {_fmt(tp.get('tokens_per_sec'), ',.0f')} tokens/s"
+            + (f" ({tp['note']})" if tp.get("note") else "")
             + (f", {_fmt(tp['tflops_per_device'], '.3g')} TFLOP/s per device" if tp.get("tflops_per_device") else "")
             + (f", MFU {tp['mfu']:.1%}" if tp.get("mfu") else ""),
         ]
