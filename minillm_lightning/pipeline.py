@@ -99,14 +99,9 @@ def _remap(value: Any, output: Path, best: dict[str, str], prefix: str = "checkp
     return value
 
 
-def stage_config(
-    stage: Stage,
-    size: str,
-    output: Path,
-    best: dict[str, str],
-    configs: Path = ROOT_CONFIGS,
-    prefix: str = "checkpoints/",
-) -> Path:
+def stage_config(stage: Stage, size: str, output: Path, best: dict[str, str], recipe: Recipe) -> Path:
+    """Write the stage's config with its paths moved under ``output`` and earlier stages' checkpoints filled in."""
+    configs, prefix = recipe.configs, recipe.prefix
     src = configs / f"{stage.name}_{size}.yaml"
     if not src.is_file():
         raise PipelineError(f"{src} does not exist: the pipeline needs a {size} config for the {stage.name} stage")
@@ -147,21 +142,16 @@ def _run(cmd: list[str], what: str, best: dict[str, str], output: Path) -> float
 
 
 def run_stage(
-    stage: Stage,
-    size: str,
-    output: Path,
-    best: dict[str, str],
-    extra: list[str],
-    recipe: Recipe = RECIPES["sample"],
-    test: bool = False,
+    stage: Stage, size: str, output: Path, best: dict[str, str], extra: list[str], recipe: Recipe, test: bool = False
 ) -> dict[str, Any]:
+    """Train one stage (unless its DONE.json exists) and, with ``test``, score it before and after on its test split."""
     run_dir = output / f"{stage.name}_{size}"
     done = run_dir / "DONE.json"
     if done.is_file():
         info = json.loads(done.read_text())
         print(f"[pipeline] {stage.name}: already done ({info['checkpoint']}), skipping")
         return info
-    config = stage_config(stage, size, output, best, recipe.configs, recipe.prefix)
+    config = stage_config(stage, size, output, best, recipe)
     wall = _run(["fit", "--config", str(config), *extra], stage.name, best, output)
     ckpt = run_dir / "best.ckpt" if (run_dir / "best.ckpt").is_file() else run_dir / "last.ckpt"
     if not ckpt.is_file():
