@@ -167,10 +167,18 @@ def test_val_and_test_sources(tmp_path) -> None:
     assert dm.test_bytes_per_token == pytest.approx(sum(len(t.encode()) for t in test_texts) / n_tokens)
     batch = next(iter(dm.test_dataloader()))
     assert batch["input_ids"].shape == (2, 32)
-    no_test = _dm(tmp_path, [{"path": str(train)}])
-    no_test.setup("fit")
+    val_only = _dm(tmp_path, [{"path": str(train)}])  # no test files: `test` scores the validation split, loudly
+    val_only.setup("test")
+    with pytest.warns(UserWarning, match="scores the VALIDATION split"):
+        assert next(iter(val_only.test_dataloader()))["input_ids"].shape == (2, 32)
+    val_text = [t for _, t in val_only.iter_documents("val")]
+    assert val_only.test_bytes_per_token == pytest.approx(
+        sum(len(t.encode()) for t in val_text) / val_only.stats["val_tokens"]
+    )
+    neither = _dm(tmp_path, [{"path": str(train)}], val_share=0.0)
+    neither.setup("fit")
     with pytest.raises(DataError, match="no test split: set data.init_args.test_sources"):
-        no_test.test_dataloader()
+        neither.test_dataloader()
 
 
 def test_txt_file_tail_is_validation(tmp_path) -> None:
@@ -270,7 +278,7 @@ def test_long_single_line_documents_train_the_tokenizer(tmp_path) -> None:
     sentence = "The old ship sailed on through the long grey night. 船在夜里继续航行。 "
     books = [{"text": f"Book {b}. " + sentence * (2_000_000 // len(sentence))} for b in range(3)]
     corpus = _jsonl(tmp_path / "books.jsonl", books)
-    dm = _dm(tmp_path, [{"path": str(corpus)}], vocab_size=400, val_share=0.0)
+    dm = _dm(tmp_path, [{"path": str(corpus)}], vocab_size=400, val_share=0.0, tokenizer_sample_bytes=1_000_000)
     tok = dm.tokenizer
     ids = tok.encode(sentence)
     assert tok.decode(ids) == sentence and len(ids) < len(sentence) / 2  # merges were learned
@@ -289,14 +297,15 @@ def test_split_long_keeps_every_character_within_the_limit() -> None:
 def test_fit_on_book_per_line_corpus_trains(workdir) -> None:  # noqa: F811
     """`minillm fit` on a corpus of multi-megabyte single-line documents trains without a traceback."""
     sentence = "It was a bright cold day in April, and the clocks were striking thirteen. "
-    rows = [{"text": f"Volume {b}. " + sentence * (2_200_000 // len(sentence))} for b in range(3)]
+    rows = [{"text": f"Volume {b}. " + sentence * (2_200_000 // len(sentence))} for b in range(2)]
     _jsonl(workdir / "books.jsonl", rows)
     args = [
         "fit",
         "--config",
         "configs/pretrain_tiny.yaml",
         "--data.init_args.sources=[{path: books.jsonl}]",
-        "--data.init_args.vocab_size=512",
+        "--data.init_args.vocab_size=300",
+        "--data.init_args.tokenizer_sample_bytes=1000000",  # below one document: pieces of it are sampled
         "--data.init_args.seq_len=64",
         "--data.init_args.prepare_workers=1",
         "--model.init_args.arch.n_layer=2",

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from minillm_lightning.data.common import DataError, expand_paths, write_stats
 from minillm_lightning.data.shards import (
     COMPLETE,
+    LONG_DOC,
     SPLITS,
     TEST,
     TRAIN,
@@ -36,6 +37,7 @@ from minillm_lightning.data.shards import (
     Task,
     TokenBlocks,
     TokenizeJob,
+    _pieces,
     atomic_write,
     draw_labels,
     is_remote,
@@ -355,12 +357,19 @@ class PretrainDataModule(L.LightningDataModule):
         every = max(1.0, total / self.tokenizer_sample_bytes)
         labels_dir = self.cache_dir / "labels" / self._tokenizer_key()
         rng = np.random.default_rng(self.seed)
+        fallback, kept = None, 0
         for task in self._tasks(TRAIN, train, labels_dir):
             texts = iter_task_texts(task, every=1 if task.path.endswith(".txt") else every, seed=self.seed)
             for text in texts:
-                if task.path.endswith(".txt") and every > 1 and rng.random() * every >= 1:
-                    continue  # pieces of a large .txt document are sampled the same way
-                yield text
+                long = task.path.endswith(".txt") or len(text) >= LONG_DOC
+                for piece in _pieces(text, LONG_DOC) if long and every > 1 else (text,):
+                    if long and every > 1 and rng.random() * every >= 1:
+                        fallback = fallback or piece  # a corpus of a few huge documents must not sample nothing
+                        continue
+                    kept += 1
+                    yield piece
+        if not kept and fallback:
+            yield fallback
 
     @property
     def vocab_size(self) -> int:
@@ -544,8 +553,8 @@ class PretrainDataModule(L.LightningDataModule):
 
     @property
     def test_bytes_per_token(self) -> float | None:
-        """UTF-8 bytes per token of the test text: turns nats/token into bits per byte."""
-        return self._per_token("test", "bytes")
+        """UTF-8 bytes per token of the text ``test`` scores: turns nats/token into bits per byte."""
+        return self._per_token(getattr(self, "_test_split", "test"), "bytes")
 
     def _progress(self) -> int:
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
@@ -571,11 +580,18 @@ class PretrainDataModule(L.LightningDataModule):
         return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        if self.test_set is None:
+        if self.test_set is not None:
+            return self._eval_loader(self.test_set)
+        if self.val_set is None:
             raise DataError(
                 "no test split: set data.init_args.test_sources to held-out files (with at least seq_len+1 tokens)"
             )
-        return self._eval_loader(self.test_set)
+        rank_zero_warn(
+            "!!! no data.init_args.test_sources: `test` scores the VALIDATION split (held out from training, but "
+            "seen by checkpoint selection); give test_sources for a true test score"
+        )
+        self._test_split = "val"
+        return self._eval_loader(self.val_set)
 
     def state_dict(self) -> dict:
         return {"tokenizer_sha256": self.tokenizer.sha256, "seq_len": self.seq_len}

@@ -200,6 +200,9 @@ def _count(counts: dict, reason: str) -> None:
     counts["skipped"][reason] = counts["skipped"].get(reason, 0) + 1
 
 
+LONG_DOC = 1 << 20  # bytes: documents at least this long are sampled piece by piece for the tokenizer
+
+
 def iter_task_texts(task: Task, counts: dict | None = None, every: int = 1, seed: int = 0) -> Iterator[str]:
     """The texts of ``task``'s split, streamed from disk (one document at a time, never the whole file).
 
@@ -238,8 +241,10 @@ def iter_task_texts(task: Task, counts: dict | None = None, every: int = 1, seed
             if not raw.strip():
                 continue
             k, ordinal = ordinal, ordinal + 1
-            if labels[k] != task.split or (rng is not None and rng.random() * every >= 1):
+            if labels[k] != task.split:
                 continue
+            if rng is not None and rng.random() * every >= 1 and len(raw) < LONG_DOC:
+                continue  # not in the sample (a long document is always read: the caller samples its pieces)
             counts["records"] += 1
             try:
                 rec = json.loads(_decode(path, raw, line))
