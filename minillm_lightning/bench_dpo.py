@@ -79,8 +79,8 @@ def dpo_section(
     dpo_pre.ref_model = None
     losses = {
         "sft": (sft, lambda: sft._lm_loss(sft_batch)[0]),
-        "dpo": (dpo, lambda: dpo._step(batch, "train")[0]),
-        "dpo_precomputed": (dpo_pre, lambda: dpo_pre._step(batch, "train")[0]),
+        "dpo": (dpo, lambda: dpo.pair_step(batch, "train")[0]),
+        "dpo_precomputed": (dpo_pre, lambda: dpo_pre.pair_step(batch, "train")[0]),
     }
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     times: dict[str, list[float]] = {name: [] for name in losses}

@@ -103,7 +103,7 @@ def test_dpo_bench_batch_and_losses_are_real() -> None:
         assert torch.equal(labels[:, :-1][real[:, :-1]], ids[:, 1:][real[:, :-1]])
         assert (mask[:, 1:][real[:, :-1]] == 1).all() and real.sum() > 0
     dpo = DPOModule(arch=arch)
-    loss = dpo._step(b, "train")[0]
+    loss = dpo.pair_step(b, "train")[0]
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
 
 
