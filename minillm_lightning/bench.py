@@ -50,7 +50,8 @@ from minillm_lightning.losses import lm_loss
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 
 SECTIONS = ("train", "loop", "decode", "data", "dpo", "serve", "eval", "profile")
-DEFAULT_SECTIONS = [s for s in SECTIONS if s != "profile"]  # the profile is asked for by name
+# the profile and the serving benchmark (it starts a server per config) are asked for by name
+DEFAULT_SECTIONS = [s for s in SECTIONS if s not in ("profile", "serve")]
 DEFAULT_CONFIGS = ["configs/pretrain_tiny.yaml", "configs/pretrain_small.yaml"]
 # plain `minillm bench` on a CPU: pretrain_small as configured (batch 32 x 512, bf16-mixed) takes tens of seconds
 # per step there, so the default run measures it at batch 4 in fp32 with few steps (minutes instead of an hour)
@@ -694,7 +695,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument("--precision", default=None, help="override the configs' trainer.precision (e.g. 32-true)")
     p.add_argument(
-        "--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but profile)"
+        "--sections",
+        default=None,
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but profile and serve)",
     )
     p.add_argument("--decode-lengths", type=_ints, default=[128, 256, 512], help="new tokens per decode run")
     p.add_argument("--beam-length", type=int, default=128, help="new tokens of the beam search vs greedy run")
