@@ -13,9 +13,9 @@ from minillm_lightning.data.preference import PreferenceDataModule
 from minillm_lightning.data.pretrain import PretrainDataModule, PretrainSource
 from minillm_lightning.data.prompts import PromptDataModule
 from minillm_lightning.data.sft import SFTDataModule, SFTFields
-from minillm_lightning.evaluation import TASKS, LogLikelihoodScorer
-from minillm_lightning.export import export_hf
+from minillm_lightning.eval import TASKS, LogLikelihoodScorer
 from minillm_lightning.generation import ContextLengthError, GenerationConfig, GenerationOutput, TextGenerator
+from minillm_lightning.hf_export import export_hf
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 from minillm_lightning.rewards import ArithmeticReward, ContainsReward, RewardFunction
 from minillm_lightning.stages.dpo import DPOModule

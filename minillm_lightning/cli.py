@@ -28,8 +28,8 @@ EXTRA_VERBS: dict[str, str] = {
     "eval": "minillm_lightning.commands.eval:eval_main",
     "export": "minillm_lightning.commands.export:export_main",
     "download": "minillm_lightning.commands.download:download_main",
-    "pipeline": "minillm_lightning.pipeline:pipeline_main",
-    "bench": "minillm_lightning.bench:bench_main",
+    "pipeline": "minillm_lightning.commands.pipeline:pipeline_main",
+    "bench": "minillm_lightning.bench.main:bench_main",
     "prepare": "minillm_lightning.commands.prepare:prepare_main",
     "serve": "minillm_lightning.commands.serve:serve_main",
 }

@@ -38,6 +38,7 @@ def real_data() -> Path:
     """The real-data folder named by ``$MINILLM_TEST_DATA``, or a skip with the reason."""
     return real_data_path()
 
+
 # A model small enough that a few dozen CPU steps take seconds.
 MICRO_ARCH = dict(size="custom", n_layer=2, dim=64, n_head=4, n_kv_head=2, block_size=128)
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import ROOT, SAMPLE
 
-from minillm_lightning.bench import bench_main, flops_per_token
+from minillm_lightning.bench.main import bench_main, flops_per_token
 from minillm_lightning.model import MiniGPTConfig
 
 MICRO = dict(size="custom", n_layer=2, dim=64, n_head=4, n_kv_head=2, block_size=64)
@@ -89,7 +89,7 @@ def test_dpo_bench_batch_and_losses_are_real() -> None:
 
     import torch
 
-    from minillm_lightning.bench_dpo import preference_batch
+    from minillm_lightning.bench.dpo import preference_batch
     from minillm_lightning.losses import IGNORE_INDEX
     from minillm_lightning.stages.dpo import DPOModule
 
@@ -147,7 +147,7 @@ def test_fit_wall_reads_final_validation(tmp_path: Path, monkeypatch: pytest.Mon
 def test_plain_bench_on_cpu_measures_small_at_a_practical_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """`minillm bench` without --config on a CPU: tiny as configured, small at batch 4 / fp32 / 5 steps; an
     explicit --config is measured exactly as given."""
-    import minillm_lightning.bench as bench
+    import minillm_lightning.bench.main as bench
 
     seen: dict[str, tuple] = {}
 
@@ -169,7 +169,7 @@ def test_plain_bench_on_cpu_measures_small_at_a_practical_size(monkeypatch: pyte
 
 
 def test_largest_fitting_batch_search() -> None:
-    from minillm_lightning.bench import largest_fitting
+    from minillm_lightning.bench.main import largest_fitting
 
     for capacity in (1, 8, 37, 100, 4096):
         tried: list[int] = []
@@ -189,7 +189,7 @@ def test_cuda_branches_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     probe or datasheet on a CPU, and --device auto picking CUDA when it is available."""
     import torch
 
-    import minillm_lightning.bench as bench
+    import minillm_lightning.bench.main as bench
     from minillm_lightning.callbacks.throughput import EXTRA_PEAK_FLOPS
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
@@ -213,7 +213,7 @@ def test_cuda_branches_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cuda_table_lines() -> None:
     """What bench prints on a GPU: MFU against the measured and the datasheet peak, peak memory, largest batch."""
-    from minillm_lightning.bench import format_table
+    from minillm_lightning.bench.main import format_table
 
     run = dict(ms_per_step=100.0, tokens_per_sec=1e5, tflops=300.0, mfu=0.5, mfu_datasheet=0.303)
     run |= dict(data_wait_share=0.01, peak_rss_mb=900.0, cuda_peak_mb=20480.0)
@@ -228,7 +228,7 @@ def test_cuda_table_lines() -> None:
 def test_nanogpt_mode_runs_its_prepare_and_recipe(tmp_path: Path) -> None:
     """A stand-in checkout (nanoGPT itself is not vendored): prepare.py gets the local text, train.py gets the
     README's CPU recipe, and the last evaluation line is what is reported."""
-    from minillm_lightning.bench_nanogpt import format_nanogpt, run_nanogpt
+    from minillm_lightning.bench.nanogpt import format_nanogpt, run_nanogpt
     from minillm_lightning.errors import MiniLLMError
 
     data = tmp_path / "nano" / "data" / "shakespeare_char"

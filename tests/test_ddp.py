@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_cli import minillm, workdir  # noqa: F401  (fixture re-used)
 
-from minillm_lightning.pipeline import final_scalars
+from minillm_lightning.commands.pipeline import final_scalars
 
 DDP = [
     "--trainer.devices=2",

@@ -15,10 +15,12 @@ import torch
 from conftest import FIXTURES, real_data_path
 from torch import nn
 
-from minillm_lightning import evaluation as ev
 from minillm_lightning.checkpoint import load_backbone
 from minillm_lightning.cli import main
 from minillm_lightning.errors import DataError
+from minillm_lightning.eval import harness as ev_harness
+from minillm_lightning.eval import scorer as ev_scorer
+from minillm_lightning.eval import tasks as ev_tasks
 from minillm_lightning.tokenizer import Tokenizer
 
 # the first 3 LAMBADA and HellaSwag items (tests/fixtures/README.md); the full sets are opt-in real data
@@ -53,23 +55,23 @@ def tiny(tiny_pretrain_ckpt: Path) -> tuple[nn.Module, Tokenizer]:
 
 
 def test_loaders_parse_local_files(eval_data: Path) -> None:
-    wiki = ev.load_wikitext2(eval_data)
+    wiki = ev_tasks.load_wikitext2(eval_data)
     assert len(wiki) == 62 and wiki[0].text.startswith(" = Robert Boulter =\n\nRobert Boulter is an English film, ")
     assert wiki[1].text.startswith(" = Du Fu =\n") and "guest-starring" in wiki[0].text
     assert sum(d.words for d in wiki) == 241_211  # WikiText-2 test: 245,569 tokens = these words + 4,358 <eos>
-    lambada = ev.load_lambada(eval_data)
+    lambada = ev_tasks.load_lambada(eval_data)
     assert len(lambada) == 5153 and lambada[0].target == " signs" and not lambada[0].context.endswith(" ")
 
-    hella = ev.load_hellaswag(eval_data)
+    hella = ev_tasks.load_hellaswag(eval_data)
     assert len(hella) == 1000 and all(len(d.continuations) == 4 for d in hella)
     assert hella[0].contexts[0] == "Roof shingle removal: A man is sitting on a roof. He"
     assert hella[0].gold == 3 and hella[0].continuations[3] == " starts pulling up roofing on a roof."
 
-    piqa = ev.load_piqa(eval_data)
+    piqa = ev_tasks.load_piqa(eval_data)
     assert len(piqa) == 1838 and piqa[0].contexts[0].startswith("Question: How do I ready a guinea pig cage")
     assert piqa[0].contexts[0].endswith("\nAnswer:") and [d.gold for d in piqa[:4]] == [0, 1, 1, 1]
 
-    easy, challenge = ev.load_arc_easy(eval_data), ev.load_arc_challenge(eval_data)
+    easy, challenge = ev_tasks.load_arc_easy(eval_data), ev_tasks.load_arc_challenge(eval_data)
     assert (len(easy), len(challenge)) == (2376, 1172)
     assert easy[0].contexts[0] == (
         "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:"
@@ -80,30 +82,30 @@ def test_loaders_parse_local_files(eval_data: Path) -> None:
     assert {len(d.continuations) for d in easy + challenge} == {3, 4, 5}
     assert all(0 <= d.gold < len(d.continuations) for d in easy + challenge)
 
-    wino = ev.load_winogrande(eval_data)
+    wino = ev_tasks.load_winogrande(eval_data)
     assert len(wino) == 1267 and wino[0].contexts == [
         "Sarah was a much better surgeon than Maria so Sarah",
         "Sarah was a much better surgeon than Maria so Maria",
     ]
     assert wino[0].continuations == [" always got the easier cases."] * 2 and wino[0].gold == 1
 
-    boolq = ev.load_boolq(eval_data)
+    boolq = ev_tasks.load_boolq(eval_data)
     assert len(boolq) == 32 and boolq[0].continuations == [" no", " yes"] and boolq[0].gold == 0
     assert boolq[0].contexts[0].endswith("\nQuestion: is ghost in the shell based on the anime?\nAnswer:")
 
 
 def test_hellaswag_ctx_split_and_preprocess() -> None:
-    assert ev._split_hellaswag_ctx("A lady walks. She bends down. the lady") == (
+    assert ev_tasks._split_hellaswag_ctx("A lady walks. She bends down. the lady") == (
         "A lady walks. She bends down.",
         "the lady",
     )
-    assert ev._split_hellaswag_ctx("No fragment here. The end") == ("No fragment here. The end", "")
-    assert ev._hellaswag_preprocess(" Tie a knot [title] Pull it  [step]tight") == "Tie a knot. Pull it tight"
+    assert ev_tasks._split_hellaswag_ctx("No fragment here. The end") == ("No fragment here. The end", "")
+    assert ev_tasks._hellaswag_preprocess(" Tie a knot [title] Pull it  [step]tight") == "Tie a knot. Pull it tight"
 
 
 def test_missing_file_without_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DataError, match=r"lambada_test.jsonl is missing \(--no-download\).*openaipublic"):
-        ev.ensure_files("lambada", tmp_path, download=False)
+        ev_tasks.ensure_files("lambada", tmp_path, download=False)
 
     class FakeResponse:
         def __enter__(self):
@@ -115,9 +117,9 @@ def test_missing_file_without_download(tmp_path: Path, monkeypatch: pytest.Monke
         def read(self) -> bytes:
             return b'{"text": "the cat sat on the mat"}\n'
 
-    monkeypatch.setattr(ev.urllib.request, "urlopen", lambda url, timeout: FakeResponse())
-    ev.ensure_files("lambada", tmp_path, download=True)
-    assert ev.load_lambada(tmp_path)[0].target == " mat"
+    monkeypatch.setattr(ev_tasks.urllib.request, "urlopen", lambda url, timeout: FakeResponse())
+    ev_tasks.ensure_files("lambada", tmp_path, download=True)
+    assert ev_tasks.load_lambada(tmp_path)[0].target == " mat"
 
 
 # ---- scoring rules on crafted cases
@@ -127,26 +129,28 @@ def test_correct_choice_with_higher_likelihood_scores_acc_1(tiny) -> None:
     _, tok = tiny
     logits = torch.zeros(tok.vocab_size)
     logits[tok.encode(" yes")] = 5.0  # the stub prefers the tokens of " yes" everywhere
-    scorer = ev.LogLikelihoodScorer(UnigramStub(logits), tok, batch_size=3)
-    docs = [ev._choice(f"Question: is {q} true?\nAnswer:", ["yes", "no"], 0) for q in ("sky", "grass", "fire", "x")]
-    assert ev.evaluate_docs(scorer, "choice", docs)["acc"] == 1.0
+    scorer = ev_scorer.LogLikelihoodScorer(UnigramStub(logits), tok, batch_size=3)
+    docs = [
+        ev_tasks._choice(f"Question: is {q} true?\nAnswer:", ["yes", "no"], 0) for q in ("sky", "grass", "fire", "x")
+    ]
+    assert ev_scorer.evaluate_docs(scorer, "choice", docs)["acc"] == 1.0
     docs[1].gold = 1
-    assert ev.evaluate_docs(scorer, "choice", docs)["acc"] == 0.75
+    assert ev_scorer.evaluate_docs(scorer, "choice", docs)["acc"] == 0.75
 
 
 def test_acc_norm_differs_from_acc_on_length() -> None:
-    doc = ev.ChoiceDoc(["q"] * 2, [" a", " abcdef"], gold=1, norm_lengths=[1, 6])
-    m = ev.choice_metrics([doc], [[-2.0, -6.0]], acc_norm=True)
+    doc = ev_tasks.ChoiceDoc(["q"] * 2, [" a", " abcdef"], gold=1, norm_lengths=[1, 6])
+    m = ev_scorer.choice_metrics([doc], [[-2.0, -6.0]], acc_norm=True)
     assert m["acc"] == 0.0 and m["acc_norm"] == 1.0  # -2/1 < -6/6
 
 
 def test_acc_norm_end_to_end_with_uniform_model(tiny) -> None:
     _, tok = tiny
-    scorer = ev.LogLikelihoodScorer(UnigramStub(torch.zeros(tok.vocab_size)), tok)
+    scorer = ev_scorer.LogLikelihoodScorer(UnigramStub(torch.zeros(tok.vocab_size)), tok)
     long = "the the the the the the"  # several bytes per token: a higher log-likelihood per byte
-    doc = ev._choice("Question: q\nAnswer:", ["x", long], gold=1)
+    doc = ev_tasks._choice("Question: q\nAnswer:", ["x", long], gold=1)
     assert len(tok.encode(" " + long)) < len(long.encode())
-    m = ev.evaluate_docs(scorer, "choice", [doc], acc_norm=True)
+    m = ev_scorer.evaluate_docs(scorer, "choice", [doc], acc_norm=True)
     assert m["acc"] == 0.0 and m["acc_norm"] == 1.0
 
 
@@ -154,8 +158,8 @@ def test_bits_per_byte_by_hand(tiny) -> None:
     """Uniform model over V tokens: every token costs ln V nats, so bpb = n_tokens * ln V / ln 2 / n_bytes."""
     _, tok = tiny
     text = "Hello wörld, 你好!"
-    scorer = ev.LogLikelihoodScorer(UnigramStub(torch.zeros(tok.vocab_size)), tok)
-    m = ev.evaluate_docs(scorer, "perplexity", [ev.TextDoc(text)])
+    scorer = ev_scorer.LogLikelihoodScorer(UnigramStub(torch.zeros(tok.vocab_size)), tok)
+    m = ev_scorer.evaluate_docs(scorer, "perplexity", [ev_tasks.TextDoc(text)])
     n_tokens, n_bytes = len(tok.encode(text)), len(text.encode("utf-8"))
     assert m["tokens"] == n_tokens and m["bytes"] == n_bytes == 21
     assert m["bits_per_byte"] == pytest.approx(n_tokens * math.log(tok.vocab_size) / math.log(2) / n_bytes)
@@ -165,7 +169,7 @@ def test_bits_per_byte_by_hand(tiny) -> None:
 def test_rolling_windows_score_every_prediction_once() -> None:
     for n, block, stride in [(5, 8, 4), (8, 8, 4), (9, 8, 4), (100, 16, 5), (100, 16, 16), (33, 16, 1)]:
         seen = []
-        for start, end, prev in ev.rolling_windows(n, block, stride):
+        for start, end, prev in ev_scorer.rolling_windows(n, block, stride):
             assert end - start <= block and start <= prev < end
             assert prev - start >= min(block - stride, prev)  # every scored token keeps block - stride context
             seen += range(prev, end)
@@ -174,7 +178,7 @@ def test_rolling_windows_score_every_prediction_once() -> None:
 
 def test_rolling_perplexity_equals_full_window_when_text_fits(tiny) -> None:
     model, tok = tiny
-    scorer = ev.LogLikelihoodScorer(model, tok)
+    scorer = ev_scorer.LogLikelihoodScorer(model, tok)
     ids = [tok.eos_id, *tok.encode("Let us practise adding. 0 plus 1 equals 1. The cat sat on the mat.")]
     assert len(ids) <= model.config.block_size
     with torch.no_grad():
@@ -194,9 +198,9 @@ def test_lambada_greedy_accuracy(tiny) -> None:
     target = tok.encode(word)
     logits = torch.zeros(tok.vocab_size)
     logits[target] = 10.0  # this one-token word is every position's argmax
-    scorer = ev.LogLikelihoodScorer(UnigramStub(logits), tok)
-    docs = [ev.LambadaDoc("he sat on", word), ev.LambadaDoc("he sat on the", " mat")]
-    m = ev.evaluate_docs(scorer, "lambada", docs)
+    scorer = ev_scorer.LogLikelihoodScorer(UnigramStub(logits), tok)
+    docs = [ev_tasks.LambadaDoc("he sat on", word), ev_tasks.LambadaDoc("he sat on the", " mat")]
+    m = ev_scorer.evaluate_docs(scorer, "lambada", docs)
     assert m["acc"] == 0.5
     lp_the = float(torch.log_softmax(logits, -1)[target[0]])
     lp_mat = sum(float(torch.log_softmax(logits, -1)[t]) for t in tok.encode(" mat"))
@@ -205,7 +209,7 @@ def test_lambada_greedy_accuracy(tiny) -> None:
 
 def test_encode_pair_moves_trailing_space(tiny) -> None:
     _, tok = tiny
-    scorer = ev.LogLikelihoodScorer(UnigramStub(torch.zeros(tok.vocab_size)), tok)
+    scorer = ev_scorer.LogLikelihoodScorer(UnigramStub(torch.zeros(tok.vocab_size)), tok)
     ctx, cont = scorer.encode_pair("Answer: ", "yes")
     assert ctx == [tok.eos_id, *tok.encode("Answer:")] and tok.decode(cont) == " yes"
 
@@ -223,7 +227,7 @@ def test_eval_command_writes_json_next_to_checkpoint(tiny_pretrain_ckpt: Path, e
     files = sorted(tiny_pretrain_ckpt.parent.glob(f"eval_{tiny_pretrain_ckpt.stem}_*.json"))
     assert files, "no results JSON next to the checkpoint"
     report = json.loads(files[-1].read_text())
-    assert set(report["results"]) == set(ev.TASKS) and report["stage"] == "pretrain"
+    assert set(report["results"]) == set(ev_tasks.TASKS) and report["stage"] == "pretrain"
     assert report["results"]["hellaswag"]["n"] == 2 and report["results"]["hellaswag"]["n_total"] == 1000
     assert 0 < report["results"]["wikitext2"]["bits_per_byte"] < 100
     assert report["settings"]["limit"] == 2 and report["timestamp"]
@@ -261,7 +265,7 @@ def test_eval_defaults_to_data_eval_and_names_a_missing_file(
         main(["eval", "--checkpoint", str(tiny_pretrain_ckpt), "--tasks", "lambada"])
     line = capfd.readouterr().err.strip().splitlines()[-1]
     assert exc.value.code == 2 and line.startswith("error: task lambada: data/eval/lambada/lambada_test.jsonl")
-    assert f"is missing and downloading {ev.DOWNLOADS['lambada/lambada_test.jsonl']} failed" in line
+    assert f"is missing and downloading {ev_tasks.DOWNLOADS['lambada/lambada_test.jsonl']} failed" in line
 
 
 def test_eval_command_errors(tiny_pretrain_ckpt: Path, tmp_path: Path, capsys) -> None:
@@ -280,7 +284,7 @@ def test_harness_adapter(tiny) -> None:
     from lm_eval.api.instance import Instance
 
     model, tok = tiny
-    lm = ev.harness_lm(ev.LogLikelihoodScorer(model, tok))
+    lm = ev_harness.harness_lm(ev_scorer.LogLikelihoodScorer(model, tok))
     req = Instance("loglikelihood", {}, ("Question: 1 plus 1 equals", " 2"), 0)
     (ll, greedy), *_ = lm.loglikelihood([req])
     assert ll < 0 and isinstance(greedy, bool)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from minillm_lightning import evaluation as ev
+from minillm_lightning.eval import scorer as ev_scorer
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 
 TOK = SimpleNamespace(pad_id=0, eos_id=1)
@@ -34,7 +34,7 @@ class LogitsOnly(nn.Module):
 def reference_rolling_nll(model: MiniGPT, ids: list[int], block: int, stride: int) -> tuple[float, int]:
     """Each window alone through the model; sum the NLL of the predictions it newly scores."""
     nll, n = 0.0, 0
-    for start, end, prev in ev.rolling_windows(len(ids) - 1, block, stride):
+    for start, end, prev in ev_scorer.rolling_windows(len(ids) - 1, block, stride):
         x = torch.tensor([ids[start : end + 1]])
         with torch.no_grad():
             logp = torch.log_softmax(model(x[:, :-1]).logits[0].double(), -1)
@@ -51,7 +51,7 @@ def test_batched_rolling_nll_equals_window_by_window(stride: int, wrap: bool) ->
     g = torch.Generator().manual_seed(1)
     lengths = [2, 9, 16, 17, 40, 63, 5]  # shorter than a window, exactly one, one more, several
     docs = [[1, *torch.randint(2, 50, (n - 1,), generator=g).tolist()] for n in lengths]
-    scorer = ev.LogLikelihoodScorer(LogitsOnly(model) if wrap else model, TOK, batch_size=3)
+    scorer = ev_scorer.LogLikelihoodScorer(LogitsOnly(model) if wrap else model, TOK, batch_size=3)
     scorer.chunk_values = 50 * 7  # logits in chunks of 7 rows: chunk edges fall inside windows
     got = scorer.rolling_nll(docs, stride)
     for doc, (nll, n) in zip(docs, got):
@@ -73,7 +73,7 @@ def test_batched_loglikelihood_equals_one_request_at_a_time() -> None:
     with torch.no_grad():
         nxt = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
     requests.append((ctx, [nxt]))
-    scorer = ev.LogLikelihoodScorer(model, TOK, batch_size=2)
+    scorer = ev_scorer.LogLikelihoodScorer(model, TOK, batch_size=2)
     scorer.chunk_values = 50 * 3
     got = scorer.loglikelihood(requests)
     for (c, k), (ll, greedy) in zip(requests, got):

@@ -14,8 +14,8 @@ from conftest import FIXTURES, MICRO_ARCH
 from minillm_lightning.checkpoint import META_KEY, load_backbone
 from minillm_lightning.cli import main
 from minillm_lightning.errors import MiniLLMError
-from minillm_lightning.export import export_checkpoint, export_hf
 from minillm_lightning.generation import GenerationConfig, TextGenerator
+from minillm_lightning.hf_export import export_checkpoint, export_hf
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 from minillm_lightning.tokenizer import Tokenizer, TokenizerSettings, train_sentencepiece
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT, SAMPLE
 
-from minillm_lightning.pipeline import _verdict, real_report
+from minillm_lightning.commands.pipeline import _verdict, real_report
 
 
 def _data_dir(tmp_path: Path) -> Path:

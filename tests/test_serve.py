@@ -22,6 +22,7 @@ import lightning as L  # noqa: E402
 from conftest import SAMPLE, micro_trainer  # noqa: E402
 
 from minillm_lightning import SFTDataModule, SFTModule  # noqa: E402
+from minillm_lightning.bench.serve import running_server  # noqa: E402
 from minillm_lightning.cli import main  # noqa: E402
 from minillm_lightning.commands.generate import _load  # noqa: E402
 from minillm_lightning.commands.serve import (  # noqa: E402
@@ -35,7 +36,6 @@ from minillm_lightning.commands.serve import (  # noqa: E402
     prepare,
     sampling_key,
 )
-from minillm_lightning.commands.serve_bench import running_server  # noqa: E402
 from minillm_lightning.generation import GenerationConfig, TextGenerator  # noqa: E402
 
 SYSTEM = {"role": "system", "content": "Be brief."}

@@ -21,7 +21,7 @@ import torch
 
 from minillm_lightning.checkpoint import checkpoint_meta, load_backbone
 from minillm_lightning.errors import CheckpointError, DataError, MiniLLMError
-from minillm_lightning.evaluation import TASKS, LogLikelihoodScorer, harness_lm, results_table, run_tasks
+from minillm_lightning.eval import TASKS, LogLikelihoodScorer, harness_lm, results_table, run_tasks
 from minillm_lightning.tokenizer import Tokenizer
 
 # --harness: our task names -> lm-evaluation-harness task names

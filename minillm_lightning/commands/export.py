@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from minillm_lightning.errors import MiniLLMError
-from minillm_lightning.export import export_checkpoint, verify_export
+from minillm_lightning.hf_export import export_checkpoint, verify_export
 
 VERIFY_TEXT = "Once upon a time, 3 cats wrote code: print('hi')\n你好，世界。"
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minillm_lightning.evaluation import LogLikelihoodScorer
+from minillm_lightning.eval.scorer import LogLikelihoodScorer
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 
 

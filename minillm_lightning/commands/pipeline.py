@@ -316,7 +316,7 @@ def pipeline_main(argv: list[str]) -> None:
     if args.recipe == "real":
         table = real_report(results, data, args.size)
     else:
-        from minillm_lightning.pipeline_report import report
+        from minillm_lightning.commands.pipeline_report import report
 
         table = report(results, {s.name: s for s in STAGES}, n_prompts=args.prompts)
     (output / "pipeline_report.md").write_text(table)

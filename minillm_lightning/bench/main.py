@@ -39,12 +39,12 @@ import psutil
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from minillm_lightning.bench_dpo import dpo_section, format_dpo
-from minillm_lightning.bench_eval import eval_section, format_eval
-from minillm_lightning.bench_nanogpt import format_nanogpt, run_nanogpt
-from minillm_lightning.bench_profile import format_profile, profile_section
+from minillm_lightning.bench.dpo import dpo_section, format_dpo
+from minillm_lightning.bench.eval import eval_section, format_eval
+from minillm_lightning.bench.nanogpt import format_nanogpt, run_nanogpt
+from minillm_lightning.bench.profile import format_profile, profile_section
+from minillm_lightning.bench.serve import format_serve, serve_section
 from minillm_lightning.callbacks.throughput import compute_dtype, device_peak_flops, flops_per_token
-from minillm_lightning.commands.serve_bench import format_serve, serve_section
 from minillm_lightning.generation import GenerationConfig, TextGenerator
 from minillm_lightning.losses import lm_loss
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
