@@ -70,7 +70,7 @@ def test_every_section_reports_positive_numbers(bench_run) -> None:
         for row in dec["hf"].values():
             _positive(row, ["tokens_per_sec", "ours_vs_hf"])
             assert row["same_tokens"]
-    _positive(r["data"], ["tokenizer_train_s", "encode_tokens_per_sec", "cache_tokens", "cache_tokens_per_sec"])
+    _positive(r["data"], ["tokenizer_train_s", "prepared_tokens", "prepare_tokens_per_sec", "prepare_mb_per_sec"])
     dpo = r["dpo"]
     assert dpo["pairs"] == r["model"]["batch_size"] // 2 and dpo["seq_len"] == 32
     _positive(dpo["ms_per_step"], ["sft", "dpo", "dpo_precomputed"])

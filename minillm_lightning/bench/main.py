@@ -282,13 +282,16 @@ def lightning_run(cli: Any, init_state: dict[str, torch.Tensor], warmup: int, st
     return clock
 
 
-def _optimizer(module: L.LightningModule, max_steps: int, precision: str) -> tuple[Any, Any]:
+def _optimizer(
+    module: L.LightningModule, max_steps: int, precision: str, clip_val: float | None = None
+) -> tuple[Any, Any]:
     """The module's own ``configure_optimizers`` (param groups, AdamW, warmup-cosine), outside any Trainer.
 
-    It reads only ``trainer.max_steps`` and ``trainer.precision``; a stand-in provides them, so the plain loop
-    optimises with exactly the code the Lightning run uses.
+    It reads only ``trainer.max_steps``, ``trainer.precision`` and ``trainer.gradient_clip_val`` (which picks
+    the AdamW implementation); a stand-in provides them, so the plain loop optimises with exactly the code the
+    Lightning run uses.
     """
-    module.trainer = SimpleNamespace(max_steps=max_steps, precision=precision)
+    module.trainer = SimpleNamespace(max_steps=max_steps, precision=precision, gradient_clip_val=clip_val)
     try:
         conf = module.configure_optimizers()
     finally:
@@ -331,7 +334,7 @@ def plain_loop_run(
         raise ValueError(f"the plain loop supports precision 32-true and bf16-mixed, not {precision}")
     module.model.load_state_dict(init_state)
     module.to(device).train()
-    opt, sched = _optimizer(module, warmup + steps, precision)
+    opt, sched = _optimizer(module, warmup + steps, precision, clip_val)
     params = [p for g in opt.param_groups for p in g["params"]]
     clock = StepClock(warmup, steps, device)
     n_batches = n_steps = 0
@@ -513,39 +516,29 @@ def decode_section(
 
 
 def data_section(cli: Any) -> dict[str, Any]:
-    """Tokenizer training time and tokenization throughput of the pretraining corpus, into a temporary cache."""
+    """Tokenizer training and corpus preparation (LitData token shards) of the config's corpus, in a temporary
+    cache: what a first ``minillm fit`` / ``minillm prepare`` pays before its first step."""
     from minillm_lightning.data.pretrain import PretrainDataModule
-    from minillm_lightning.tokenizer import Tokenizer, train_or_load
 
     dm = cli.datamodule
     if not isinstance(dm, PretrainDataModule):
         return {"skipped": f"{type(dm).__name__}: the data section measures PretrainDataModule corpora"}
-    train, val, _ = dm.documents()
     with tempfile.TemporaryDirectory(prefix="minillm-bench-") as tmp:
-        texts = (t for _, t in train)
-        t_train, (path, _) = _timed(
-            lambda: train_or_load(
-                dm._files(), texts, dm.tok_settings, Path(tmp) / "tok", force=True, log=lambda *_: None
-            )
-        )
-        tok = Tokenizer.from_file(path)
-        docs = [t for _, t in train + val]
-        t_encode, ids = _timed(lambda: tok.encode_batch(docs))
-        n_tokens = sum(len(x) for x in ids)
-        init = {**cli.config.data.init_args.as_dict(), "cache_dir": tmp, "tokenizer": str(path)}
+        init = {**cli.config.data.init_args.as_dict(), "cache_dir": tmp, "dataset_dir": None}
         fresh = type(dm)(**init)
-        t_cache, _ = _timed(fresh.prepare_data)
-        meta = json.loads(fresh._cache_paths()["meta"].read_text())
-    cached = sum(meta["tokens_per_source"].values())
+        t_tok, tok = _timed(lambda: fresh.tokenizer)  # trained here unless the config names a tokenizer file
+        t_prep, _ = _timed(fresh.prepare_data)
+        meta = json.loads((Path(fresh.dataset_path) / "meta.json").read_text())
+    splits = meta["splits"].values()
+    tokens, chars = sum(s["tokens"] for s in splits), sum(s["chars"] for s in splits)
     return {
-        "corpus_chars": sum(len(d) for d in docs),
-        "tokenizer": f"{dm.tok_settings.model_type} {tok.vocab_size}",
-        "tokenizer_train_s": t_train,
-        "encode_tokens_per_sec": n_tokens / t_encode,
-        "chars_per_token": sum(len(d) for d in docs) / max(n_tokens, 1),
-        "cache_tokens": cached,
-        "cache_build_s": t_cache,
-        "cache_tokens_per_sec": cached / t_cache,
+        "tokenizer": f"{fresh.tok_settings.model_type} {tok.vocab_size}",
+        "tokenizer_train_s": t_tok,
+        "prepare_s": t_prep,
+        "prepared_tokens": tokens,
+        "prepare_tokens_per_sec": tokens / t_prep,
+        "prepare_mb_per_sec": sum(s["bytes"] for s in splits) / 1e6 / t_prep,
+        "chars_per_token": chars / max(tokens, 1),
     }
 
 
@@ -810,9 +803,9 @@ def format_table(results: dict[str, Any]) -> str:
                 lines.append(f"  data: skipped ({d['skipped']})")
             else:
                 lines.append(
-                    f"  data: tokenizer ({d['tokenizer']}) trained in {_fmt(d['tokenizer_train_s'], ' s')}, encode "
-                    f"{_fmt(d['encode_tokens_per_sec'], ' tok/s')}, cache of {_fmt(d['cache_tokens'])} tokens built "
-                    f"in {_fmt(d['cache_build_s'], ' s')} ({_fmt(d['cache_tokens_per_sec'], ' tok/s')})"
+                    f"  data: tokenizer ({d['tokenizer']}) trained in {_fmt(d['tokenizer_train_s'], ' s')}, "
+                    f"{_fmt(d['prepared_tokens'])} tokens prepared in {_fmt(d['prepare_s'], ' s')} "
+                    f"({_fmt(d['prepare_tokens_per_sec'], ' tok/s')}, {_fmt(d['prepare_mb_per_sec'], ' MB/s')})"
                 )
     if results.get("nanogpt"):
         lines.append(f"\nnanoGPT: python {results['nanogpt']['command']}")
