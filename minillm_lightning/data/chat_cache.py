@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from minillm_lightning.data.common import ReadStats, _decode, iter_records
+from minillm_lightning.data.common import ReadStats, _decode, expand_paths, iter_records
 from minillm_lightning.errors import DataError
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -397,3 +397,41 @@ def _build(
     rank_zero_info(
         f"tokenized {path} once into the cache ({kept:,} {codec.what}, {meta['seconds']} s, {workers} process(es))"
     )
+
+
+def load_files(
+    sources: list[str],
+    codec: ChatCodec,
+    tok: Tokenizer,
+    skip_bad: bool,
+    fmt: str | None,
+    cache_dir: Path,
+    workers: int,
+) -> tuple[list[TokenCache], dict[str, Any]]:
+    """The caches of every file of ``sources`` (building the missing ones) and the per-file statistics of
+    ``dataset_stats.json``, warning about skipped records and files that contribute nothing."""
+    caches: list[TokenCache] = []
+    stats: dict[str, Any] = {}
+    for path in (p for s in sources for p in expand_paths(s, (".jsonl", ".json"))):
+        cache, _ = load_or_build(path, codec, tok, skip_bad, fmt, cache_dir, workers)
+        meta = cache.meta
+        if meta["skipped"]:
+            rank_zero_warn(f"{path}: skipped {sum(meta['skipped'].values())} unusable records: {meta['skipped']}")
+        if not len(cache):
+            rank_zero_warn(f"!!! {path} contributes NO {codec.what} (records={meta['raw_records']}); check its schema")
+        caches.append(cache)
+        stats[str(path)] = {
+            "format": meta["format"],
+            "raw_records": meta["raw_records"],
+            "kept": len(cache),
+            "skipped": meta["skipped"],
+        }
+    return caches, stats
+
+
+def ragged(caches: list[TokenCache], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values, item offsets) of a small per-item field (e.g. message ends) over several caches, as one table."""
+    values = [c.load(name) for c in caches]
+    bases = np.cumsum([0] + [len(v) for v in values])
+    offsets = [c.offsets[name][:-1] + b for c, b in zip(caches, bases)]
+    return np.concatenate(values), np.concatenate([*offsets, bases[-1:]]).astype(np.int64)

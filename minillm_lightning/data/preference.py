@@ -16,15 +16,17 @@ tokens), all padded to ONE length T so that a stage can run both halves as a sin
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from minillm_lightning.data.chat import ChatDataModule
+from minillm_lightning.data.chat_cache import TokenCache, load_files, ragged
 from minillm_lightning.data.sft import (
     BadRecord,
     Message,
@@ -184,10 +186,127 @@ Row = tuple[list[int], list[int], list[int]]
 """A tokenized pair: prompt (with the assistant header), chosen reply, rejected reply."""
 
 
-class PreferenceDataset(Dataset):
-    """Tokenized pairs: ``prompt`` (incl. the assistant header), ``chosen``/``rejected`` reply tokens, ``index``."""
+# ---- the token cache of pairs ----
+@dataclass
+class PreferenceCodec:
+    """How the token cache reads and encodes pairs (picklable: it goes to the tokenizing processes).
 
-    def __init__(self, rows: list[Row]) -> None:
+    A pair is cached as ``prompt`` (the prompt turns' tokens, message by message, without the assistant
+    header), ``ends`` (the token offset where each prompt message ends), ``system`` (whether the prompt opens
+    with a system prompt) and the ``chosen`` / ``rejected`` reply tokens (:func:`response_ids`). The template
+    encodes every message on its own, so every truncation :meth:`PreferenceDataModule.encode_items` makes is
+    made of slices of these tokens plus the header: nothing is tokenized again.
+    """
+
+    names: PreferenceFields
+    what: ClassVar[str] = "pairs"
+    fields: ClassVar[dict[str, str]] = {
+        "prompt": "token",
+        "ends": "int32",
+        "system": "uint8",
+        "chosen": "token",
+        "rejected": "token",
+    }
+
+    def settings(self) -> dict[str, Any]:
+        return {"fields": asdict(self.names)}
+
+    def detect(self, rec: dict[str, Any]) -> str | None:
+        return detect_preference_format(rec, self.names)
+
+    def unknown_schema(self, rec: dict[str, Any]) -> str:
+        return (
+            f"cannot tell the preference schema from the keys {sorted(rec)[:8]}; expected "
+            f"chosen/rejected lists (minimind), prompt/chosen/rejected (trl) or conversations/"
+            f"chosen/rejected (sharegpt); set format and the field names under fields"
+        )
+
+    def convert(self, rec: dict[str, Any], fmt: str) -> Pair:
+        return to_pair(rec, fmt, self.names)
+
+    def encode(self, pair: Pair, tok: Tokenizer) -> dict[str, list[int]]:
+        ids: list[int] = []
+        ends = []
+        for m in pair.prompt:
+            ids += tok.encode_chat([m])[0]
+            ends.append(len(ids))
+        return {
+            "prompt": ids,
+            "ends": ends,
+            "system": [pair.prompt[0]["role"] == "system"],
+            "chosen": response_ids(tok, pair.chosen),
+            "rejected": response_ids(tok, pair.rejected),
+        }
+
+
+class Pairs:
+    """The cached pairs of some files, numbered in file order: what :meth:`PreferenceDataModule.load` returns.
+
+    Only per-pair and per-message numbers live in memory; tokens stay on disk.
+    """
+
+    def __init__(self, caches: list[TokenCache]) -> None:
+        self.caches = caches
+        self.file = np.concatenate([np.full(len(c), k, dtype=np.int32) for k, c in enumerate(caches)])
+        self.start = np.concatenate([c.offsets["prompt"][:-1] for c in caches]).astype(np.int64)
+        self.system = np.concatenate([c.load("system") for c in caches]).astype(np.int64)
+        self.ends, self.msg_offsets = ragged(caches, "ends")
+        self.n_messages = np.diff(self.msg_offsets)
+        for side in SIDES:  # where each reply starts in its file's cache, and its length
+            setattr(self, f"{side}_start", np.concatenate([c.offsets[side][:-1] for c in caches]).astype(np.int64))
+            setattr(self, f"{side}_length", np.concatenate([c.lengths(side) for c in caches]).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+@dataclass
+class PairRows:
+    """Encoded pairs, in split order: pair ``pair[r]`` of ``pairs`` with the prompt made of two slices of its
+    file's prompt tokens (``[head_start, head_start + head_length)`` then ``[body_start, body_start +
+    body_length)``) and the assistant header ``header``."""
+
+    pairs: Pairs
+    pair: np.ndarray
+    head_start: np.ndarray
+    head_length: np.ndarray
+    body_start: np.ndarray
+    body_length: np.ndarray
+    header: list[int]
+
+    def __len__(self) -> int:
+        return len(self.pair)
+
+    def prompt_lengths(self) -> np.ndarray:
+        return self.head_length + self.body_length + len(self.header)
+
+    def reply_lengths(self, side: str) -> np.ndarray:
+        return getattr(self.pairs, f"{side}_length")[self.pair]
+
+    def __getitem__(self, r: int) -> Row:
+        """(prompt, chosen, rejected) token lists of row ``r``."""
+        if not 0 <= r < len(self):
+            raise IndexError(r)
+        p, i = self.pairs, int(self.pair[r])
+        cache = p.caches[p.file[i]]
+        h, b = int(self.head_start[r]), int(self.body_start[r])
+        prompt = [
+            *cache.read("prompt", h, h + int(self.head_length[r])).tolist(),
+            *cache.read("prompt", b, b + int(self.body_length[r])).tolist(),
+            *self.header,
+        ]
+        replies = []
+        for side in SIDES:
+            s = int(getattr(p, f"{side}_start")[i])
+            replies.append(cache.read(side, s, s + int(getattr(p, f"{side}_length")[i])).tolist())
+        return prompt, replies[0], replies[1]
+
+
+class PreferenceDataset(Dataset):
+    """Tokenized pairs: ``prompt`` (incl. the assistant header), ``chosen``/``rejected`` reply tokens, ``index``
+    (read from the token cache on demand)."""
+
+    def __init__(self, rows: PairRows) -> None:
         self.rows = rows
 
     def __len__(self) -> int:
@@ -225,10 +344,14 @@ class PreferenceDataModule(ChatDataModule):
             in ``dataset_stats.json`` instead of stopping at the first one.
         num_workers: DataLoader worker processes.
         seed: seed of the split and the batch order.
+        cache_dir: where the token caches of the files are kept (``<cache_dir>/chat/<file>-<key>``): a file is
+            tokenized once, and again only when it, the tokenizer or a setting that changes its tokens changes.
+        prepare_workers: processes that tokenize a file into its cache (None: the CPU count, at most 8).
     """
 
     kind, stats_key, row_name, item_name = "preference", "preference", "pairs", "pairs"
     prerequisite, example_checkpoint = SFT_COMMAND, "checkpoints/sft_tiny/last.ckpt"
+    cached = True
 
     def __init__(
         self,
@@ -246,6 +369,8 @@ class PreferenceDataModule(ChatDataModule):
         skip_bad_records: bool = False,
         num_workers: int = 0,
         seed: int = 1337,
+        cache_dir: str = "data/.cache",
+        prepare_workers: int | None = None,
     ) -> None:
         super().__init__(
             sources,
@@ -258,6 +383,8 @@ class PreferenceDataModule(ChatDataModule):
             skip_bad_records,
             num_workers,
             seed,
+            cache_dir,
+            prepare_workers,
         )
         if max_length < 4 or batch_size <= 0 or not 0 <= val_share < 1:
             raise ValueError("PreferenceDataModule: max_length must be >= 4, batch_size > 0, val_share in [0, 1)")
@@ -270,24 +397,18 @@ class PreferenceDataModule(ChatDataModule):
         self.overflow, self.padding_side = overflow, padding_side
 
     # ---- reading ----
+    def codec(self) -> PreferenceCodec:
+        return PreferenceCodec(self.fields)
+
     def read(self, sources: list[str] | None = None) -> tuple[list[Pair], dict[str, Any]]:
-        """All usable pairs of ``sources`` (default: ``self.sources``), and per-file statistics."""
+        """All usable pairs of ``sources`` (default: ``self.sources``) in memory, and per-file statistics
+        (training reads them through :meth:`load` instead)."""
         sources = self.sources if sources is None else sources
         pairs: list[Pair] = []
         stats: dict[str, Any] = {}
-        files = read_chat_files(
-            sources,
-            None if self.format == "auto" else self.format,
-            self.skip_bad,
-            lambda rec: detect_preference_format(rec, self.fields),
-            lambda rec: (
-                f"cannot tell the preference schema from the keys {sorted(rec)[:8]}; expected "
-                f"chosen/rejected lists (minimind), prompt/chosen/rejected (trl) or conversations/"
-                f"chosen/rejected (sharegpt); set format and the field names under fields"
-            ),
-            lambda rec, fmt: to_pair(rec, fmt, self.fields),
-            "pairs",
-        )
+        codec = self.codec()
+        fmt = None if self.format == "auto" else self.format
+        files = read_chat_files(sources, fmt, self.skip_bad, codec.detect, codec.unknown_schema, codec.convert, "pairs")
         for path, fmt, rs, items in files:
             pairs.extend(items)
             stats[str(path)] = file_stats(fmt, rs, len(items))
@@ -295,51 +416,81 @@ class PreferenceDataModule(ChatDataModule):
             raise DataError(f"no usable preference pairs in {sources}; check the paths and the record schema")
         return pairs, stats
 
-    def fit_prompt(self, pair: Pair, longest: int, counts: dict[str, int]) -> list[int] | None:
-        """Prompt tokens (with the assistant header) shortened so that prompt + longest reply fit ``max_length``.
-
-        Oldest exchanges go first (the system prompt stays), then tokens from the left, keeping the system
-        prompt's tokens when they leave room. ``None``: the pair is dropped.
-        """
-        tok = self.tokenizer
-        ids = tok.encode_chat(pair.prompt, add_generation_prompt=True)[0]
-        budget = self.max_length - longest
-        if len(ids) <= budget:
-            return ids
-        if self.overflow == "drop" or budget <= len(tok.generation_prompt()):
-            counts["dropped_too_long"] += 1  # not even the header and one prompt token fit next to the replies
-            return None
-        head = pair.prompt[:1] if pair.prompt[0]["role"] == "system" else []
-        rest = pair.prompt[len(head) :]
-        if len(rest) > 1:
-            counts["prompt_truncated_turns"] += 1
-        while len(ids) > budget and len(rest) > 1:
-            rest = rest[2:]  # the oldest user/assistant exchange; the final user turn always stays
-            ids = tok.encode_chat(head + rest, add_generation_prompt=True)[0]
-        if len(ids) > budget:
-            counts["prompt_cut_tokens"] += 1
-            system = tok.encode_chat(head)[0] if head else []
-            room = budget - len(system)
-            ids = system + ids[-room:] if head and room > len(tok.generation_prompt()) else ids[-budget:]
-        return ids
-
-    def encode(self, pairs: list[Pair], counts: dict[str, int]) -> list[Row]:
-        rows = []
-        for pair in pairs:
-            chosen, rejected = response_ids(self.tokenizer, pair.chosen), response_ids(self.tokenizer, pair.rejected)
-            prompt = self.fit_prompt(pair, max(len(chosen), len(rejected)), counts)
-            if prompt is not None:
-                rows.append((prompt, chosen, rejected))
-        return rows
+    def load(self, sources: list[str]) -> tuple[Pairs, dict[str, Any]]:
+        """The pairs of ``sources`` from their token caches (tokenizing a file only when its cache is missing),
+        and per-file statistics: the same pairs, counts and errors as :meth:`read`."""
+        fmt = None if self.format == "auto" else self.format
+        caches, stats = load_files(
+            sources, self.codec(), self.tokenizer, self.skip_bad, fmt, self.cache_dir, self.prepare_workers
+        )
+        if not sum(len(c) for c in caches):
+            raise DataError(f"no usable preference pairs in {sources}; check the paths and the record schema")
+        return Pairs(caches), stats
 
     # ---- ChatDataModule hooks ----
     def new_counts(self) -> dict[str, int]:
         return {"prompt_truncated_turns": 0, "prompt_cut_tokens": 0, "dropped_too_long": 0}
 
-    def encode_items(self, items: list[Pair], indices: Sequence[int], counts: dict[str, int], split: str) -> list[Row]:
-        return self.encode([items[i] for i in indices], counts)
+    def encode_items(self, items: Pairs, indices: Sequence[int], counts: dict[str, int], split: str) -> PairRows:
+        """Fit the prompts of the pairs ``indices`` (in that order) so that prompt + longer reply fit ``max_length``.
 
-    def make_dataset(self, rows: list[Row]) -> PreferenceDataset:
+        Replies are never cut. A prompt that is too long loses its oldest exchanges first (the system prompt
+        stays, the final user turn always stays), then tokens from the left, keeping the system prompt's tokens
+        when they leave room for the assistant header and one more token; a pair where not even the header and
+        one prompt token fit next to the longer reply is dropped (as is any too-long pair under
+        ``overflow: drop``). Computed from the cached message boundaries, without tokenizing.
+        """
+        p = items
+        header = self.tokenizer.generation_prompt()
+        n_header = len(header)
+        idx = np.asarray(indices, dtype=np.int64)
+        off, n_msg, first = p.msg_offsets[idx], p.n_messages[idx], p.system[idx]
+        total = p.ends[off + n_msg - 1]  # prompt tokens without the header
+        head = np.where(first == 1, p.ends[off], 0)  # tokens of the system prompt
+        budget = self.max_length - np.maximum(p.chosen_length[idx], p.rejected_length[idx])
+        start = p.start[idx]
+        head_start, head_length = start.copy(), np.zeros(len(idx), dtype=np.int64)
+        body_start, body_length = start.copy(), total.astype(np.int64)
+        keep = np.ones(len(idx), dtype=bool)
+        for j in np.flatnonzero(total + n_header > budget).tolist():
+            room_all, o, s, h, t = int(budget[j]), int(off[j]), int(start[j]), int(head[j]), int(total[j])
+            if self.overflow == "drop" or room_all <= n_header:
+                counts["dropped_too_long"] += 1
+                keep[j] = False
+                continue
+            f, rest = int(first[j]), int(n_msg[j] - first[j])  # rest: messages after the system prompt
+            if rest > 1:
+                counts["prompt_truncated_turns"] += 1
+            bounds = np.concatenate([[0], p.ends[o : o + int(n_msg[j])]]).tolist()
+            k = 0
+            while h + t - bounds[f + 2 * k] + n_header > room_all and rest - 2 * k > 1:
+                k += 1  # the oldest user/assistant exchange goes
+            body = bounds[f + 2 * k]
+            head_length[j], body_start[j], body_length[j] = h, s + body, t - body
+            if h + t - body + n_header <= room_all:
+                continue
+            counts["prompt_cut_tokens"] += 1
+            if f and room_all - h > n_header:  # the system prompt, then the prompt's last tokens
+                body_length[j] = room_all - h - n_header
+                body_start[j] = s + t - body_length[j]
+                continue
+            need = room_all - n_header  # the last tokens of system prompt + kept turns
+            head_length[j] = max(need - (t - body), 0)
+            head_start[j] = s + h - head_length[j]
+            body_length[j] = min(need, t - body)
+            body_start[j] = s + t - body_length[j]
+        keep_idx = idx[keep]
+        return PairRows(
+            p,
+            keep_idx,
+            head_start[keep],
+            head_length[keep],
+            body_start[keep],
+            body_length[keep],
+            header,
+        )
+
+    def make_dataset(self, rows: PairRows) -> PreferenceDataset:
         return PreferenceDataset(rows)
 
     def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Tensor]]:
@@ -349,13 +500,14 @@ class PreferenceDataModule(ChatDataModule):
         self, n_items: tuple[int, int], train: PreferenceDataset, val: PreferenceDataset, counts: dict[str, int]
     ) -> tuple[dict[str, Any], str]:
         rows = train.rows
+        prompt, chosen, rejected = rows.prompt_lengths(), rows.reply_lengths("chosen"), rows.reply_lengths("rejected")
         stats = {
             "train_pairs": len(train),
             "val_pairs": len(val),
             **counts,
-            "mean_prompt_tokens": round(sum(len(p) for p, _, _ in rows) / len(rows), 1),
-            "mean_response_tokens": round(sum(len(c) + len(r) for _, c, r in rows) / (2 * len(rows)), 1),
-            "max_sequence_tokens": max(len(p) + max(len(c), len(r)) for p, c, r in rows),
+            "mean_prompt_tokens": round(int(prompt.sum()) / len(rows), 1),
+            "mean_response_tokens": round(int(chosen.sum() + rejected.sum()) / (2 * len(rows)), 1),
+            "max_sequence_tokens": int((prompt + np.maximum(chosen, rejected)).max()),
             "max_length": self.max_length,
         }
         return stats, f"preference data: {len(train)} train / {len(val)} val pairs; {counts}"
