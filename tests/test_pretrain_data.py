@@ -113,6 +113,7 @@ def test_interrupted_preparation_is_not_taken_as_complete(tmp_path, monkeypatch)
         dm.prepare_data()
     assert calls == ["train", "val"]
     assert not Path(dm.dataset_path).exists() and not dm.is_prepared()
+    assert not list(Path(dm.dataset_path).parent.glob(".*.tmp-*"))  # the half-written folder is removed
     monkeypatch.undo()
 
     # a stale folder under the final name without meta.json (e.g. copied half-way) is not complete either

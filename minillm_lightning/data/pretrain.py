@@ -395,12 +395,15 @@ class PretrainDataModule(L.LightningDataModule):
         with locked(final_dir.parent / f".{final_dir.name}.lock"):
             if self.is_prepared():
                 return
-            self._prepare_into(final_dir)
+            work = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
+            try:
+                self._prepare_into(final_dir, work)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)  # interrupted or done: no half-written folder stays behind
 
-    def _prepare_into(self, final_dir: Path) -> None:
+    def _prepare_into(self, final_dir: Path, work: Path) -> None:
         tok = self.tokenizer
         t0 = time.perf_counter()
-        work = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         out = work / "dataset"
         out.mkdir(parents=True)

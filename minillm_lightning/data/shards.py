@@ -23,7 +23,9 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -414,6 +416,9 @@ def write_split(
     from functools import partial
 
     started = _Descendants()
+    on_term = None
+    if threading.current_thread() is threading.main_thread():  # `kill` = Ctrl-C: clean up the workers, then exit
+        on_term = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         with started, contextlib.redirect_stdout(sys.stderr):  # LitData's chatter must not pollute stdout
             optimize(
@@ -430,6 +435,8 @@ def write_split(
         started.kill()  # interrupted or failed: LitData would leave worker and uploader processes behind
         raise
     finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -442,12 +449,14 @@ def write_split(
         raise DataError(err.read_text())
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through write_split, which kills LitData's processes
+
+
 class _Descendants:
     """Records the processes started below this one while active (polled), to kill them if the run fails."""
 
     def __init__(self) -> None:
-        import threading
-
         self.procs: dict[int, Any] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
