@@ -11,6 +11,11 @@ A batch holds, for ``chosen`` and ``rejected`` alike, ``<side>_input_ids`` (B, T
 ``IGNORE_INDEX`` on the prompt, the last token and padding) and ``<side>_attention_mask`` (B, T; 1 on real
 tokens), all padded to ONE length T so that a stage can run both halves as a single (2B, T) batch; plus
 ``index`` (B,), each pair's position in its split (the key of cached reference log-probabilities).
+
+Training reads the pairs from the token cache of :mod:`minillm_lightning.data.chat_cache` (each file tokenized
+once, in parallel, message by message): preparation holds only per-pair and per-message index arrays, the
+prompt truncation is computed from the cached message boundaries, and the tokens are read from disk per batch.
+:meth:`PreferenceDataModule.read` keeps the in-memory view of the pairs (parsing checks, tools).
 """
 
 from __future__ import annotations
