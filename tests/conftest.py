@@ -18,8 +18,6 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # The large real data sets (Tiny Shakespeare, pretraining/SFT/preference excerpts, evaluation sets) are opt-in:
 # tests that need them read the folder named by this variable and skip, saying why, when it is unset.
 REAL_DATA_ENV = "MINILLM_TEST_DATA"
-# TRANSITIONAL (issue 15 removes it): old tests still import this name.
-SHARED_DATA = Path(os.environ.get(REAL_DATA_ENV) or ROOT.parent / "shared" / "data")
 
 
 def real_data_path(*parts: str) -> Path:
