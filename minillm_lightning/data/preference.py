@@ -257,9 +257,9 @@ class Pairs:
         self.system = np.concatenate([c.load("system") for c in caches]).astype(np.int64)
         self.ends, self.msg_offsets = ragged(caches, "ends")
         self.n_messages = np.diff(self.msg_offsets)
-        for side in SIDES:  # where each reply starts in its file's cache, and its length
-            setattr(self, f"{side}_start", np.concatenate([c.offsets[side][:-1] for c in caches]).astype(np.int64))
-            setattr(self, f"{side}_length", np.concatenate([c.lengths(side) for c in caches]).astype(np.int64))
+        # per side: where each reply starts in its file's cache, and its length
+        self.reply_start = {s: np.concatenate([c.offsets[s][:-1] for c in caches]).astype(np.int64) for s in SIDES}
+        self.reply_length = {s: np.concatenate([c.lengths(s) for c in caches]).astype(np.int64) for s in SIDES}
 
     def __len__(self) -> int:
         return len(self.start)
@@ -286,7 +286,7 @@ class PairRows:
         return self.head_length + self.body_length + len(self.header)
 
     def reply_lengths(self, side: str) -> np.ndarray:
-        return getattr(self.pairs, f"{side}_length")[self.pair]
+        return self.pairs.reply_length[side][self.pair]
 
     def __getitem__(self, r: int) -> Row:
         """(prompt, chosen, rejected) token lists of row ``r``."""
@@ -300,11 +300,11 @@ class PairRows:
             *cache.read("prompt", b, b + int(self.body_length[r])).tolist(),
             *self.header,
         ]
-        replies = []
+        replies = {}
         for side in SIDES:
-            s = int(getattr(p, f"{side}_start")[i])
-            replies.append(cache.read(side, s, s + int(getattr(p, f"{side}_length")[i])).tolist())
-        return prompt, replies[0], replies[1]
+            at = int(p.reply_start[side][i])
+            replies[side] = cache.read(side, at, at + int(p.reply_length[side][i])).tolist()
+        return prompt, replies["chosen"], replies["rejected"]
 
 
 class PreferenceDataset(Dataset):
@@ -452,7 +452,7 @@ class PreferenceDataModule(ChatDataModule):
         off, n_msg, first = p.msg_offsets[idx], p.n_messages[idx], p.system[idx]
         total = p.ends[off + n_msg - 1]  # prompt tokens without the header
         head = np.where(first == 1, p.ends[off], 0)  # tokens of the system prompt
-        budget = self.max_length - np.maximum(p.chosen_length[idx], p.rejected_length[idx])
+        budget = self.max_length - np.maximum(p.reply_length["chosen"][idx], p.reply_length["rejected"][idx])
         start = p.start[idx]
         head_start, head_length = start.copy(), np.zeros(len(idx), dtype=np.int64)
         body_start, body_length = start.copy(), total.astype(np.int64)
