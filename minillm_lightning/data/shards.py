@@ -540,6 +540,12 @@ class TokenBlocks(StreamingDataset):
     def __init__(self, input_dir: str, seq_len: int, stride: int | None = None, **kw) -> None:
         super().__init__(input_dir, item_loader=BlockLoader(seq_len + 1, stride), **kw)
 
+    def set_batch_size(self, batch_size: int) -> None:
+        # LitData trims each worker's share of an epoch to whole batches before shuffling it, so the order would
+        # change with the batch size; planning in single windows keeps batch 4 x accumulate 2 == batch 8 (the
+        # loader still drops the last incomplete batch, and ranks still get equal shares)
+        self.batch_size = 1
+
     def __getitem__(self, index: Any) -> dict[str, torch.Tensor]:
         window = super().__getitem__(index)
         chunk = torch.as_tensor(np.asarray(window, dtype=np.int64))
