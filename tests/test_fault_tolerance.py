@@ -152,7 +152,7 @@ def test_incompatible_init_from_and_too_long_sequences(tmp_path: Path, tiny_pret
     ckpt["minillm"]["arch"]["n_layer"] += 1  # the config promises a layer the weights do not have
     foreign = tmp_path / "foreign.ckpt"
     torch.save(ckpt, foreign)
-    with pytest.raises(CheckpointError, match="incompatible weights"):
+    with pytest.raises(CheckpointError, match="backbone weights do not match its architecture"):
         PretrainModule(init_from=str(foreign))
     dm = pretrain_dm_factory(seq_len=256)  # the micro model's context is 128
     model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
