@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from minillm_lightning.data.common import ReadStats, _decode, expand_paths, iter_records
+from minillm_lightning.data.common import ReadStats, expand_paths, iter_jsonl_lines, iter_records
 from minillm_lightning.errors import DataError
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -107,25 +107,7 @@ def iter_jsonl_range(
     with open(path, "rb") as fh:
         fh.seek(start)
         data = fh.read(end - start)
-    for lineno, raw in enumerate(data.split(b"\n"), start=first_line):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(_decode(path, raw, lineno))
-            if not isinstance(rec, dict):
-                raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-        except (json.JSONDecodeError, ValueError) as e:
-            if skip_bad:
-                stats.skip("malformed JSON")
-                continue
-            if isinstance(e, DataError):  # not UTF-8: its message already names the line and the fix
-                raise
-            raise DataError(
-                f"{path}:{lineno}: malformed JSON line ({e}); fix or delete the line, or set "
-                f"skip_bad_records: true to skip and count such lines"
-            ) from None
-        stats.records += 1
-        yield lineno, rec
+    yield from iter_jsonl_lines(path, data.split(b"\n"), first_line, stats, skip_bad)
 
 
 def line_ranges(path: Path, chunk: int) -> Iterator[tuple[int, int, int]]:

@@ -7,7 +7,7 @@ import glob
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,25 +87,33 @@ def iter_records(path: Path, stats: ReadStats, skip_bad: bool = False) -> Iterat
                 raise DataError(f"{path}: item {i} is {type(rec).__name__}, expected an object")
         return
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
+        yield from iter_jsonl_lines(path, fh, 1, stats, skip_bad)
+
+
+def iter_jsonl_lines(
+    path: Path, lines: Iterable[bytes], first_line: int, stats: ReadStats, skip_bad: bool
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of raw JSONL ``lines`` of ``path`` (the first is line ``first_line``), blank lines
+    skipped; a malformed line raises :class:`DataError` naming ``file:line``, or is counted with ``skip_bad``."""
+    for lineno, raw in enumerate(lines, start=first_line):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(_decode(path, raw, lineno))
+            if not isinstance(rec, dict):
+                raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+        except (json.JSONDecodeError, ValueError) as e:
+            if skip_bad:
+                stats.skip("malformed JSON")
                 continue
-            try:
-                rec = json.loads(_decode(path, raw, lineno))
-                if not isinstance(rec, dict):
-                    raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-            except (json.JSONDecodeError, ValueError) as e:
-                if skip_bad:
-                    stats.skip("malformed JSON")
-                    continue
-                if isinstance(e, DataError):  # not UTF-8: its message already names the line and the fix
-                    raise
-                raise DataError(
-                    f"{path}:{lineno}: malformed JSON line ({e}); fix or delete the line, or set "
-                    f"skip_bad_records: true to skip and count such lines"
-                ) from None
-            stats.records += 1
-            yield lineno, rec
+            if isinstance(e, DataError):  # not UTF-8: its message already names the line and the fix
+                raise
+            raise DataError(
+                f"{path}:{lineno}: malformed JSON line ({e}); fix or delete the line, or set "
+                f"skip_bad_records: true to skip and count such lines"
+            ) from None
+        stats.records += 1
+        yield lineno, rec
 
 
 def read_text_file(path: Path) -> str:
