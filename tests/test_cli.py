@@ -62,7 +62,7 @@ def test_help_and_print_config(workdir: Path) -> None:
     assert top.returncode == 0 and "fit" in top.stdout
     helped = minillm(["fit", "--config", CONFIG, "--model.help", "minillm_lightning.PretrainModule"], workdir)
     assert helped.returncode == 0
-    assert "peak AdamW learning rate" in helped.stdout and "init_from" in helped.stdout
+    assert "peak adamw learning rate" in helped.stdout.lower() and "init_from" in helped.stdout
     printed = minillm(["fit", "--config", CONFIG, "--print_config"], workdir)
     assert printed.returncode == 0
     assert "class_path: minillm_lightning.PretrainModule" in printed.stdout

@@ -416,9 +416,12 @@ def write_split(
     from functools import partial
 
     started = _Descendants()
-    on_term = None
+    on_term = on_int = None
     if threading.current_thread() is threading.main_thread():  # `kill` = Ctrl-C: clean up the workers, then exit
         on_term = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        # LitData's optimize installs its own SIGINT handler (stop the workers, then os._exit(0)) and leaves it
+        # installed: a later Ctrl+C during training would end the run silently, with no checkpoint
+        on_int = signal.getsignal(signal.SIGINT)
     try:
         with started, contextlib.redirect_stdout(sys.stderr):  # LitData's chatter must not pollute stdout
             optimize(
@@ -437,6 +440,7 @@ def write_split(
     finally:
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
+            signal.signal(signal.SIGINT, on_int)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
