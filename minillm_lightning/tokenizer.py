@@ -6,7 +6,6 @@ later stage or command rebuilds it from the checkpoint file alone.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -14,7 +13,6 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,6 +20,7 @@ from typing import Literal
 import sentencepiece as spm
 
 from minillm_lightning.errors import MiniLLMError
+from minillm_lightning.fileio import file_lock
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -136,18 +135,6 @@ def _hash_inputs(files: Sequence[Path], settings: TokenizerSettings) -> str:
     return h.hexdigest()[:16]
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Serialise tokenizer training across processes (every DDP rank builds the data module)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def train_or_load(
     files: Sequence[Path],
     texts: Iterable[str] | None,
@@ -166,7 +153,7 @@ def train_or_load(
     key = key or _hash_inputs([Path(f) for f in files], settings)
     out_dir = Path(cache_dir) / f"{settings.model_type}-{settings.vocab_size}-{key}"
     model_path = out_dir / "tokenizer.model"
-    with _file_lock(Path(cache_dir) / ".lock"):
+    with file_lock(Path(cache_dir) / ".lock"):
         if model_path.is_file() and not force:
             return model_path, True
         if texts is None:

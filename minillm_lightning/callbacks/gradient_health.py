@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from minillm_lightning.callbacks.common import log_sparse, will_log
+from minillm_lightning.callbacks.common import StatefulCallback, log_sparse, will_log
 from minillm_lightning.optim import grad_norms
 
 NonFiniteAction = Literal["skip", "stop", "warn"]
@@ -37,7 +37,7 @@ def param_group_name(name: str) -> str:
     return ".".join(parts[:-1]) or parts[0]
 
 
-class GradientHealthMonitor(Callback):
+class GradientHealthMonitor(StatefulCallback):
     """Watches gradients and the loss each optimizer step; acts on NaN/Inf, warns on loss spikes.
 
     Measured in ``on_before_optimizer_step``, i.e. on unscaled gradients before clipping:
@@ -299,17 +299,15 @@ class GradientHealthMonitor(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rank_zero_info(self.summary())
 
-    _STATE = (
+    state_attrs = (
         "steps", "clipped_steps", "nonfinite_steps", "skipped_steps", "scaler_skips", "consecutive_nonfinite",
         "loss_spikes", "max_norm", "max_norm_step",
     )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        return {**{k: getattr(self, k) for k in self._STATE}, "losses": list(self.losses)}
+        return {**super().state_dict(), "losses": list(self.losses)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for k in self._STATE:
-            if k in state_dict:
-                setattr(self, k, state_dict[k])
+        super().load_state_dict(state_dict)
         self.losses.clear()
         self.losses.extend(state_dict.get("losses", []))

@@ -22,7 +22,6 @@ passed prompts / prompts. Check types (``ignore_case`` applies to the four text 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -32,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from minillm_lightning.callbacks.common import StatefulCallback
 from minillm_lightning.data.common import ReadStats, iter_records
 from minillm_lightning.errors import DataError, MiniLLMError
+from minillm_lightning.fileio import write_json
 from minillm_lightning.generation import GenerationConfig, TextGenerator
 from minillm_lightning.tokenizer import ROLES, Tokenizer
 
@@ -237,19 +237,12 @@ def _default_interval(interval: int) -> int:
     return interval
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
-
-
 def _cell(text: str, limit: int = 120) -> str:
     text = text if len(text) <= limit else text[: limit - 1] + "…"
     return text.replace("|", "\\|").replace("\n", "⏎")
 
 
-class RegressionSuite(Callback):
+class RegressionSuite(StatefulCallback):
     """Greedy-decode fixed prompts every ``interval`` validation rounds and check the outputs.
 
     Each evaluation logs ``regression/pass_rate``, adds a text table to TensorBoard (``regression/results``),
@@ -399,8 +392,8 @@ class RegressionSuite(Callback):
     def _report(self, trainer: L.Trainer, entry: dict[str, Any], results: list[dict[str, Any]]) -> None:
         """Rank zero: the JSON files and the TensorBoard text table."""
         out = (self._run_dir or Path(trainer.default_root_dir)) / "regression"
-        _write_json(out / f"step_{entry['step']:06d}.json", {**entry, "stage": self._stage, "results": results})
-        _write_json(out / "summary.json", self._summary_dict())
+        write_json(out / f"step_{entry['step']:06d}.json", {**entry, "stage": self._stage, "results": results})
+        write_json(out / "summary.json", self._summary_dict())
         lines = [
             f"**pass rate {entry['pass_rate']:.2f}** ({entry['passed']}/{entry['total']}) at step {entry['step']}",
             "",
@@ -444,15 +437,7 @@ class RegressionSuite(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rank_zero_info(self.summary())
 
-    _STATE = ("rounds", "history", "best_pass_rate", "best_step", "best_passed")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._STATE}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for k in self._STATE:
-            if k in state_dict:
-                setattr(self, k, state_dict[k])
+    state_attrs = ("rounds", "history", "best_pass_rate", "best_step", "best_passed")
 
 
 __all__ = ["Check", "RegressionPrompt", "RegressionSuite", "load_prompts", "parse_check", "parse_prompt"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+
+from minillm_lightning.fileio import write_json
 
 
 def report_path(ckpt_path: str | os.PathLike | None, run_dir: str | os.PathLike) -> Path:
@@ -77,9 +78,6 @@ class TestReport(Callback):
             else report_path(trainer.ckpt_path, trainer.log_dir or trainer.default_root_dir)
         )
         if trainer.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
+            write_json(path, report)
             rank_zero_info(f"test report: {path}")
         self.written = path

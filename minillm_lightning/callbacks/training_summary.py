@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -12,15 +10,15 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from minillm_lightning.callbacks.common import GIB
+from minillm_lightning.callbacks.common import GIB, StatefulCallback
 from minillm_lightning.callbacks.gradient_health import GradientHealthMonitor
 from minillm_lightning.callbacks.memory_guard import MemoryGuard
 from minillm_lightning.callbacks.regression_suite import RegressionSuite
 from minillm_lightning.callbacks.system_stats import SystemMonitor
 from minillm_lightning.callbacks.throughput import Throughput
+from minillm_lightning.fileio import write_json
 
 MAX_DISTINCT_WARNINGS = 20
 NO_THROUGHPUT = "not measured: add the callback minillm_lightning.callbacks.Throughput"
@@ -36,7 +34,7 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-class TrainingSummary(Callback):
+class TrainingSummary(StatefulCallback):
     """At the end of fit, print a short summary (rank zero) and write ``<run dir>/summary.json``.
 
     The run dir is ``trainer.log_dir`` (resolved on every rank in ``on_fit_start``, as it is a collective). The
@@ -139,7 +137,7 @@ class TrainingSummary(Callback):
                 "failing": last.get("failed", []),
             }
         if (gh := find(GradientHealthMonitor)) is not None:
-            out["gradient_health"] = {k: getattr(gh, k) for k in GradientHealthMonitor._STATE}
+            out["gradient_health"] = {k: getattr(gh, k) for k in GradientHealthMonitor.state_attrs}
         if (mg := find(MemoryGuard)) is not None:
             out["memory"] = {
                 "peak_rss_gib": mg.peak_rss / GIB,
@@ -190,21 +188,10 @@ class TrainingSummary(Callback):
             return
         summary = self.collect(trainer)
         path = (self._run_dir or Path(trainer.default_root_dir)) / self.filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        os.replace(tmp, path)
+        write_json(path, summary)
         rank_zero_info(self.render(summary) + f"\n  written to {path}")
 
-    _STATE = ("final", "final_step", "best", "best_step", "warning_count", "warning_messages")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._STATE}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for k in self._STATE:
-            if k in state_dict:
-                setattr(self, k, state_dict[k])
+    state_attrs = ("final", "final_step", "best", "best_step", "warning_count", "warning_messages")
 
 
 __all__ = ["TrainingSummary"]

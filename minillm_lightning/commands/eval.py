@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import datetime
@@ -22,6 +21,7 @@ import torch
 from minillm_lightning.checkpoint import checkpoint_meta, load_backbone
 from minillm_lightning.errors import CheckpointError, DataError, MiniLLMError
 from minillm_lightning.eval import TASKS, LogLikelihoodScorer, harness_lm, results_table, run_tasks
+from minillm_lightning.fileio import write_json
 from minillm_lightning.tokenizer import Tokenizer
 
 # --harness: our task names -> lm-evaluation-harness task names
@@ -184,10 +184,7 @@ def eval_main(argv: list[str]) -> None:
         "results": results,
     }
     out = args.output or ckpt_path.parent / f"eval_{ckpt_path.stem}_{stamp:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, report)
     if not args.harness:
         print(results_table(results))
     else:

@@ -58,12 +58,14 @@ class ChatDataModule(L.LightningDataModule):
         max_length: most tokens per row (subclasses say what a row is).
         batch_size: items per batch on each device.
         val_share: share of ``sources`` held out for validation (ignored when ``val_sources`` is set).
-        val_sources: validation files instead of a share of ``sources``.
-        test_sources: held-out files scored by ``minillm test`` (``trainer.test``).
-        skip_bad_records: skip and count unusable records instead of stopping at the first one.
+        val_sources: validation files (same schema as ``sources``) instead of a share of ``sources``.
+        test_sources: held-out files (same schema) scored by ``minillm test`` with the stage's test metrics.
+        skip_bad_records: skip and count malformed records instead of stopping at the first one.
         num_workers: DataLoader worker processes.
-        seed: seed of the split and the batch order.
-        cache_dir: where token caches are kept (modules that cache: see :meth:`load`).
+        seed: seed of the split, of the training augmentation (SFT) and of the batch order.
+        cache_dir: where the token caches of SFT and preference files are kept (``<cache_dir>/chat/<file>-<key>``):
+            a file is tokenized once, and again only when it, the tokenizer or a setting that changes its tokens
+            changes. Prompt files are not cached (they are small).
         prepare_workers: processes that tokenize a file into its cache (None: the CPU count, at most 8).
     """
 
@@ -89,26 +91,32 @@ class ChatDataModule(L.LightningDataModule):
         tokenizer: str | None,
         max_length: int,
         batch_size: int,
-        val_share: float,
-        val_sources: list[str] | None,
-        test_sources: list[str] | None,
-        skip_bad_records: bool,
-        num_workers: int,
-        seed: int,
+        val_share: float = 0.05,
+        val_sources: list[str] | None = None,
+        test_sources: list[str] | None = None,
+        skip_bad_records: bool = False,
+        num_workers: int = 0,
+        seed: int = 1337,
         cache_dir: str = "data/.cache",
         prepare_workers: int | None = None,
     ) -> None:
         super().__init__()
         sources = _as_list(sources)
+        name = type(self).__name__
         if not sources:
-            raise DataError(f"{type(self).__name__}: `sources` is empty; give at least one file or glob")
+            raise DataError(f"{name}: `sources` is empty; give at least one file or glob")
+        if batch_size <= 0 or not 0 <= val_share < 1 or num_workers < 0:
+            raise ValueError(
+                f"{name}: batch_size must be positive (got {batch_size}), val_share in [0, 1) (got {val_share}) "
+                f"and num_workers >= 0 (got {num_workers})"
+            )
         self.sources, self.tokenizer_path, self.max_length = sources, tokenizer, max_length
         self.val_sources, self.test_sources = _as_list(val_sources), _as_list(test_sources)
         self.batch_size, self.val_share, self.skip_bad = batch_size, val_share, skip_bad_records
         self.num_workers, self.seed = num_workers, seed
         self.cache_dir = Path(cache_dir)
         if prepare_workers is not None and prepare_workers < 1:
-            raise ValueError(f"{type(self).__name__}: prepare_workers must be at least 1, got {prepare_workers}")
+            raise ValueError(f"{name}: prepare_workers must be at least 1, got {prepare_workers}")
         self.prepare_workers = prepare_workers or min(os.cpu_count() or 1, 8)
         self._tokenizer: Tokenizer | None = None
         self.train_set: Dataset | None = None

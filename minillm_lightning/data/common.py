@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minillm_lightning.checkpoint import load_checkpoint
 from minillm_lightning.errors import CheckpointError, DataError, MiniLLMError
+from minillm_lightning.fileio import write_json
 from minillm_lightning.tokenizer import Tokenizer
 
 
@@ -193,13 +194,9 @@ def write_stats(run_dir: str | os.PathLike | None, name: str, stats: dict[str, A
     if run_dir is None:
         return None
     path = Path(run_dir) / "dataset_stats.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     current = json.loads(path.read_text()) if path.is_file() else {}
     current[name] = stats
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, current)
 
 
 def checkpoint_tokenizer(path: str | None, owner: str, prerequisite: str, example: str) -> Tokenizer:

@@ -341,17 +341,6 @@ class PreferenceDataModule(ChatDataModule):
         padding_side: pad batches on the right (default; no attention mask needed under causal attention)
             or on the left (the stages then build a padding-aware mask and positions).
         batch_size: pairs per batch on each device (each pair is two sequences).
-        val_share: share of pairs held out for validation (ignored when ``val_sources`` is set).
-        val_sources: validation files (same schemas) instead of a share of ``sources``.
-        test_sources: held-out files scored by ``minillm test`` (reward model: accuracy and margin; DPO:
-            implicit-reward accuracy and margins, log-probabilities).
-        skip_bad_records: skip and count unusable records (malformed, prompts differ, identical replies)
-            in ``dataset_stats.json`` instead of stopping at the first one.
-        num_workers: DataLoader worker processes.
-        seed: seed of the split and the batch order.
-        cache_dir: where the token caches of the files are kept (``<cache_dir>/chat/<file>-<key>``): a file is
-            tokenized once, and again only when it, the tokenizer or a setting that changes its tokens changes.
-        prepare_workers: processes that tokenize a file into its cache (None: the CPU count, at most 8).
     """
 
     kind, stats_key, row_name, item_name = "preference", "preference", "pairs", "pairs"
@@ -368,31 +357,11 @@ class PreferenceDataModule(ChatDataModule):
         overflow: Overflow = "truncate",
         padding_side: PaddingSide = "right",
         batch_size: int = 8,
-        val_share: float = 0.05,
-        val_sources: list[str] | None = None,
-        test_sources: list[str] | None = None,
-        skip_bad_records: bool = False,
-        num_workers: int = 0,
-        seed: int = 1337,
-        cache_dir: str = "data/.cache",
-        prepare_workers: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            sources,
-            tokenizer,
-            max_length,
-            batch_size,
-            val_share,
-            val_sources,
-            test_sources,
-            skip_bad_records,
-            num_workers,
-            seed,
-            cache_dir,
-            prepare_workers,
-        )
-        if max_length < 4 or batch_size <= 0 or not 0 <= val_share < 1:
-            raise ValueError("PreferenceDataModule: max_length must be >= 4, batch_size > 0, val_share in [0, 1)")
+        super().__init__(sources=sources, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size, **kwargs)
+        if max_length < 4:
+            raise ValueError(f"PreferenceDataModule: max_length must be >= 4, got {max_length}")
         if format not in ("auto", "minimind", "trl", "sharegpt") or overflow not in ("truncate", "drop"):
             raise ValueError(f"PreferenceDataModule: unknown format={format!r} or overflow={overflow!r}")
         if padding_side not in ("right", "left"):

@@ -38,14 +38,13 @@ from minillm_lightning.data.shards import (
     TokenBlocks,
     TokenizeJob,
     _pieces,
-    atomic_write,
     draw_labels,
     is_remote,
     iter_task_texts,
-    locked,
     scan_file,
     write_split,
 )
+from minillm_lightning.fileio import atomic_write_text, file_lock
 from minillm_lightning.tokenizer import ModelType, Tokenizer, TokenizerSettings, train_or_load
 
 FORMAT_VERSION = 1  # bump when the prepared directory's layout or tokenization changes
@@ -392,7 +391,7 @@ class PretrainDataModule(L.LightningDataModule):
                 f"`minillm prepare --config <config> --data.init_args.dataset_dir <local dir>`, then upload the folder"
             )
         final_dir = Path(final)
-        with locked(final_dir.parent / f".{final_dir.name}.lock"):
+        with file_lock(final_dir.parent / f".{final_dir.name}.lock"):
             if self.is_prepared():
                 return
             work = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
@@ -428,7 +427,7 @@ class PretrainDataModule(L.LightningDataModule):
         meta = self._meta(work, plan, dtype, seconds)
         meta["prepare_workers"] = workers
         meta["input_bytes"] = in_bytes
-        atomic_write(out / COMPLETE, json.dumps(meta, indent=2))  # last: marks the directory complete
+        atomic_write_text(out / COMPLETE, json.dumps(meta, indent=2))  # last: marks the directory complete
         try:
             os.rename(out, final_dir)
         except OSError:

@@ -149,13 +149,6 @@ class PromptDataModule(ChatDataModule):
         overflow: a longer prompt: ``truncate`` (drop its oldest exchanges, keeping the system prompt and the
             last user turn; dropped if that alone is still too long) or ``drop`` it.
         batch_size: prompts per rollout on each device (GRPO samples ``group_size`` responses for each).
-        val_share: share of prompts held out; validation generates for them and logs ``val/reward_mean``
-            (ignored when ``val_sources`` is set).
-        val_sources: validation prompt files instead of a share of ``sources``.
-        test_sources: held-out prompt files scored by ``minillm test`` (the policy's reward and KL).
-        skip_bad_records: skip and count malformed records instead of stopping at the first one.
-        num_workers: DataLoader worker processes.
-        seed: seed of the split and the prompt order.
     """
 
     kind, stats_key, row_name, item_name = "prompt", "prompts", "prompts", "prompts"
@@ -174,27 +167,11 @@ class PromptDataModule(ChatDataModule):
         max_length: int = 128,
         overflow: Literal["truncate", "drop"] = "truncate",
         batch_size: int = 16,
-        val_share: float = 0.05,
-        val_sources: list[str] | None = None,
-        test_sources: list[str] | None = None,
-        skip_bad_records: bool = False,
-        num_workers: int = 0,
-        seed: int = 1337,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            sources,
-            tokenizer,
-            max_length,
-            batch_size,
-            val_share,
-            val_sources,
-            test_sources,
-            skip_bad_records,
-            num_workers,
-            seed,
-        )
-        if max_length < 2 or batch_size <= 0 or not 0 <= val_share < 1:
-            raise ValueError("PromptDataModule: max_length must be >= 2, batch_size positive and val_share in [0, 1)")
+        super().__init__(sources=sources, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size, **kwargs)
+        if max_length < 2:
+            raise ValueError(f"PromptDataModule: max_length must be >= 2, got {max_length}")
         if format not in ("auto", "prompt", "messages", "sharegpt", "alpaca"):
             raise ValueError(f"PromptDataModule: unknown format={format!r}")
         if overflow not in ("truncate", "drop") or final_reply not in ("error", "drop"):

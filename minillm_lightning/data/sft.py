@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from minillm_lightning.data.chat import ChatDataModule
-from minillm_lightning.data.chat_cache import BadRecord, TokenCache, json_item_line, load_or_build
+from minillm_lightning.data.chat_cache import BadRecord, TokenCache, json_item_line, load_files
 from minillm_lightning.data.common import ReadStats, expand_paths, iter_records
 from minillm_lightning.errors import DataError
 from minillm_lightning.losses import IGNORE_INDEX
@@ -410,15 +410,6 @@ class SFTDataModule(ChatDataModule):
             shorter prefix of its exchanges (the seed's turn-truncation augmentation; drawn once, seeded).
         packing: concatenate several conversations per row (no attention across them, positions restart).
         batch_size: rows per batch on each device.
-        val_share: share of conversations held out for validation (ignored when ``val_sources`` is set).
-        val_sources: validation files (same schemas) instead of a share of ``sources``.
-        test_sources: held-out files scored by ``minillm test`` (assistant-token loss and perplexity).
-        skip_bad_records: skip and count malformed records instead of stopping at the first one.
-        num_workers: DataLoader worker processes.
-        seed: seed of the split, the augmentation and the batch order.
-        cache_dir: where the token caches of the files are kept (``<cache_dir>/chat/<file>-<key>``): a file is
-            tokenized once, and again only when it, the tokenizer or a setting that changes its tokens changes.
-        prepare_workers: processes that tokenize a file into its cache (None: the CPU count, at most 8).
     """
 
     kind, stats_key, row_name, item_name = "SFT", "sft", "rows", "conversations"
@@ -437,33 +428,13 @@ class SFTDataModule(ChatDataModule):
         turn_truncation: float = 0.0,
         packing: bool = False,
         batch_size: int = 16,
-        val_share: float = 0.05,
-        val_sources: list[str] | None = None,
-        test_sources: list[str] | None = None,
-        skip_bad_records: bool = False,
-        num_workers: int = 0,
-        seed: int = 1337,
-        cache_dir: str = "data/.cache",
-        prepare_workers: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            sources,
-            tokenizer,
-            max_length,
-            batch_size,
-            val_share,
-            val_sources,
-            test_sources,
-            skip_bad_records,
-            num_workers,
-            seed,
-            cache_dir,
-            prepare_workers,
-        )
-        if max_length < 2 or batch_size <= 0:
-            raise ValueError("SFTDataModule: max_length must be >= 2 and batch_size positive")
-        if not 0 <= turn_truncation <= 1 or not 0 <= val_share < 1:
-            raise ValueError("SFTDataModule: turn_truncation must be in [0, 1] and val_share in [0, 1)")
+        super().__init__(sources=sources, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size, **kwargs)
+        if max_length < 2:
+            raise ValueError(f"SFTDataModule: max_length must be >= 2, got {max_length}")
+        if not 0 <= turn_truncation <= 1:
+            raise ValueError(f"SFTDataModule: turn_truncation must be in [0, 1], got {turn_truncation}")
         if format not in ("auto", "messages", "sharegpt", "alpaca") or overflow not in ("truncate", "drop"):
             raise ValueError(f"SFTDataModule: unknown format={format!r} or overflow={overflow!r}")
         self.format = format
@@ -496,27 +467,10 @@ class SFTDataModule(ChatDataModule):
     def load(self, sources: list[str]) -> tuple[Conversations, dict[str, Any]]:
         """The conversations of ``sources`` from their token caches (tokenizing a file only when its cache is
         missing), and per-file statistics: the same conversations, counts and errors as :meth:`read`."""
-        caches: list[TokenCache] = []
-        stats: dict[str, Any] = {}
         fmt = None if self.format == "auto" else self.format
-        for path in (p for s in sources for p in expand_paths(s, (".jsonl", ".json"))):
-            cache, _ = load_or_build(
-                path, self.codec(), self.tokenizer, self.skip_bad, fmt, self.cache_dir, self.prepare_workers
-            )
-            meta = cache.meta
-            if meta["skipped"]:
-                rank_zero_warn(f"{path}: skipped {sum(meta['skipped'].values())} unusable records: {meta['skipped']}")
-            if not len(cache):
-                rank_zero_warn(
-                    f"!!! {path} contributes NO conversations (records={meta['raw_records']}); check its schema"
-                )
-            caches.append(cache)
-            stats[str(path)] = {
-                "format": meta["format"],
-                "raw_records": meta["raw_records"],
-                "kept": len(cache),
-                "skipped": meta["skipped"],
-            }
+        caches, stats = load_files(
+            sources, self.codec(), self.tokenizer, self.skip_bad, fmt, self.cache_dir, self.prepare_workers
+        )
         if not sum(len(c) for c in caches):
             raise DataError(f"no usable conversations in {sources}; check the paths and the record schema")
         return Conversations(caches), stats

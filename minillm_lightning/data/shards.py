@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -38,6 +37,7 @@ from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 from litdata.utilities.env import _DistributedEnv
 
 from minillm_lightning.errors import DataError
+from minillm_lightning.fileio import atomic_write_text, file_lock
 
 
 def _no_version_check(_version: str) -> None:
@@ -89,7 +89,7 @@ def scan_file(path: Path, cache_dir: Path, range_bytes: int = 16 << 20) -> FileS
     st = path.stat()
     version = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{range_bytes}"
     memo_file = _memo_path(cache_dir)
-    with _locked(cache_dir / ".scan.lock"):
+    with file_lock(cache_dir / ".scan.lock"):
         memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
     if version in memo:
         hit = memo[version]
@@ -127,11 +127,11 @@ def scan_file(path: Path, cache_dir: Path, range_bytes: int = 16 << 20) -> FileS
         if offset > start:
             ranges.append((start, offset, first, first_line))
     scan = FileScan(str(path), h.hexdigest(), st.st_size, docs, ranges)
-    with _locked(cache_dir / ".scan.lock"):
+    with file_lock(cache_dir / ".scan.lock"):
         memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
         memo = {k: v for k, v in memo.items() if not k.startswith(f"{path.resolve()}:")}  # forget old versions
         memo[version] = asdict(scan)
-        _atomic_write(memo_file, json.dumps(memo))
+        atomic_write_text(memo_file, json.dumps(memo))
     return scan
 
 
@@ -374,7 +374,7 @@ def tokenize_task(task: Task, job: TokenizeJob) -> Iterator[np.ndarray]:
             err.write_text(str(e))
         return
     name = f"{task.split}-{hashlib.sha1(repr(asdict(task)).encode()).hexdigest()[:12]}.json"
-    _atomic_write(Path(job.work_dir) / "stats" / name, json.dumps({"source": task.source, **counts}))
+    atomic_write_text(Path(job.work_dir) / "stats" / name, json.dumps({"source": task.source, **counts}))
 
 
 def _pieces(text: str, max_chars: int = 1 << 20) -> Iterator[str]:
@@ -599,31 +599,3 @@ class ResumableStreamingLoader(StreamingDataLoader):
         if obj.get("num_samples_yielded", 0) == 0:
             obj = {**obj, "latest_worker_idx": -1}
         super().load_state_dict(obj)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# small file helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock file (serialises preparation of one dataset across processes and runs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-locked = _locked
-atomic_write = _atomic_write
