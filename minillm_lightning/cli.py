@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from minillm_lightning.callbacks import InterruptCheckpoint
@@ -42,8 +42,17 @@ class MiniLLMCLI(LightningCLI):
         # the model's vocabulary is whatever tokenizer the data module trained or loaded
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
-    def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path`` and refuse a checkpoint of another stage or a corrupted file up front.
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then check ``--ckpt_path`` before LightningCLI reads hyperparameters from it.
+
+        Done here (a public hook that runs right before LightningCLI's private ``_parse_ckpt_path``) rather
+        than by overriding that private method.
+        """
+        super().parse_arguments(parser, args)
+        self._check_ckpt_path()
+
+    def _check_ckpt_path(self) -> None:
+        """Refuse a missing or corrupted ``--ckpt_path``, or a checkpoint of another stage, up front.
 
         LightningCLI re-reads the model's hyperparameters from the checkpoint; given a checkpoint of
         another stage it would silently switch the model class. Starting a new stage from earlier
@@ -67,7 +76,6 @@ class MiniLLMCLI(LightningCLI):
                     f"{wanted.rsplit('.', 1)[-1]}; --ckpt_path resumes the SAME stage. To start a new stage "
                     f"from its weights use --model.init_from {ckpt_path}"
                 )
-        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         """``--ckpt_path last``: resume from the newest intact checkpoint, skipping damaged ones loudly."""
