@@ -237,6 +237,9 @@ def test_nanogpt_mode_runs_its_prepare_and_recipe(tmp_path: Path) -> None:
     (tmp_path / "nano" / "train.py").write_text(
         "import sys\nprint(' '.join(sys.argv[1:]))\n"
         "print('step 0: train loss 4.2000, val loss 4.2100')\nprint('step 40: train loss 2.5000, val loss 2.6500')\n"
+        # per-iteration times as nanoGPT prints them; iteration 0 (start-up) is left out of the median
+        "for i, ms in enumerate([900.0, 80.0, 120.0, 96.0]):\n"
+        "    print(f'iter {i}: loss 3.0000, time {ms:.2f}ms, mfu -100.00%')\n"
     )
     text = tmp_path / "input.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
@@ -245,7 +248,11 @@ def test_nanogpt_mode_runs_its_prepare_and_recipe(tmp_path: Path) -> None:
     assert out["final_step"] == 40 and out["val_loss"] == 2.65 and out["wall_s"] > 0
     for flag in ("--device=cpu", "--batch_size=12", "--n_embd=128", "--max_iters=40", "--eval_interval=40"):
         assert flag in out["command"]
-    table = format_nanogpt(out, {"config": "shakespeare_char.yaml", "wall_s": out["wall_s"] / 2, "final_step": 1})
-    assert "| ours / nanoGPT | | **x0.50** | |" in table
+    assert out["median_ms_per_iter"] == 96.0 and out["tokens_per_sec"] == pytest.approx(12 * 64 / 0.096)
+    ours = {"config": "shakespeare_char.yaml", "wall_s": out["wall_s"] / 2, "final_step": 1, "tokens_per_sec": 4000.0}
+    table = format_nanogpt(out, ours)
+    # same shape (12 x 64 tokens per step): cost per step = nanoGPT's tokens/s over ours = 8000 / 4000
+    assert "| nanoGPT CPU recipe | 40 |" in table and "| 8,000 |" in table and "| 4,000 |" in table
+    assert "| ours / nanoGPT (wall; cost per step) | | **x0.50** | | **x2.00** |" in table
     with pytest.raises(MiniLLMError, match="not a nanoGPT checkout"):
         run_nanogpt(tmp_path, text)

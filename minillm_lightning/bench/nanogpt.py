@@ -37,6 +37,8 @@ README_RECIPE = [
     "--dropout=0.0",
 ]
 _EVAL = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
+_ITER = re.compile(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms")
+TOKENS_PER_ITER = 12 * 64  # the recipe's batch x context
 
 
 def prepare_nanogpt(checkout: Path, text: Path) -> None:
@@ -71,6 +73,9 @@ def run_nanogpt(checkout: Path, text: Path, iters: int = 2000) -> dict[str, Any]
     if not evals:
         raise RuntimeError(f"nanoGPT printed no evaluation line:\n{log[-2000:]}")
     step, train_loss, val_loss = evals[-1]
+    # nanoGPT prints each iteration's wall time; the median leaves out the iterations that ran an evaluation
+    iter_ms = sorted(float(ms) for it, ms in _ITER.findall(log) if int(it) > 0)
+    median_ms = iter_ms[len(iter_ms) // 2] if iter_ms else None
     return {
         "command": " ".join(cmd[1:]),
         "wall_s": wall,
@@ -78,21 +83,28 @@ def run_nanogpt(checkout: Path, text: Path, iters: int = 2000) -> dict[str, Any]
         "final_step": int(step),
         "train_loss": float(train_loss),
         "val_loss": float(val_loss),
+        "median_ms_per_iter": median_ms,
+        "tokens_per_sec": TOKENS_PER_ITER / median_ms * 1000 if median_ms else None,
     }
 
 
 def format_nanogpt(nano: dict[str, Any], ours: dict[str, Any]) -> str:
-    """A Markdown table: nanoGPT's recipe and ours, wall clock, validation nats/char and the ratio."""
+    """A Markdown table: nanoGPT's recipe and ours, wall clock, validation nats/char, training tokens/s (median
+    over the logged steps: the per-step cost at the same shape) and the ratios."""
     ratio = ours["wall_s"] / nano["wall_s"]
     ours_val = ours.get("val_nats_per_char")
+    nano_tps, ours_tps = nano.get("tokens_per_sec"), ours.get("tokens_per_sec")
+    step_ratio = f"**x{nano_tps / ours_tps:.2f}**" if nano_tps and ours_tps else "-"
     return "\n".join(
         [
             "",
-            "| run | last eval at step | wall (s) | val nats/char |",
-            "|---|---:|---:|---:|",
-            f"| nanoGPT CPU recipe | {nano['final_step']} | {nano['wall_s']:.1f} | {nano['val_loss']:.3f} |",
+            "| run | last eval at step | wall (s) | val nats/char | training tokens/s (median) |",
+            "|---|---:|---:|---:|---:|",
+            f"| nanoGPT CPU recipe | {nano['final_step']} | {nano['wall_s']:.1f} | {nano['val_loss']:.3f} | "
+            + (f"{nano_tps:,.0f} |" if nano_tps else "- |"),
             f"| minillm {ours['config']} | {ours.get('final_step', '-')} | {ours['wall_s']:.1f} | "
-            + (f"{ours_val:.3f} |" if ours_val is not None else "- |"),
-            f"| ours / nanoGPT | | **x{ratio:.2f}** | |",
+            + (f"{ours_val:.3f} | " if ours_val is not None else "- | ")
+            + (f"{ours_tps:,.0f} |" if ours_tps else "- |"),
+            f"| ours / nanoGPT (wall; cost per step) | | **x{ratio:.2f}** | | {step_ratio} |",
         ]
     )
