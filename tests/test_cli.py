@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,32 @@ def minillm(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, "-m", "minillm_lightning.cli", *args]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def training_process(args: list[str], cwd: Path) -> Iterator[subprocess.Popen]:
+    """``minillm <args>`` as a child process that is killed when the block ends, also when a check failed (a
+    runaway ``max_steps=100000`` run would slow every later test).
+
+    The child starts with Python's default SIGINT handling even when pytest itself was started in the
+    background by a non-interactive shell, which sets SIGINT to "ignore" for its children (Python then leaves it
+    ignored, and a test of Ctrl+C would wait for nothing).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minillm_lightning.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def wait_for_training(run_dir: Path, timeout: float = 240) -> None:
@@ -96,17 +124,10 @@ def test_fit_writes_checkpoints_logs_config_and_stats(workdir: Path) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_and_resume_continues(workdir: Path, sig: signal.Signals) -> None:
     args = ["fit", "--config", CONFIG, *FAST, "--trainer.max_steps=100000", "--trainer.val_check_interval=50"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "minillm_lightning.cli", *args],
-        cwd=workdir,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    wait_for_training(workdir / "checkpoints" / "pretrain_tiny")
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=300)  # saving and exiting can take minutes on a loaded 2-core machine
+    with training_process(args, workdir) as proc:
+        wait_for_training(workdir / "checkpoints" / "pretrain_tiny")
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=300)  # saving and exiting can take minutes on a loaded 2-core machine
     last = workdir / "checkpoints" / "pretrain_tiny" / "last.ckpt"
     assert last.is_file(), out[-3000:]
     assert "Resume with:" in out and "--ckpt_path last" in out

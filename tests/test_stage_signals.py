@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_cli import minillm, wait_for_training, workdir  # noqa: F401  (fixture re-used)
+from test_cli import minillm, training_process, wait_for_training, workdir  # noqa: F401  (fixture re-used)
 
 
 def _args(stage: str, ckpt: Path) -> list[str]:
@@ -37,18 +34,11 @@ def _args(stage: str, ckpt: Path) -> list[str]:
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo"])
 def test_sigterm_checkpoints_every_stage(stage: str, workdir: Path, tiny_pretrain_ckpt: Path) -> None:  # noqa: F811
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "minillm_lightning.cli", *_args(stage, tiny_pretrain_ckpt)],
-        cwd=workdir,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     run = workdir / "checkpoints" / f"{stage}_tiny"
-    wait_for_training(run)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=180)
+    with training_process(_args(stage, tiny_pretrain_ckpt), workdir) as proc:
+        wait_for_training(run)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
     last = run / "last.ckpt"
     assert last.is_file(), out[-3000:]
     assert "Resume with:" in out and "--ckpt_path last" in out
