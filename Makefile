@@ -23,7 +23,7 @@ quickstart: $(STAMP)  ## train the tiny pretraining recipe on the shipped sample
 	$(BIN)/minillm generate --checkpoint checkpoints/pretrain_tiny/last.ckpt --prompt "3 plus 4 equals" --prompt "A cow says" --max_new_tokens 24
 
 test: $(STAMP)  ## the full test suite (what CI runs); MINILLM_TEST_DATA=<dir> also runs the real-data tests
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n auto --dist worksteal --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
