@@ -660,8 +660,7 @@ def fit_wall(config: str, keep: bool, overrides: list[str]) -> dict[str, Any]:
         acc.Reload()
         tags = acc.Tags()["scalars"]
         if "throughput/tokens_per_sec" in tags:  # median over the logged steps: the per-step cost
-            tps = sorted(e.value for e in acc.Scalars("throughput/tokens_per_sec"))
-            out["tokens_per_sec"] = tps[len(tps) // 2]
+            out["tokens_per_sec"] = statistics.median(e.value for e in acc.Scalars("throughput/tokens_per_sec"))
         for tag in ("val/loss", "val/nats_per_char", "train/loss"):
             if tag in tags:
                 last = acc.Scalars(tag)[-1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,14 +24,15 @@ from typing import Any
 
 from minillm_lightning.errors import MiniLLMError
 
+BATCH, BLOCK = 12, 64
 README_RECIPE = [
     "config/train_shakespeare_char.py",
     "--device=cpu",
     "--compile=False",
     "--eval_iters=20",
     "--log_interval=1",
-    "--block_size=64",
-    "--batch_size=12",
+    f"--block_size={BLOCK}",
+    f"--batch_size={BATCH}",
     "--n_layer=4",
     "--n_head=4",
     "--n_embd=128",
@@ -38,7 +40,6 @@ README_RECIPE = [
 ]
 _EVAL = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 _ITER = re.compile(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms")
-TOKENS_PER_ITER = 12 * 64  # the recipe's batch x context
 
 
 def prepare_nanogpt(checkout: Path, text: Path) -> None:
@@ -74,8 +75,8 @@ def run_nanogpt(checkout: Path, text: Path, iters: int = 2000) -> dict[str, Any]
         raise RuntimeError(f"nanoGPT printed no evaluation line:\n{log[-2000:]}")
     step, train_loss, val_loss = evals[-1]
     # nanoGPT prints each iteration's wall time; the median leaves out the iterations that ran an evaluation
-    iter_ms = sorted(float(ms) for it, ms in _ITER.findall(log) if int(it) > 0)
-    median_ms = iter_ms[len(iter_ms) // 2] if iter_ms else None
+    iter_ms = [float(ms) for it, ms in _ITER.findall(log) if int(it) > 0]
+    median_ms = statistics.median(iter_ms) if iter_ms else None
     return {
         "command": " ".join(cmd[1:]),
         "wall_s": wall,
@@ -84,7 +85,7 @@ def run_nanogpt(checkout: Path, text: Path, iters: int = 2000) -> dict[str, Any]
         "train_loss": float(train_loss),
         "val_loss": float(val_loss),
         "median_ms_per_iter": median_ms,
-        "tokens_per_sec": TOKENS_PER_ITER / median_ms * 1000 if median_ms else None,
+        "tokens_per_sec": BATCH * BLOCK / median_ms * 1000 if median_ms else None,
     }
 
 
