@@ -108,6 +108,25 @@ def test_dense_matches_hf_llama(tie: bool, n_kv_head: int) -> None:
     assert_close(ours, ref, **TOL)
 
 
+@pytest.mark.parametrize("n_kv_head", [4, 2], ids=["mha", "gqa"])
+def test_dense_gradients_match_hf_llama(n_kv_head: int) -> None:
+    """The backward pass too: every parameter's gradient of the same loss equals Hugging Face Llama's. This covers
+    RMSNorm and the rolled RoPE, with q and k rotated together (MHA) or apart."""
+    model = make_model(make_config(n_kv_head=n_kv_head)).train()
+    hf = hf_model(model).train()
+    idx = tokens(3, 19)
+    F.cross_entropy(model(idx).logits.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+    F.cross_entropy(hf(idx).logits.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+    ours = to_hf_state_dict(model)  # the same tensors under Hugging Face names: look their gradients up by name
+    hf_params = dict(hf.named_parameters())
+    names = {name for name, p in model.named_parameters()}
+    assert len(names) == len(hf_params)
+    for hf_name, p in hf_params.items():
+        assert p.grad is not None, hf_name
+        ours_p = next(q for q in model.parameters() if q.data_ptr() == ours[hf_name].data_ptr())
+        assert_close(ours_p.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=hf_name: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_moe_matches_hf_mixtral(tie: bool) -> None:
     """MoE MiniGPT logits equal MixtralForCausalLM logits; the fused 3D expert tensors are mapped correctly."""

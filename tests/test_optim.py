@@ -110,7 +110,11 @@ def test_muon_trains_under_lightning_and_refuses_sharded_strategies(tmp_path, pr
 
     dm = pretrain_dm_factory()
     model = PretrainModule(
-        arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, optimizer="muon", learning_rate=3e-3
+        arch=MiniGPTConfig(**MICRO_ARCH),
+        vocab_size=dm.vocab_size,
+        optimizer="muon",
+        learning_rate=3e-3,
+        muon_ns_steps=3,
     )
     losses: list[float] = []
 
@@ -122,9 +126,12 @@ def test_muon_trains_under_lightning_and_refuses_sharded_strategies(tmp_path, pr
     trainer.fit(model, datamodule=dm)
     opt = trainer.optimizers[0]
     assert isinstance(opt, MuonAdamW) and any(g["use_muon"] for g in opt.param_groups)
+    assert {g["ns_steps"] for g in opt.param_groups} == {3}  # model.init_args.muon_ns_steps reaches the optimizer
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
     model.trainer = SimpleNamespace(strategy=FSDPStrategy(), max_steps=10, precision="32-true")
     with pytest.raises(ConfigError, match="model.optimizer=adamw"):
         model.configure_optimizers()
     with pytest.raises(ValueError, match="optimizer must be"):
         PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, optimizer="sgd")
+    with pytest.raises(ValueError, match="muon_ns_steps must be >= 1"):
+        PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, muon_ns_steps=0)

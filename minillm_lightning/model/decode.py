@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minillm_lightning.model.gpt import KVCache, MiniGPT, RMSNorm, SwiGLU
+from minillm_lightning.model.gpt import KVCache, MiniGPT, RMSNorm, SwiGLU, apply_rope
 
 
 class DecodeWeights:
@@ -43,11 +43,6 @@ def _norm(norm: RMSNorm, x: Tensor) -> Tensor:
     return norm(x)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-
 @torch.no_grad()
 def decode_step(
     model: MiniGPT, weights: DecodeWeights, tokens: Tensor, positions: Tensor, cache: KVCache, keep: Tensor | None
@@ -67,13 +62,13 @@ def decode_step(
         raise ValueError(f"KV cache full: {end} > {cache.max_len}")
     dtype = model.embed_tokens.weight.dtype
     cos = model.rope_cos[positions].to(dtype)[:, None, :]  # (B, 1, hs)
-    sin = model.rope_sin[positions].to(dtype)[:, None, :]
+    sin = model.rope_sin_signed[positions].to(dtype)[:, None, :]
     visible = None if keep is None else keep[:, None, None, :end]  # (B, 1, 1, S)
     x = model.embed_tokens(tokens)  # (B, C)
     for i, block in enumerate(model.layers):
         attn = block.self_attn
         qkv = F.linear(_norm(block.input_layernorm, x), weights.qkv[i])  # (B, (nh + 2 nkv) hs)
-        qk = _rotate(qkv[:, : (nh + nkv) * hs].view(B, nh + nkv, hs), cos, sin)
+        qk = apply_rope(qkv[:, : (nh + nkv) * hs].view(B, nh + nkv, hs), cos, sin)
         cache.k[i][:, :, pos] = qk[:, nh:]
         cache.v[i][:, :, pos] = qkv[:, (nh + nkv) * hs :].view(B, nkv, hs)
         q = qk[:, :nh].reshape(B, nkv, nh // nkv, hs)  # query heads grouped by the kv head they share

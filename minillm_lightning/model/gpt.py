@@ -33,7 +33,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # one kernel with the weight, forward and backward (a separate multiply costs ~7% of a small step)
+            # one fused kernel with the weight on GPUs (on a CPU PyTorch composes it from small ones)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalise in float32 for stability under bf16/fp16, as Llama does, then scale in the input's dtype
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
@@ -49,11 +49,17 @@ def rope_cache(config: MiniGPTConfig) -> tuple[Tensor, Tensor]:
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (B, nh, T, hs); cos/sin: (B, 1, T, hs)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def signed_sin(sin: Tensor) -> Tensor:
+    """``sin`` with its first half negated: ``rotate_half(x) * sin == x.roll(half, -1) * signed_sin(sin)``."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Llama's ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``, as one roll instead of slicing,
+    negating and concatenating x. x: (..., hs); cos, sin_signed: broadcastable to x, the second from
+    :func:`signed_sin`."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed).to(x.dtype)
 
 
 class KVCache:
@@ -191,7 +197,7 @@ class MiniGPT(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_cache(config)
         self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_sin_signed", signed_sin(sin), persistent=False)  # for apply_rope
         self.apply(self._init_weights)
         # GPT-2 style: shrink residual-branch outputs so the residual stream variance stays ~constant with depth
         for name, p in self.named_parameters():
@@ -234,7 +240,7 @@ class MiniGPT(nn.Module):
                 )
             position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0).expand(B, T)
         cos = self.rope_cos[position_ids].unsqueeze(1).to(self.embed_tokens.weight.dtype)  # (B, 1, T, hs)
-        sin = self.rope_sin[position_ids].unsqueeze(1).to(self.embed_tokens.weight.dtype)
+        sin = self.rope_sin_signed[position_ids].unsqueeze(1).to(self.embed_tokens.weight.dtype)
         if attn_mask is None and cache is not None and start > 0 and T > 1:
             # new tokens see the whole cache plus a causal window over themselves
             attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)

@@ -56,6 +56,9 @@ class OptimConfig:
     """Peak AdamW learning rate."""
     muon_learning_rate: float = 0.02
     """Peak Muon learning rate (follows the same warmup/cosine schedule)."""
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations per Muon update: 3 costs ~40% less optimizer time on a small model for a slightly
+    less orthogonal update (docs/performance.md)."""
     weight_decay: float = 0.1
     """AdamW weight decay on weight matrices and embeddings; 1-D parameters (norm weights) get none."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -70,6 +73,8 @@ class OptimConfig:
             raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.muon_learning_rate <= 0:
             raise ValueError(f"muon_learning_rate must be positive, got {self.muon_learning_rate}")
+        if self.muon_ns_steps < 1:
+            raise ValueError(f"muon_ns_steps must be >= 1, got {self.muon_ns_steps}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -307,10 +312,15 @@ class StageModule(L.LightningModule):
             )
         lrs = dict(lr=cfg.learning_rate, muon_lr=cfg.muon_learning_rate)
         groups = muon_param_groups(self, **lrs, weight_decay=cfg.weight_decay)
-        return MuonAdamW(groups, lr=cfg.learning_rate, betas=cfg.betas)
+        return MuonAdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, ns_steps=cfg.muon_ns_steps)
+
+    def logs_this_step(self) -> bool:
+        """Whether the logger writes this training step (Lightning's rule: every ``log_every_n_steps`` steps): metrics
+        only the logger shows are computed then, not on every step."""
+        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        if self.logs_this_step():
             params = [p for p in self.parameters() if p.grad is not None]
             if params:
                 self.log("train/grad_norm", grad_norms(params)[1])

@@ -41,8 +41,9 @@ class PretrainModule(StageModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _, aux = self._lm_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach()))
+        self.log("train/loss", loss, prog_bar=True)  # every step: the progress bar shows it
+        if self.logs_this_step():
+            self.log("train/ppl", torch.exp(loss.detach()))
         if self.arch.is_moe:
             self.log("train/moe_aux_loss", aux)
         return loss + aux
