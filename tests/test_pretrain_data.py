@@ -215,6 +215,32 @@ def test_stride_windows_match_the_token_stream(tmp_path) -> None:
     assert torch.equal(disjoint.train_set[2]["input_ids"], stream[32:48])
 
 
+def test_window_order_is_litdatas_own(tmp_path) -> None:
+    """TokenBlocks takes its next window index from an O(1) queue instead of LitData's ``list.pop(0)``: the
+    shuffled order of windows is still exactly the order LitData's own StreamingDataset yields with the same
+    loader and seed (the reference), over two epochs."""
+    from litdata import StreamingDataset
+
+    text = "".join(f"line {i} of a small text file\n" for i in range(300))
+    (tmp_path / "small.txt").write_text(text)
+    kw = dict(val_share=0.1, tokenizer_type="char", vocab_size=64, character_coverage=1.0, seq_len=16)
+    dm = _dm(tmp_path, [{"path": str(tmp_path / "small.txt")}], block_stride=1, **kw)
+    dm.setup("fit")
+    train_dir = f"{dm.dataset_path.rstrip('/')}/train"
+    ours = shards.TokenBlocks(train_dir, 16, 1, shuffle=True, seed=7)
+    reference = StreamingDataset(train_dir, item_loader=shards.BlockLoader(17, 1), shuffle=True, seed=7)
+    for _ in range(2):
+        got = [item["input_ids"].tolist() for item in ours]
+        want = [np.asarray(window, dtype=np.int64)[:-1].tolist() for window in reference]
+        assert len(got) == dm.stats["train_blocks"] > 100
+        assert got == want
+    assert isinstance(ours.current_indexes, shards._IndexQueue)
+    queue = shards._IndexQueue([5, 3, 9])
+    assert [queue.pop(0), len(queue), queue.pop(0), queue.pop(0), len(queue)] == [5, 2, 3, 9, 0]
+    with pytest.raises(IndexError):
+        queue.pop(0)
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_loader_resumes_exactly_mid_epoch(tmp_path, num_workers: int) -> None:
     """Batches after a restored loader state are the batches an uninterrupted loader yields next, also across the

@@ -538,11 +538,41 @@ class BlockLoader(TokensLoader):
         return np.frombuffer(buffer, dtype=self._dtype, count=count, offset=offset)
 
 
+class _IndexQueue:
+    """The window indexes of the chunk being read, in order, with an O(1) ``pop(0)``.
+
+    LitData keeps them in a list and takes each next one with ``list.pop(0)``, which moves the whole rest of the
+    list: with a window at every token a chunk holds ~1M windows, and that move was ~60% of the time to draw a
+    batch (~3.6 of 5.8 ms per batch of 12 on a 2-core AMD EPYC, by cProfile).
+    """
+
+    def __init__(self, items: Any) -> None:
+        self._items, self._head = items, 0
+
+    def pop(self, i: int = -1) -> Any:
+        if i != 0 or self._head >= len(self._items):
+            raise IndexError(f"_IndexQueue only pops its first item (asked for {i}, {len(self)} left)")
+        self._head += 1
+        return self._items[self._head - 1]
+
+    def __len__(self) -> int:
+        return len(self._items) - self._head
+
+
 class TokenBlocks(StreamingDataset):
     """A StreamingDataset of ``seq_len + 1``-token windows served as ``{"input_ids", "labels"}`` pairs."""
 
     def __init__(self, input_dir: str, seq_len: int, stride: int | None = None, **kw) -> None:
         super().__init__(input_dir, item_loader=BlockLoader(seq_len + 1, stride), **kw)
+
+    # every assignment LitData makes to its index list goes through here and becomes an _IndexQueue
+    @property
+    def current_indexes(self) -> _IndexQueue:
+        return self._index_queue
+
+    @current_indexes.setter
+    def current_indexes(self, items: Any) -> None:
+        self._index_queue = _IndexQueue(items)
 
     def set_batch_size(self, batch_size: int) -> None:
         # LitData trims each worker's share of an epoch to whole batches before shuffling it, so the order would
