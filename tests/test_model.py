@@ -117,14 +117,15 @@ def test_dense_gradients_match_hf_llama(n_kv_head: int) -> None:
     idx = tokens(3, 19)
     F.cross_entropy(model(idx).logits.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
     F.cross_entropy(hf(idx).logits.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
-    ours = to_hf_state_dict(model)  # the same tensors under Hugging Face names: look their gradients up by name
+    # to_hf_state_dict holds our own parameter tensors under Hugging Face names: find each one's gradient by storage
+    ours_by_storage = {p.data_ptr(): p for p in model.parameters()}
     hf_params = dict(hf.named_parameters())
-    names = {name for name, p in model.named_parameters()}
-    assert len(names) == len(hf_params)
-    for hf_name, p in hf_params.items():
-        assert p.grad is not None, hf_name
-        ours_p = next(q for q in model.parameters() if q.data_ptr() == ours[hf_name].data_ptr())
-        assert_close(ours_p.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=hf_name: f"{n}: {m}")
+    ours_named = to_hf_state_dict(model)
+    assert set(ours_named) == set(hf_params) and len(ours_by_storage) == len(hf_params)
+    for hf_name, ours in ours_named.items():
+        assert hf_params[hf_name].grad is not None, hf_name
+        grad = ours_by_storage[ours.data_ptr()].grad
+        assert_close(grad, hf_params[hf_name].grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=hf_name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])

@@ -549,9 +549,9 @@ class _IndexQueue:
     def __init__(self, items: Any) -> None:
         self._items, self._head = items, 0
 
-    def pop(self, i: int = -1) -> Any:
-        if i != 0 or self._head >= len(self._items):
-            raise IndexError(f"_IndexQueue only pops its first item (asked for {i}, {len(self)} left)")
+    def pop(self, index: int) -> Any:
+        if index != 0 or self._head >= len(self._items):
+            raise IndexError(f"_IndexQueue only pops its first item (asked for {index}, {len(self)} left)")
         self._head += 1
         return self._items[self._head - 1]
 
