@@ -6,8 +6,8 @@ head, norm weights and heads with a single output row stay on AdamW. One optimiz
 Lightning's automatic optimization, gradient clipping, accumulation, LR schedulers and checkpoints unchanged;
 each param group carries ``use_muon`` to say which update it gets.
 
-Matrices of the same shape are orthogonalised together in one batched matmul chain: on a small model this
-halves the optimizer's cost compared with one matrix at a time.
+Matrices of the same shape (up to a transpose) are orthogonalised together in one batched matmul chain: on a small
+model this halves the optimizer's cost compared with one matrix at a time.
 """
 
 from __future__ import annotations
@@ -25,19 +25,44 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     """Approximate ``U @ V^T`` of the SVD ``g = U S V^T`` for a (..., m, n) batch of matrices; the singular values
-    of the result lie roughly in [0.7, 1.2] (enough for Muon; exactness is not the goal)."""
+    of the result lie roughly in [0.7, 1.2] (enough for Muon; exactness is not the goal).
+
+    Each iteration is ``x <- a x + (b A + c A^2) x`` with ``A = x x^T`` (x oriented wide, m <= n). For matrices at
+    least 1.5x wider than tall the same polynomial is evaluated through the small Gram matrix instead
+    (:func:`_gram_newton_schulz`), which needs ~1/3 fewer FLOPs at aspect 3 (the SwiGLU projections)."""
     a, b, c = NS_COEFFS
     x = g.float()
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
     wide = x.size(-2) <= x.size(-1)
     if not wide:
         x = x.mT
-    fma = torch.baddbmm if x.dim() == 3 else torch.addmm  # fused multiply-adds: fewer passes over memory
-    for _ in range(steps):
-        A = x @ x.mT
-        B = fma(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
-        x = fma(x, B, x, beta=a)  # a*x + B@x
+    if 2 * x.size(-1) >= 3 * x.size(-2):
+        x = _gram_newton_schulz(x, steps)
+    else:
+        fma = torch.baddbmm if x.dim() == 3 else torch.addmm  # fused multiply-adds: fewer passes over memory
+        for _ in range(steps):
+            A = x @ x.mT
+            B = fma(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+            x = fma(x, B, x, beta=a)  # a*x + B@x
     return (x if wide else x.mT).to(g.dtype)
+
+
+def _gram_newton_schulz(x: Tensor, steps: int) -> Tensor:
+    """The Newton-Schulz iterations of :func:`orthogonalize` on a wide ``x`` (m x n, n >= 1.5 m), carried on m x m
+    matrices: every iterate is ``x_k = M_k x`` with ``M_k`` a polynomial in ``G = x x^T``, so ``M_k`` and ``G``
+    commute, ``x_k x_k^T = M_k G M_k`` and ``M_{k+1} = a M_k + (b A_k + c A_k^2) M_k``. The n-wide products are
+    paid twice (G, and the final ``M x``) instead of twice per iteration; in float32 the result stays as close to
+    a float64 run of the plain iteration as the plain float32 iteration does (``tests/test_optim.py``)."""
+    a, b, c = NS_COEFFS
+    fma = torch.baddbmm if x.dim() == 3 else torch.addmm
+    G = x @ x.mT
+    M = fma(G, G, G, beta=b, alpha=c)  # first iteration from M_0 = I: A_0 = G
+    M.diagonal(dim1=-2, dim2=-1).add_(a)
+    for _ in range(steps - 1):
+        A = (M @ G) @ M
+        B = fma(A, A, A, beta=b, alpha=c)
+        M = fma(M, B, M, beta=a)
+    return M @ x
 
 
 def grad_norms(params: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
@@ -128,10 +153,11 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon(self, group: dict, params: list[Tensor]) -> None:
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        by_shape: dict[tuple[int, ...], list[Tensor]] = defaultdict(list)
+        # a tall matrix is orthogonalised as its wide transpose: stack both orientations of one shape together
+        by_shape: dict[tuple[int, int], list[Tensor]] = defaultdict(list)
         for p in params:
-            by_shape[tuple(p.shape)].append(p)
-        for shape, ps in by_shape.items():
+            by_shape[(min(p.shape), max(p.shape))].append(p)
+        for ps in by_shape.values():
             bufs = []
             for p in ps:
                 st = self.state[p]
@@ -142,11 +168,14 @@ class MuonAdamW(torch.optim.Optimizer):
             torch._foreach_mul_(bufs, mom)
             torch._foreach_add_(bufs, grads)
             updates = torch._foreach_add(grads, bufs, alpha=mom)  # Nesterov: g + mom * buf
-            ortho = orthogonalize(torch.stack(updates), group["ns_steps"])
-            scale = math.sqrt(max(1.0, shape[0] / shape[1]))  # keep the update's RMS independent of the aspect
+            tall = [p.size(0) > p.size(1) for p in ps]
+            ortho = orthogonalize(torch.stack([u.mT if t else u for u, t in zip(updates, tall)]), group["ns_steps"])
+            updates = [o.mT if t else o for o, t in zip(ortho.unbind(0), tall)]
+            # keep the update's RMS independent of the aspect: sqrt(rows / cols) for tall matrices
+            torch._foreach_mul_(updates, [-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))) for p in ps])
             if wd:
                 torch._foreach_mul_(ps, 1 - lr * wd)
-            torch._foreach_add_(ps, list(ortho.unbind(0)), alpha=-lr * scale)
+            torch._foreach_add_(ps, updates)
 
     def _adamw(self, group: dict, params: list[Tensor]) -> None:
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]

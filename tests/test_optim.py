@@ -34,6 +34,32 @@ def test_orthogonalize_approximates_the_polar_factor(shape) -> None:
     torch.testing.assert_close(ob[1], orthogonalize(2 * g.flip(0)), rtol=1e-4, atol=1e-5)
 
 
+def _plain_newton_schulz_f64(g: torch.Tensor, steps: int) -> torch.Tensor:
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.double() / (g.double().norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    tall = x.shape[-2] > x.shape[-1]
+    x = x.mT if tall else x
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.mT if tall else x
+
+
+@pytest.mark.parametrize("shape", [(6, 128, 384), (4, 384, 128), (3, 64, 96), (3, 96, 80)])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_orthogonalize_in_float32_stays_near_the_plain_iteration_in_float64(shape, steps) -> None:
+    """Aspect >= 1.5 takes the Gram-matrix path (same polynomial, fewer FLOPs); it must be as accurate as the plain
+    float32 iteration, including on a nearly rank-deficient update."""
+    torch.manual_seed(0)
+    full = torch.randn(*shape)
+    low_rank = torch.randn(shape[0], shape[1], 3) @ torch.randn(shape[0], 3, shape[2]) + 1e-3 * full
+    for g in (full, low_rank):
+        ref = _plain_newton_schulz_f64(g, steps)
+        err = (orthogonalize(g, steps).double() - ref).abs().max()
+        assert err < 2e-5, err
+        assert orthogonalize(g, steps).dtype == torch.float32
+
+
 def _adam_params(seed: int) -> list[nn.Parameter]:
     torch.manual_seed(seed)
     return [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
@@ -59,9 +85,10 @@ def test_adamw_groups_match_torch_adamw() -> None:
 
 def test_muon_step_matches_a_per_matrix_reimplementation() -> None:
     """Nesterov momentum, NS orthogonalisation, sqrt(rows/cols) scale for tall matrices, decoupled decay;
-    three matrices of two shapes (two are batched together)."""
+    four matrices of three shapes (the two squares are batched together, and so are the tall one and the wide one
+    of the same shape, which also take the Gram path at aspect 3)."""
     torch.manual_seed(0)
-    shapes = [(8, 8), (12, 4), (8, 8)]
+    shapes = [(8, 8), (12, 4), (8, 8), (4, 12)]
     ours = [nn.Parameter(torch.randn(*s)) for s in shapes]
     ref = [p.detach().clone() for p in ours]
     lr, mom, wd = 0.05, 0.9, 0.1

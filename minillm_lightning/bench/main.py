@@ -817,7 +817,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(
             f"\nminillm fit --config {f['config']}: {_fmt(f['wall_s'], ' s')} wall (tokenizer {f['tokenizer']}, "
             f"token cache {f['token_cache']}), "
-            f"val/loss {_fmt(f.get('val_loss'))}, val/nats_per_char {_fmt(f.get('val_nats_per_char'))} "
+            f"val/loss {_fmt(f.get('val_loss'), digits=4)}, "
+            f"val/nats_per_char {_fmt(f.get('val_nats_per_char'), digits=4)} "
             f"at step {f.get('final_step', '-')}"
         )
     return "\n".join(lines)
