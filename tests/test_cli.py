@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from minillm_lightning.cli import env_overrides
+from minillm_lightning.cli import env_overrides, wants_help
 
 CONFIG = "configs/pretrain_tiny.yaml"
 # a fast variant of the tiny recipe: micro model, short blocks
@@ -83,6 +83,40 @@ def wait_for_training(run_dir: Path, timeout: float = 240) -> None:
                 return
         time.sleep(0.5)
     raise AssertionError(f"no training step logged in {run_dir} within {timeout}s")
+
+
+def test_wants_help_spots_every_help_flag() -> None:
+    assert wants_help(["fit", "--help"]) and wants_help(["-h"])
+    assert wants_help(["fit", "--config", "c.yaml", "--model.help", "minillm_lightning.PretrainModule"])
+    assert wants_help(["fit", "--data.help=minillm_lightning.PretrainDataModule"])
+    assert not wants_help(["fit", "--config", "help.yaml", "--print_config"])
+    assert not wants_help(["fit", "--model.init_args.helper", "1"])
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from pathlib import Path
+from minillm_lightning.cli import exit_now
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+if sys.argv[2] == "thread":  # a non-daemon thread still working: exit_now must let it finish
+    threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("done"))).start()
+sys.stdout.write("unflushed output")
+exit_now(0)
+(out / "after").write_text("exit_now returned")
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "thread"])
+def test_exit_now_runs_atexit_handlers_flushes_and_waits_for_threads(tmp_path, mode) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(tmp_path), mode], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "unflushed output"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert not (tmp_path / "after").exists()
+    assert (tmp_path / "thread").exists() == (mode == "thread")
 
 
 def test_help_and_print_config(workdir: Path) -> None:
