@@ -25,30 +25,6 @@ class GPTOutput(NamedTuple):
     hidden: Tensor  # (B, T, dim) final normalised hidden states
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm for float32 training on a CPU, where PyTorch composes ``F.rms_norm`` and its gradient from ~16 small
-    kernels. The backward is LayerNorm's fused kernel given a zero mean (so it normalises by ``x * rstd``, as
-    RMSNorm does) plus the one term that LayerNorm's mean adds to the input gradient, ``-rstd * mean(g * w)``,
-    taken back out: ~3x faster per call than autograd through ``F.rms_norm`` at the Shakespeare shape."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        dim = x.shape[-1]
-        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(dim).add_(eps).rsqrt_()
-        ctx.save_for_backward(x, weight, rstd)
-        return (x * rstd).mul_(weight)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:  # type: ignore[override]
-        x, weight, rstd = ctx.saved_tensors
-        dim = x.shape[-1]
-        dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
-            grad, x, [dim], torch.zeros_like(rstd), rstd, weight, None, [True, ctx.needs_input_grad[1], False]
-        )
-        dx.add_((grad @ weight).unsqueeze(-1).mul_(rstd).div_(dim))  # + rstd * mean(g * w) over the last dim
-        return dx, dw, None
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -57,9 +33,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                return _RMSNormFunction.apply(x, self.weight, self.eps)
-            # one fused kernel with the weight on GPUs (and what torch.compile fuses itself)
+            # one fused kernel with the weight on GPUs (on a CPU PyTorch composes it from small ones)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalise in float32 for stability under bf16/fp16, as Llama does, then scale in the input's dtype
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
