@@ -23,6 +23,11 @@ from torch import Tensor, nn
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+def _fma(x: Tensor):
+    """``beta * input + alpha * (m1 @ m2)`` in one call (fewer passes over memory), batched or not."""
+    return torch.baddbmm if x.dim() == 3 else torch.addmm
+
+
 def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     """Approximate ``U @ V^T`` of the SVD ``g = U S V^T`` for a (..., m, n) batch of matrices; the singular values
     of the result lie roughly in [0.7, 1.2] (enough for Muon; exactness is not the goal).
@@ -39,7 +44,7 @@ def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     if 2 * x.size(-1) >= 3 * x.size(-2):
         x = _gram_newton_schulz(x, steps)
     else:
-        fma = torch.baddbmm if x.dim() == 3 else torch.addmm  # fused multiply-adds: fewer passes over memory
+        fma = _fma(x)
         for _ in range(steps):
             A = x @ x.mT
             B = fma(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
@@ -54,7 +59,7 @@ def _gram_newton_schulz(x: Tensor, steps: int) -> Tensor:
     paid twice (G, and the final ``M x``) instead of twice per iteration; in float32 the result stays as close to
     a float64 run of the plain iteration as the plain float32 iteration does (``tests/test_optim.py``)."""
     a, b, c = NS_COEFFS
-    fma = torch.baddbmm if x.dim() == 3 else torch.addmm
+    fma = _fma(x)
     G = x @ x.mT
     M = fma(G, G, G, beta=b, alpha=c)  # first iteration from M_0 = I: A_0 = G
     M.diagonal(dim1=-2, dim2=-1).add_(a)
