@@ -14,7 +14,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities import rank_zero_warn
 
 from minillm_lightning.callbacks import InterruptCheckpoint
-from minillm_lightning.callbacks.interrupt import is_worker_crash
+from minillm_lightning.callbacks.interrupt import worker_crash_report
 from minillm_lightning.callbacks.test_report import TestReport
 from minillm_lightning.checkpoint import META_KEY, load_checkpoint, newest_intact_checkpoint
 from minillm_lightning.errors import CheckpointError, MiniLLMError
@@ -192,9 +192,10 @@ def main(argv: list[str] | None = None) -> None:
             print(USAGE.format(extra=("\nOther commands:\n" + extra) if extra else ""))
             sys.exit(0 if verb in ("", "-h", "--help") else 2)
     except Exception as e:
-        if is_worker_crash(e) and not os.environ.get("MINILLM_TRACEBACK"):
+        report = worker_crash_report(e)
+        if report is not None and not os.environ.get("MINILLM_TRACEBACK"):
             print(
-                f"error: {str(e).splitlines()[0]}. A data loading process died (often: out of memory, or a crash "
+                f"error: {str(report).splitlines()[0]}. A data loading process died (often: out of memory, or a crash "
                 f"in data code). Rerun with --data.init_args.num_workers 0 to see the underlying error in the main "
                 f"process; the run's last.ckpt was saved, resume with --ckpt_path last",
                 file=sys.stderr,

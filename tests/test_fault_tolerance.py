@@ -110,7 +110,11 @@ def test_resume_last_falls_back_to_newest_intact(workdir: Path) -> None:  # noqa
 def test_dataloader_worker_crash_is_an_error_with_a_checkpoint(
     tmp_path: Path, pretrain_dm_factory, monkeypatch
 ) -> None:
-    """A worker process that dies mid-epoch surfaces as an error (not a hang) and last.ckpt is written."""
+    """A worker process that dies mid-epoch surfaces as an error (not a hang) and last.ckpt is written.
+
+    The worker waits a second before it dies, so the main process has taken every batch it sent and learns of
+    the death while it waits for the next. A worker killed while a batch is being handed over breaks the
+    channel first; that order is made deterministic in the test below."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from minillm_lightning.callbacks import InterruptCheckpoint
@@ -125,6 +129,7 @@ def test_dataloader_worker_crash_is_an_error_with_a_checkpoint(
         if os.getpid() != parent:
             served["n"] += 1  # counts inside the (forked) worker
             if served["n"] > 40:
+                time.sleep(1.0)
                 os.kill(os.getpid(), signal.SIGKILL)
         return original(self, i)
 
@@ -143,6 +148,84 @@ def test_dataloader_worker_crash_is_an_error_with_a_checkpoint(
     assert time.time() - t0 < 120
     assert is_worker_crash(info.value)
     assert (tmp_path / "last.ckpt").is_file() and trainer.global_step > 0
+
+
+@pytest.fixture
+def fitted(tmp_path: Path, pretrain_dm_factory):
+    """A trainer after 2 steps, with no last.ckpt yet, and its InterruptCheckpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from minillm_lightning.callbacks import InterruptCheckpoint
+
+    dm = pretrain_dm_factory()
+    model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
+    callback = InterruptCheckpoint(save_on_train_end=False)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=0, save_last=False)
+    trainer = micro_trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoints, callback])
+    trainer.fit(model, datamodule=dm)
+    assert trainer.state.fn == "fit" and not (tmp_path / "last.ckpt").exists()
+    return trainer, model, callback
+
+
+def report_from_a_child(delay: float) -> int:
+    """Fork a child that exits after ``delay`` s; its SIGCHLD raises PyTorch's dead-worker report once."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(delay)
+        os._exit(0)
+    previous = signal.getsignal(signal.SIGCHLD)
+
+    def report(signum, frame):
+        signal.signal(signal.SIGCHLD, previous)
+        os.waitpid(child, 0)
+        raise RuntimeError(f"DataLoader worker (pid {child}) is killed by signal: Killed. ")
+
+    signal.signal(signal.SIGCHLD, report)
+    return child
+
+
+def test_worker_killed_during_handover_still_saves(fitted, tmp_path: Path) -> None:
+    """The channel breaks first and PyTorch's SIGCHLD report comes a little later: on_exception waits for it."""
+    from minillm_lightning.callbacks.interrupt import is_worker_crash, worker_crash_report
+
+    trainer, model, callback = fitted
+    report_from_a_child(0.3)
+    broken = ConnectionResetError(104, "Connection reset by peer")
+    callback.on_exception(trainer, model, broken)
+    assert (tmp_path / "last.ckpt").is_file()
+    assert is_worker_crash(broken) and "is killed by signal" in str(worker_crash_report(broken))
+
+
+def test_worker_report_landing_mid_save_is_retried(fitted, tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM to the whole process group also kills the workers; their report can land inside the save."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    trainer, model, callback = fitted
+    save, calls = trainer.save_checkpoint, []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated. ")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", interrupted_once)
+    callback.on_exception(trainer, model, SIGTERMException())
+    assert len(calls) == 2 and (tmp_path / "last.ckpt").is_file()
+
+
+def test_a_connection_error_without_a_dead_worker_saves_nothing(fitted, tmp_path: Path) -> None:
+    """Only interrupts and worker deaths save: any other error may have left a state not worth resuming."""
+    from minillm_lightning.callbacks.interrupt import is_worker_crash
+
+    trainer, model, callback = fitted
+    broken = ConnectionResetError(104, "Connection reset by peer")
+    t0 = time.monotonic()
+    callback.on_exception(trainer, model, broken)
+    assert 1.5 < time.monotonic() - t0 < 10  # waited for a report that did not come
+    assert not (tmp_path / "last.ckpt").exists() and not is_worker_crash(broken)
+    callback.on_exception(trainer, model, ValueError("loss is nan"))
+    assert not (tmp_path / "last.ckpt").exists()
 
 
 def test_incompatible_init_from_and_too_long_sequences(tmp_path: Path, tiny_pretrain_ckpt: Path, pretrain_dm_factory):

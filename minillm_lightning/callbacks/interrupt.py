@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shlex
 import sys
+import threading
+import time
 from pathlib import Path
 
 import lightning as L
@@ -31,9 +33,45 @@ def resume_command(argv: list[str] | None = None) -> str:
     return shlex.join(out + ["--ckpt_path", "last"])
 
 
-def is_worker_crash(exception: BaseException) -> bool:
-    """PyTorch's error when a DataLoader worker process exits unexpectedly (killed, out of memory, segfault)."""
-    return isinstance(exception, RuntimeError) and "DataLoader worker" in str(exception)
+def worker_crash_report(exception: BaseException | None) -> RuntimeError | None:
+    """PyTorch's error for a DataLoader worker that exited unexpectedly (killed, out of memory, segfault).
+
+    Found in ``exception`` itself or in its causes and contexts (see ``await_worker_report``); None if absent.
+    """
+    seen: set[int] = set()
+    while exception is not None and id(exception) not in seen:
+        if isinstance(exception, RuntimeError) and "DataLoader worker" in str(exception):
+            return exception
+        seen.add(id(exception))
+        exception = exception.__cause__ or exception.__context__
+    return None
+
+
+def is_worker_crash(exception: BaseException | None) -> bool:
+    """Whether ``exception`` is, or was caused by, a DataLoader worker's unexpected exit."""
+    return worker_crash_report(exception) is not None
+
+
+def await_worker_report(seconds: float = 2.0) -> RuntimeError | None:
+    """Wait for PyTorch's report of a dead DataLoader worker; None if none comes within ``seconds``.
+
+    PyTorch learns of a dead worker from SIGCHLD: its handler raises the report in the main thread, at
+    whatever line runs then. A worker killed while the main process is fetching a batch it sent first breaks
+    that channel (``ConnectionResetError``, ``ConnectionRefusedError``, ``EOFError``), and its SIGCHLD comes
+    a few milliseconds later, once the kernel has torn the process down. Waiting here takes that report in a
+    known place instead of in the middle of the checkpoint save or of Lightning's teardown.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signal handlers only run in the main thread
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    except RuntimeError as report:
+        if is_worker_crash(report):
+            return report
+        raise
+    return None
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
@@ -87,12 +125,27 @@ class InterruptCheckpoint(Callback):
             mark_last_saved(trainer)  # ModelCheckpoint would otherwise rewrite it in on_train_end
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != "fit":  # fit includes its validation and sanity check
+            return
         worker_died = is_worker_crash(exception)
-        fitting = trainer.state.fn == "fit"  # also mid-validation or sanity check inside fit
-        if not (isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or worker_died) or not fitting:
+        if not worker_died and isinstance(exception, (ConnectionError, EOFError)):
+            report = await_worker_report()  # a worker killed while handing over a batch
+            if report is not None:
+                exception.__cause__ = report  # so that the CLI's worker-crash message applies
+                worker_died = True
+        if not (isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or worker_died):
             return
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        for attempt in range(3):
+            try:
+                trainer.save_checkpoint(path)  # written atomically: an interrupted save leaves no file
+                break
+            except RuntimeError as report:
+                # a worker's death reported mid-save (e.g. SIGTERM sent to the whole process group): PyTorch
+                # reports each dead worker once, so the next attempt is not interrupted by the same one
+                if attempt == 2 or not is_worker_crash(report):
+                    raise
+                worker_died = True
         kind = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl+C"
         kind = "A DataLoader worker died" if worker_died else kind
         rank_zero_info(f"\n{kind}: saved {path} at step {trainer.global_step}. Resume with:\n  {resume_command()}\n")
