@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         report = worker_crash_report(e)
         if report is not None and not os.environ.get("MINILLM_TRACEBACK"):
+            what = str(report).splitlines()[0].strip().rstrip(".")  # PyTorch's text may end in ". "
             print(
-                f"error: {str(report).splitlines()[0]}. A data loading process died (often: out of memory, or a crash "
+                f"error: {what}. A data loading process died (often: out of memory, or a crash "
                 f"in data code). Rerun with --data.init_args.num_workers 0 to see the underlying error in the main "
                 f"process; the run's last.ckpt was saved, resume with --ckpt_path last",
                 file=sys.stderr,
