@@ -251,8 +251,8 @@ def test_nanogpt_mode_runs_its_prepare_and_recipe(tmp_path: Path) -> None:
     assert out["median_ms_per_iter"] == 96.0 and out["tokens_per_sec"] == pytest.approx(12 * 64 / 0.096)
     ours = {"config": "shakespeare_char.yaml", "wall_s": out["wall_s"] / 2, "final_step": 1, "tokens_per_sec": 4000.0}
     table = format_nanogpt(out, ours)
-    # same shape (12 x 64 tokens per step): cost per step = nanoGPT's tokens/s over ours = 8000 / 4000
+    # cost per token = nanoGPT's tokens/s over ours = 8000 / 4000
     assert "| nanoGPT CPU recipe | 40 |" in table and "| 8,000 |" in table and "| 4,000 |" in table
-    assert "| ours / nanoGPT (wall; cost per step) | | **x0.50** | | **x2.00** |" in table
+    assert "| ours / nanoGPT (wall; cost per token) | | **x0.50** | | **x2.00** |" in table
     with pytest.raises(MiniLLMError, match="not a nanoGPT checkout"):
         run_nanogpt(tmp_path, text)

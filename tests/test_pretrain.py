@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from minillm_lightning import MiniGPTConfig, PretrainModule
 from minillm_lightning.checkpoint import load_backbone
 from minillm_lightning.errors import CheckpointError
-from minillm_lightning.stages.base import warmup_cosine
+from minillm_lightning.stages.base import OptimConfig, warmup_cosine
 
 
 class LossRecorder(Callback):
@@ -36,6 +36,30 @@ def test_warmup_cosine_by_hand() -> None:
     assert warmup_cosine(8, 4, 12, 0.1) == pytest.approx(0.55)
     assert warmup_cosine(12, 4, 12, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(50, 4, 12, 0.1) == pytest.approx(0.1)
+
+
+def test_warmup_linear_decay_by_hand() -> None:
+    """decay="linear", warmup 4, total 12, min 0.1: the same warmup, then 0.1 + 0.9 * (1 - progress):
+    step 6 (progress 1/4) 0.775 where the cosine gives 0.1 + 0.9 * 0.5 * (1 + cos(pi/4)) = 0.868; step 10 0.325."""
+    assert [warmup_cosine(s, 4, 12, 0.1, "linear") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine(6, 4, 12, 0.1, "linear") == pytest.approx(0.775)
+    assert warmup_cosine(6, 4, 12, 0.1) == pytest.approx(0.1 + 0.45 * (1 + 2**-0.5))
+    assert warmup_cosine(10, 4, 12, 0.1, "linear") == pytest.approx(0.325)
+    assert warmup_cosine(12, 4, 12, 0.1, "linear") == pytest.approx(0.1)
+
+
+def test_linear_decay_reaches_the_scheduler() -> None:
+    """``decay: linear`` from the config drives the LambdaLR the module hands to Lightning."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = OptimConfig(warmup=4, min_lr_ratio=0.1, decay="linear").schedule(opt, 12)
+    lrs = []
+    for _ in range(11):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[6] == pytest.approx(0.775) and lrs[10] == pytest.approx(0.325)
+    with pytest.raises(ValueError, match="decay"):
+        OptimConfig(decay="step")
 
 
 def test_loss_falls_and_checkpoint_is_self_contained(tmp_path, pretrain_dm_factory) -> None:

@@ -32,15 +32,16 @@ from minillm_lightning.optim import MuonAdamW, grad_norms, muon_param_groups
 from minillm_lightning.tokenizer import Tokenizer
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: 1) linear warmup from ~0 to 1 over ``warmup_steps``; 2) cosine decay to
-    ``min_ratio`` at ``total_steps``; 3) ``min_ratio`` afterwards."""
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, decay: str = "cosine") -> float:
+    """LR multiplier: 1) linear warmup from ~0 to 1 over ``warmup_steps``; 2) cosine (or, with
+    ``decay="linear"``, straight-line) decay to ``min_ratio`` at ``total_steps``; 3) ``min_ratio`` afterwards."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if step >= total_steps:
         return min_ratio
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    remaining = 1 - progress if decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return min_ratio + (1 - min_ratio) * remaining
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class OptimConfig:
     """Warmup length: a share of the total optimizer steps when < 1, else a number of optimizer steps."""
     min_lr_ratio: float = 0.1
     """The cosine schedule ends at ``learning_rate * min_lr_ratio`` (1: constant after warmup)."""
+    decay: Literal["cosine", "linear"] = "cosine"
+    """Shape of the decay after warmup: ``cosine``, or ``linear`` (a straight line to the final learning rate)."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "muon"):
@@ -79,6 +82,8 @@ class OptimConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("warmup must be >= 0 and min_lr_ratio in [0, 1]")
+        if self.decay not in ("cosine", "linear"):
+            raise ValueError(f"decay must be 'cosine' or 'linear', got {self.decay!r}")
         object.__setattr__(self, "betas", tuple(self.betas))  # YAML gives a list
 
     def warmup_steps(self, total_steps: int) -> int:
@@ -87,10 +92,10 @@ class OptimConfig:
         return max(1, steps) if self.warmup > 0 else 0
 
     def schedule(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-        """Linear warmup then cosine decay over ``total_steps`` optimizer steps (:func:`warmup_cosine`)."""
+        """Linear warmup then cosine or linear decay over ``total_steps`` optimizer steps (:func:`warmup_cosine`)."""
         warmup = self.warmup_steps(total_steps)
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total_steps, self.min_lr_ratio)
+            optimizer, lambda step: warmup_cosine(step, warmup, total_steps, self.min_lr_ratio, self.decay)
         )
 
 
@@ -134,7 +139,7 @@ class StageModule(L.LightningModule):
             To continue the SAME run use ``--ckpt_path`` instead.
         compile: run the backbone through ``torch.compile`` (faster steps after a one-off compile cost).
         **optim: the fields of :class:`OptimConfig` (``optimizer``, ``learning_rate``, ``muon_learning_rate``,
-            ``weight_decay``, ``betas``, ``warmup``, ``min_lr_ratio``), given flat.
+            ``weight_decay``, ``betas``, ``warmup``, ``min_lr_ratio``, ``decay``), given flat.
     """
 
     stage_name = "base"
