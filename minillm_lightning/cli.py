@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -119,12 +121,24 @@ def env_overrides(argv: list[str], environ: dict[str, str] | None = None) -> lis
     return argv[:at] + extra + argv[at:]
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning_notices() -> None:
+    """Drop what Lightning prints on every run that says nothing about the run: its "💡 Tip" adverts for litlogger
+    and litmodels, and a deprecation warning raised inside its own use of torch's pytree (nothing a user can fix)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def run_lightning(args: list[str] | None = None, **cli_kwargs) -> MiniLLMCLI:
     """The LightningCLI behind ``minillm fit|validate|test|predict`` (``cli_kwargs`` override its settings,
     e.g. ``run=False`` to instantiate without running; then ``args`` carry no subcommand)."""
     # attribute docstrings (the OptimConfig fields' help) cost ~1.5 s to parse; only help text shows them
     argv = sys.argv[1:] if args is None else args
     set_parsing_settings(docstring_parse_attribute_docstrings=isinstance(argv, list) and wants_help(argv))
+    quiet_lightning_notices()
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
     settings = dict(

@@ -151,6 +151,8 @@ def test_fit_writes_checkpoints_logs_config_and_stats(workdir: Path) -> None:
     stats = list((run / "tb").glob("version_*/dataset_stats.json"))
     assert stats and "pretrain.jsonl" in stats[0].read_text()
     assert "MiniGPT[tiny] pretrain:" in r.stdout + r.stderr  # parameter count at start-up
+    # Lightning's adverts and its internal pytree deprecation are filtered out (quiet_lightning_notices)
+    assert "Tip:" not in r.stdout + r.stderr and "LeafSpec" not in r.stdout + r.stderr
     ckpt = torch.load(run / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 12 and "tokenizer" in ckpt
 
