@@ -67,7 +67,7 @@ class OptimConfig:
     warmup: float = 0.02
     """Warmup length: a share of the total optimizer steps when < 1, else a number of optimizer steps."""
     min_lr_ratio: float = 0.1
-    """The cosine schedule ends at ``learning_rate * min_lr_ratio`` (1: constant after warmup)."""
+    """The decay ends at ``learning_rate * min_lr_ratio`` (1: constant after warmup)."""
     decay: Literal["cosine", "linear"] = "cosine"
     """Shape of the decay after warmup: ``cosine``, or ``linear`` (a straight line to the final learning rate)."""
 
