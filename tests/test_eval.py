@@ -292,3 +292,29 @@ def test_harness_adapter(tiny) -> None:
     assert lm.loglikelihood_rolling([rolling])[0] < 0
     gen = Instance("generate_until", {}, ("Let us practise adding.", {"until": ["."], "max_gen_toks": 8}), 0)
     assert "." not in lm.generate_until([gen])[0]
+
+
+def test_harness_rolling_scores_lm_evals_own_windows(tiny) -> None:
+    """--harness perplexity uses the windows lm-eval's Hugging Face backend scores (``get_rolling_token_windows``
+    with ``context_len=1``, each window fed whole): reference built from lm-eval's functions, window by window."""
+    lm_eval_utils = pytest.importorskip("lm_eval.utils")
+    from lm_eval.api.instance import Instance
+
+    model, tok = tiny
+    block = model.config.block_size
+    text = "The cat sat on the mat and looked at the dog. " * 40
+    tokens = tok.encode(text)
+    assert len(tokens) > 2 * block  # several windows, the last one partly new
+    expected = 0.0
+    for pair in lm_eval_utils.get_rolling_token_windows(tokens, tok.eos_id, block, 1):
+        context, cont = lm_eval_utils.make_disjoint_window(pair)
+        fed = torch.tensor([(context + cont)[:-1]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(fed).logits[0, -len(cont) :].double(), -1)
+        expected += float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
+    scorer = ev_scorer.LogLikelihoodScorer(model, tok)
+    (got,) = ev_harness.harness_lm(scorer).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert got == pytest.approx(expected, rel=1e-5)
+    # the built-in default (half-window stride) keeps more context: a different number, which lm-eval never gives
+    (half_nll, _), *_ = scorer.rolling_nll([[tok.eos_id, *tokens]])
+    assert abs(-half_nll - expected) > 1e-3 * abs(expected)

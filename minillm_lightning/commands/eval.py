@@ -58,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         "--stride",
         type=int,
         default=None,
-        help="perplexity: tokens a rolling window advances (default block_size/2); --stride <block_size> feeds "
-        "every token once: about twice as fast, with less context for the first tokens of each window",
+        help="perplexity: tokens a rolling window advances (default block_size/2; with --harness block_size, as "
+        "lm-eval's own backends); --stride <block_size> feeds every token once: about twice as fast, with less "
+        "context for the first tokens of each window",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument(
@@ -111,7 +112,7 @@ def _device(name: str) -> str:
 
 
 def _run_harness(scorer: LogLikelihoodScorer, tasks: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    lm = harness_lm(scorer)
+    lm = harness_lm(scorer, stride=args.stride)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 

@@ -10,12 +10,15 @@ from minillm_lightning.eval.scorer import LogLikelihoodScorer
 # ---------------------------------------------------------------- optional lm-evaluation-harness adapter
 
 
-def harness_lm(scorer: LogLikelihoodScorer, max_gen_tokens: int = 256) -> Any:
+def harness_lm(scorer: LogLikelihoodScorer, max_gen_tokens: int = 256, stride: int | None = None) -> Any:
     """An ``lm_eval.api.model.LM`` backed by ``scorer`` (needs ``pip install 'lm_eval>=0.4,<0.5'``).
 
     Contexts start with ``</s>`` like the built-in tasks; ``generate_until`` decodes greedily with the KV cache
-    and cuts at the first stop string.
+    and cuts at the first stop string. ``loglikelihood_rolling`` (WikiText and other perplexity tasks) advances
+    its windows by ``stride``, by default ``block_size``: the windows lm-eval's own Hugging Face backend scores
+    (``get_rolling_token_windows`` with ``context_len=1``), so the numbers compare with lm-eval's for any model.
     """
+    rolling_stride = stride or scorer.block_size
     try:
         from lm_eval.api.model import LM
     except ImportError:
@@ -31,7 +34,7 @@ def harness_lm(scorer: LogLikelihoodScorer, max_gen_tokens: int = 256) -> Any:
         def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
             eos = scorer.tokenizer.eos_id
             docs = [[eos, *scorer.tokenizer.encode(r.args[0])] for r in requests]
-            return [-nll for nll, _ in scorer.rolling_nll(docs)]
+            return [-nll for nll, _ in scorer.rolling_nll(docs, rolling_stride)]
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
             gen = TextGenerator(scorer.model, scorer.tokenizer)
