@@ -80,6 +80,21 @@ def test_every_section_reports_positive_numbers(bench_run) -> None:
     assert ev["scored_tokens"] == 6 * 4 * 64  # 24 windows' worth of random documents, every token scored once
     _positive(ev["tokens_per_sec"], ["train", "half", "block"])
     _positive(ev["vs_train"], ["half", "block"])
+    # 6 documents of 4 windows: 4 windows each at stride = block, 7 at half a window (every token fed 7/4 times)
+    assert ev["forward_tokens"] == {"half": 6 * 7 * 64, "block": 6 * 4 * 64}
+    assert ev["flop_parity"]["half"] < ev["flop_parity"]["block"]
+
+
+def test_scoring_flops_by_hand() -> None:
+    """1 layer, width 8, 2 heads of 4, MLP 16, vocabulary 10, windows of 4: blocks 2 * (8*32 + 3*8*16) = 1280
+    FLOPs per fed token plus attention 4 * 1 * 8 * 4 = 128; head 2 * 10 * 8 = 160 per scored token."""
+    from minillm_lightning.bench.eval import scoring_flops_per_token
+
+    arch = MiniGPTConfig(
+        size="custom", vocab_size=10, block_size=4, n_layer=1, dim=8, n_head=2, n_kv_head=2, intermediate_size=16
+    )
+    assert scoring_flops_per_token(arch, 4, forward_tokens=8, scored_tokens=8) == 1280 + 128 + 160
+    assert scoring_flops_per_token(arch, 4, forward_tokens=12, scored_tokens=8) == (12 * 1408 + 8 * 160) / 8
 
 
 def test_dpo_bench_batch_and_losses_are_real() -> None:

@@ -5,6 +5,8 @@ depends on neither), with the scorer ``minillm eval`` uses, at the default strid
 fed twice, half of them scored per window) and at stride = block size (every token fed once). The reference is a
 training step of the same model in plain PyTorch (forward, backward, AdamW) on batches of the config's shape.
 The three are measured alternately, ``repeats`` times, so load drift hits all alike; the ratios are per repetition.
+Next to each ratio: the ratio at equal FLOP/s (training FLOPs per token over scoring FLOPs per scored token), the
+ceiling a scorer reaches by running its matmuls as efficiently as the training step does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from minillm_lightning.callbacks.throughput import flops_per_token
 from minillm_lightning.eval.scorer import LogLikelihoodScorer
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 
@@ -26,6 +29,15 @@ from minillm_lightning.model import MiniGPT, MiniGPTConfig
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def scoring_flops_per_token(arch: MiniGPTConfig, window: int, forward_tokens: int, scored_tokens: int) -> float:
+    """Model FLOPs per scored token of rolling-window scoring: every fed token goes through the blocks (attention
+    over ``window`` tokens), only the scored ones through the output head (as :class:`LogLikelihoodScorer` runs a
+    MiniGPT). Same conventions as :func:`flops_per_token` (``2*N + 4*L*d_attn*T`` forward)."""
+    head = 2 * arch.vocab_size * arch.dim
+    blocks = flops_per_token(arch, window, training=False) - head
+    return (forward_tokens * blocks + scored_tokens * head) / scored_tokens
 
 
 def eval_section(
@@ -81,9 +93,12 @@ def eval_section(
         train_step()
         return steps * batch_size * seq_len / timed(lambda: [train_step() for _ in range(steps)])
 
+    fed: dict[int, int] = {}
+
     def score_rate(stride: int) -> float:
-        before = scorer.scored_tokens
+        before, fed_before = scorer.scored_tokens, scorer.forward_tokens
         t = timed(lambda: scorer.rolling_nll(docs, stride))
+        fed[stride] = scorer.forward_tokens - fed_before
         return (scorer.scored_tokens - before) / t
 
     scorer.rolling_nll(docs[:1], block)  # warm-up
@@ -94,18 +109,24 @@ def eval_section(
         for name in order:
             rates[name].append(train_rate() if name == "train" else score_rate(strides[name]))
     ratio = {k: [s / t for s, t in zip(rates[k], rates["train"])] for k in strides}
+    scored = sum(len(d) - 1 for d in docs)
+    train_flops = flops_per_token(arch, seq_len, training=True)
+    # the ratio scoring would reach at the training step's FLOP/s: training FLOPs per token / scoring's
+    parity = {k: train_flops / scoring_flops_per_token(arch, block, fed[s], scored) for k, s in strides.items()}
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "block_size": block,
         "vocab_size": arch.vocab_size,
         "eval_batch_size": eval_batch_size,
         "train_shape": [batch_size, seq_len],
-        "scored_tokens": sum(len(d) - 1 for d in docs),
+        "scored_tokens": scored,
+        "forward_tokens": {k: fed[s] for k, s in strides.items()},
         "strides": strides,
         "tokens_per_sec": {k: statistics.median(v) for k, v in rates.items()},
         "tokens_per_sec_all": rates,
         "vs_train": {k: statistics.median(v) for k, v in ratio.items()},
         "vs_train_all": ratio,
+        "flop_parity": parity,
     }
 
 
@@ -129,5 +150,6 @@ def format_eval(e: dict[str, Any]) -> str:
     for k, label in (("half", "stride block/2"), ("block", "stride block  ")):
         lines.append(
             f"    {label}   {tps[k]:,.0f} scored tok/s [{rng(k)}]  x{e['vs_train'][k]:.2f} training [{ratio_rng(k)}]"
+            f"  (x{e['flop_parity'][k]:.2f} at training's FLOP/s)"
         )
     return "\n".join(lines)
