@@ -89,3 +89,38 @@ def test_batched_loglikelihood_equals_one_request_at_a_time() -> None:
     # without the argmax: the same log-likelihoods
     fast = scorer.loglikelihood(requests, greedy=False)
     assert [ll for ll, _ in fast] == pytest.approx([ll for ll, _ in got], rel=1e-6)
+
+
+def test_shared_contexts_are_fed_once_and_score_like_separate_rows() -> None:
+    """Multiple choice: answers to one question share its context. Packed after one copy of it (own positions, a
+    mask that hides the other answers), each answer scores as its own context + answer row does."""
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(2, 50, (n,), generator=g).tolist()
+
+    requests = []
+    for c, answers in [(5, (1, 3, 2, 4)), (9, (2, 2)), (3, (6, 1, 1)), (12, (3, 5))]:  # the last: 12 + 5 > 16
+        ctx = [1, *ids(c)]
+        requests += [(ctx, ids(k)) for k in answers]
+    requests += [([1, *ids(4)], [7, 8]), ([1, *ids(6)], [7, 8])]  # WinoGrande-like: contexts differ
+    ctx = [1, 5, 7]
+    with torch.no_grad():
+        nxt = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
+    requests += [(ctx, [nxt]), (ctx, [nxt, 3])]  # an all-greedy answer in a shared pack
+    scorer = ev_scorer.LogLikelihoodScorer(model, TOK, batch_size=3)
+    got = scorer.loglikelihood(requests)
+    for (c, k), (ll, greedy) in zip(requests, got):
+        seq = (c + k)[-17:]
+        x = torch.tensor([seq])
+        with torch.no_grad():
+            logits = model(x[:, :-1]).logits[0].double()
+        lp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).squeeze(-1)
+        n = min(len(k), len(seq) - 1)
+        assert ll == pytest.approx(float(lp[-n:].sum()), rel=1e-5, abs=1e-5)
+        assert greedy == bool((logits.argmax(-1) == x[0, 1:])[-n:].all())
+    assert got[-2][1] is True
+    separate = sum(min(len(c) + len(k), 17) - 1 for c, k in requests)
+    assert scorer.forward_tokens < separate - 20  # each shared context fed once
+    assert scorer.scored_tokens == sum(len(k) for _, k in requests)
