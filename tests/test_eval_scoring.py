@@ -101,7 +101,9 @@ def test_shared_contexts_are_fed_once_and_score_like_separate_rows() -> None:
         return torch.randint(2, 50, (n,), generator=g).tolist()
 
     requests = []
-    for c, answers in [(5, (1, 3, 2, 4)), (9, (2, 2)), (3, (6, 1, 1)), (12, (3, 5))]:  # the last: 12 + 5 > 16
+    # (8, ...): a packed row of 24 tokens, longer than the context window of 16; (12, ...): 13 + 5 > 16, so that
+    # answer is scored in its own row
+    for c, answers in [(5, (1, 3, 2, 4)), (9, (2, 2)), (3, (6, 1, 1)), (8, (5, 6, 4)), (12, (3, 5))]:
         ctx = [1, *ids(c)]
         requests += [(ctx, ids(k)) for k in answers]
     requests += [([1, *ids(4)], [7, 8]), ([1, *ids(6)], [7, 8])]  # WinoGrande-like: contexts differ

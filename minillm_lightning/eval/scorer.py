@@ -27,8 +27,8 @@ class LogLikelihoodScorer:
     Speed matters (WikiText-2 is ~300k tokens, fed twice at the default stride): every request is turned into
     rows of one padded id tensor and a mask of the positions to score, built with tensor operations per document
     rather than Python work per window; windows of all documents share batches; a MiniGPT runs its output head only
-    on the scored positions (half of each rolling window at the default stride); the argmax is computed only for
-    tasks that report greedy accuracy.
+    on the scored positions (half of each rolling window at the default stride); the answers of a multiple-choice
+    question share one copy of its context; the argmax is computed only for tasks that report greedy accuracy.
 
     Args:
         model: a MiniGPT, or any module with ``config.block_size`` whose ``forward(idx)`` returns an object with
