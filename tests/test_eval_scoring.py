@@ -44,6 +44,17 @@ def reference_rolling_nll(model: MiniGPT, ids: list[int], block: int, stride: in
     return nll, n
 
 
+def reference_loglikelihood(model: MiniGPT, context: list[int], cont: list[int]) -> tuple[float, bool]:
+    """One request alone: its last block_size + 1 tokens in one forward; (log-likelihood, all greedy)."""
+    seq = (context + cont)[-(model.config.block_size + 1) :]
+    x = torch.tensor([seq])
+    with torch.no_grad():
+        logits = model(x[:, :-1]).logits[0].double()
+    lp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).squeeze(-1)
+    n = min(len(cont), len(seq) - 1)
+    return float(lp[-n:].sum()), bool((logits.argmax(-1) == x[0, 1:])[-n:].all())
+
+
 @pytest.mark.parametrize("stride", [1, 5, 8, 16])
 @pytest.mark.parametrize("wrap", [False, True])
 def test_batched_rolling_nll_equals_window_by_window(stride: int, wrap: bool) -> None:
@@ -77,14 +88,9 @@ def test_batched_loglikelihood_equals_one_request_at_a_time() -> None:
     scorer.chunk_values = 50 * 3
     got = scorer.loglikelihood(requests)
     for (c, k), (ll, greedy) in zip(requests, got):
-        seq = (c + k)[-17:]
-        x = torch.tensor([seq])
-        with torch.no_grad():
-            logits = model(x[:, :-1]).logits[0].double()
-        lp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).squeeze(-1)
-        n = min(len(k), len(seq) - 1)
-        assert ll == pytest.approx(float(lp[-n:].sum()), rel=1e-5)
-        assert greedy == bool((logits.argmax(-1) == x[0, 1:])[-n:].all())
+        ref_ll, ref_greedy = reference_loglikelihood(model, c, k)
+        assert ll == pytest.approx(ref_ll, rel=1e-5)
+        assert greedy == ref_greedy
     assert got[-1][1] is True
     # without the argmax: the same log-likelihoods
     fast = scorer.loglikelihood(requests, greedy=False)
@@ -114,14 +120,9 @@ def test_shared_contexts_are_fed_once_and_score_like_separate_rows() -> None:
     scorer = ev_scorer.LogLikelihoodScorer(model, TOK, batch_size=3)
     got = scorer.loglikelihood(requests)
     for (c, k), (ll, greedy) in zip(requests, got):
-        seq = (c + k)[-17:]
-        x = torch.tensor([seq])
-        with torch.no_grad():
-            logits = model(x[:, :-1]).logits[0].double()
-        lp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).squeeze(-1)
-        n = min(len(k), len(seq) - 1)
-        assert ll == pytest.approx(float(lp[-n:].sum()), rel=1e-5, abs=1e-5)
-        assert greedy == bool((logits.argmax(-1) == x[0, 1:])[-n:].all())
+        ref_ll, ref_greedy = reference_loglikelihood(model, c, k)
+        assert ll == pytest.approx(ref_ll, rel=1e-5, abs=1e-5)
+        assert greedy == ref_greedy
     assert got[-2][1] is True
     separate = sum(min(len(c) + len(k), 17) - 1 for c, k in requests)
     assert scorer.forward_tokens < separate - 20  # each shared context fed once
