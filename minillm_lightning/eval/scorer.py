@@ -177,27 +177,25 @@ class LogLikelihoodScorer:
         """
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         groups: list[tuple[list[int], list[int]]] = []  # (context, request indices)
+        lengths: list[int] = []  # tokens of each group's packed row
         long = []
         for i, (ctx, cont) in enumerate(requests):
             if not ctx or not cont or len(ctx) + len(cont) > self.block_size:
                 long.append(i)
-            elif (
-                groups
-                and groups[-1][0] == ctx
-                and len(ctx) + sum(len(requests[j][1]) for j in groups[-1][1]) + len(cont) <= 2 * self.block_size
-            ):
+            elif groups and groups[-1][0] == ctx and lengths[-1] + len(cont) <= 2 * self.block_size:
                 groups[-1][1].append(i)
+                lengths[-1] += len(cont)
             else:
                 groups.append((ctx, [i]))
+                lengths.append(len(ctx) + len(cont))
         if long:
             for i, res in zip(long, self._loglikelihood_rows([requests[i] for i in long], greedy)):
                 out[i] = res
-        lengths = [len(ctx) + sum(len(requests[j][1]) for j in members) for ctx, members in groups]
         order = sorted(range(len(groups)), key=lambda g: -lengths[g])
         device = self.device
         for b in range(0, len(order), self.batch_size):
             sel = [groups[g] for g in order[b : b + self.batch_size]]
-            width = max(lengths[g] for g in order[b : b + self.batch_size])
+            width = lengths[order[b]]  # longest first
             ids = torch.full((len(sel), width), self.tokenizer.pad_id, dtype=torch.long)
             pos = torch.zeros_like(ids)
             seg = torch.full_like(ids, -1)  # 0: the context, k: continuation k, -1: padding
