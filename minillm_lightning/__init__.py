@@ -1,63 +1,63 @@
-"""minillm-lightning: train a small Llama-style language model through every stage of an LLM pipeline."""
+"""minillm-lightning: train a small Llama-style language model through every stage of an LLM pipeline.
 
-from minillm_lightning.callbacks import (
-    GradientHealthMonitor,
-    InterruptCheckpoint,
-    MemoryGuard,
-    RegressionSuite,
-    SystemMonitor,
-    Throughput,
-    TrainingSummary,
-)
-from minillm_lightning.data.preference import PreferenceDataModule
-from minillm_lightning.data.pretrain import PretrainDataModule, PretrainSource
-from minillm_lightning.data.prompts import PromptDataModule
-from minillm_lightning.data.sft import SFTDataModule, SFTFields
-from minillm_lightning.eval import TASKS, LogLikelihoodScorer
-from minillm_lightning.generation import ContextLengthError, GenerationConfig, GenerationOutput, TextGenerator
-from minillm_lightning.hf_export import export_hf
-from minillm_lightning.model import MiniGPT, MiniGPTConfig
-from minillm_lightning.rewards import ArithmeticReward, ContainsReward, RewardFunction
-from minillm_lightning.stages.dpo import DPOModule
-from minillm_lightning.stages.ppo import PPOModule
-from minillm_lightning.stages.pretrain import PretrainModule
-from minillm_lightning.stages.reward import RewardModel, RewardModule, load_reward_model
-from minillm_lightning.stages.sft import SFTModule
-from minillm_lightning.tokenizer import Tokenizer
+Every public name below is importable from ``minillm_lightning`` and loaded on first use (PEP 562), so that
+``minillm generate``, ``minillm eval`` and ``minillm --help`` start without importing Lightning: the package
+itself imports nothing heavy.
+"""
 
-__all__ = [
-    "ArithmeticReward",
-    "ContainsReward",
-    "PPOModule",
-    "PromptDataModule",
-    "RewardFunction",
-    "TASKS",
-    "LogLikelihoodScorer",
-    "export_hf",
-    "DPOModule",
-    "PreferenceDataModule",
-    "RewardModel",
-    "RewardModule",
-    "load_reward_model",
-    "ContextLengthError",
-    "GenerationConfig",
-    "GenerationOutput",
-    "TextGenerator",
-    "GradientHealthMonitor",
-    "InterruptCheckpoint",
-    "MemoryGuard",
-    "RegressionSuite",
-    "SystemMonitor",
-    "Throughput",
-    "TrainingSummary",
-    "MiniGPT",
-    "MiniGPTConfig",
-    "PretrainDataModule",
-    "PretrainModule",
-    "PretrainSource",
-    "SFTDataModule",
-    "SFTFields",
-    "SFTModule",
-    "Tokenizer",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "GradientHealthMonitor": "minillm_lightning.callbacks",
+    "InterruptCheckpoint": "minillm_lightning.callbacks",
+    "MemoryGuard": "minillm_lightning.callbacks",
+    "RegressionSuite": "minillm_lightning.callbacks",
+    "SystemMonitor": "minillm_lightning.callbacks",
+    "Throughput": "minillm_lightning.callbacks",
+    "TrainingSummary": "minillm_lightning.callbacks",
+    "PreferenceDataModule": "minillm_lightning.data.preference",
+    "PretrainDataModule": "minillm_lightning.data.pretrain",
+    "PretrainSource": "minillm_lightning.data.pretrain",
+    "PromptDataModule": "minillm_lightning.data.prompts",
+    "SFTDataModule": "minillm_lightning.data.sft",
+    "SFTFields": "minillm_lightning.data.sft",
+    "TASKS": "minillm_lightning.eval",
+    "LogLikelihoodScorer": "minillm_lightning.eval",
+    "ContextLengthError": "minillm_lightning.generation",
+    "GenerationConfig": "minillm_lightning.generation",
+    "GenerationOutput": "minillm_lightning.generation",
+    "TextGenerator": "minillm_lightning.generation",
+    "export_hf": "minillm_lightning.hf_export",
+    "MiniGPT": "minillm_lightning.model",
+    "MiniGPTConfig": "minillm_lightning.model",
+    "ArithmeticReward": "minillm_lightning.rewards",
+    "ContainsReward": "minillm_lightning.rewards",
+    "RewardFunction": "minillm_lightning.rewards",
+    "DPOModule": "minillm_lightning.stages.dpo",
+    "PPOModule": "minillm_lightning.stages.ppo",
+    "PretrainModule": "minillm_lightning.stages.pretrain",
+    "RewardModel": "minillm_lightning.stages.reward",
+    "RewardModule": "minillm_lightning.stages.reward",
+    "load_reward_model": "minillm_lightning.stages.reward",
+    "SFTModule": "minillm_lightning.stages.sft",
+    "Tokenizer": "minillm_lightning.tokenizer",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'minillm_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

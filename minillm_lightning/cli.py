@@ -1,26 +1,18 @@
-"""The ``minillm`` command: LightningCLI for fit/validate/test/predict, plus the project's own verbs."""
+"""The ``minillm`` command: LightningCLI for fit/validate/test/predict, plus the project's own verbs.
+
+This module imports no Lightning and no torch: ``minillm --help`` and the verbs that need neither Lightning nor a
+Trainer (generate, chat, eval, export, download, serve) start without them. The LightningCLI itself lives in
+:mod:`minillm_lightning.trainer_cli`, imported only for the four Lightning verbs.
+"""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
-import torch
-from jsonargparse import set_parsing_settings
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
-
-from minillm_lightning.callbacks import InterruptCheckpoint
-from minillm_lightning.callbacks.interrupt import worker_crash_report
-from minillm_lightning.callbacks.test_report import TestReport
-from minillm_lightning.checkpoint import META_KEY, load_checkpoint, newest_intact_checkpoint
-from minillm_lightning.errors import CheckpointError, MiniLLMError
-from minillm_lightning.stages.base import StageModule
+from minillm_lightning.errors import MiniLLMError, worker_crash_report
 
 LIGHTNING_VERBS = {"fit", "validate", "test", "predict"}
 # other verbs: name -> "module:function" taking argv (imported lazily so `minillm fit` starts fast)
@@ -35,66 +27,6 @@ EXTRA_VERBS: dict[str, str] = {
     "prepare": "minillm_lightning.commands.prepare:prepare_main",
     "serve": "minillm_lightning.commands.serve:serve_main",
 }
-
-
-class MiniLLMCLI(LightningCLI):
-    """LightningCLI with the links every stage needs and checks on ``--ckpt_path``."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # the model's vocabulary is whatever tokenizer the data module trained or loaded
-        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse, then check ``--ckpt_path`` before LightningCLI reads hyperparameters from it.
-
-        Done here (a public hook that runs right before LightningCLI's private ``_parse_ckpt_path``) rather
-        than by overriding that private method.
-        """
-        super().parse_arguments(parser, args)
-        self._check_ckpt_path()
-
-    def _check_ckpt_path(self) -> None:
-        """Refuse a missing or corrupted ``--ckpt_path``, or a checkpoint of another stage, up front.
-
-        LightningCLI re-reads the model's hyperparameters from the checkpoint; given a checkpoint of
-        another stage it would silently switch the model class. Starting a new stage from earlier
-        weights is what ``--model.init_from`` is for.
-        """
-        sub = self.config.get("subcommand")
-        if not sub:
-            return
-        ckpt_path = self.config[sub].get("ckpt_path")
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
-            raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file")
-        if ckpt_path and Path(ckpt_path).is_file():
-            ckpt = load_checkpoint(ckpt_path)
-            stage = ckpt.get(META_KEY, {}).get("stage")
-            model_cfg = self.config[sub].get("model")
-            wanted = getattr(model_cfg, "class_path", "") if model_cfg is not None else ""
-            cls_path = ckpt.get("hyper_parameters", {}).get("_class_path", "")
-            if wanted and cls_path and wanted != cls_path:
-                raise CheckpointError(
-                    f"--ckpt_path {ckpt_path} is a {stage or cls_path} checkpoint but this config trains "
-                    f"{wanted.rsplit('.', 1)[-1]}; --ckpt_path resumes the SAME stage. To start a new stage "
-                    f"from its weights use --model.init_from {ckpt_path}"
-                )
-
-    def before_fit(self) -> None:
-        """``--ckpt_path last``: resume from the newest intact checkpoint, skipping damaged ones loudly."""
-        cfg = self.config_init[self.subcommand]
-        if cfg.get("ckpt_path") != "last":
-            return
-        dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-        path, skipped = newest_intact_checkpoint(dirs)
-        for bad in skipped:
-            rank_zero_warn(f"!!! {bad} is truncated or corrupted; skipping it")
-        if path is None:
-            rank_zero_warn(f"--ckpt_path last: no checkpoint in {dirs}; starting from scratch")
-            cfg["ckpt_path"] = None
-        else:
-            cfg["ckpt_path"] = str(path)
-            if skipped:
-                rank_zero_warn(f"--ckpt_path last: resuming from {path} instead")
 
 
 def env_overrides(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
@@ -119,38 +51,6 @@ def env_overrides(argv: list[str], environ: dict[str, str] | None = None) -> lis
         return argv
     at = max(config_ends)
     return argv[:at] + extra + argv[at:]
-
-
-def _not_an_advert(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("💡 Tip")
-
-
-def quiet_lightning_notices() -> None:
-    """Drop what Lightning prints on every run that says nothing about the run: its "💡 Tip" adverts for litlogger
-    and litmodels, and a deprecation warning raised inside its own use of torch's pytree (nothing a user can fix)."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-
-
-def run_lightning(args: list[str] | None = None, **cli_kwargs) -> MiniLLMCLI:
-    """The LightningCLI behind ``minillm fit|validate|test|predict`` (``cli_kwargs`` override its settings,
-    e.g. ``run=False`` to instantiate without running; then ``args`` carry no subcommand)."""
-    # attribute docstrings (the OptimConfig fields' help) cost ~1.5 s to parse; only help text shows them
-    argv = sys.argv[1:] if args is None else args
-    set_parsing_settings(docstring_parse_attribute_docstrings=isinstance(argv, list) and wants_help(argv))
-    quiet_lightning_notices()
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")
-    settings = dict(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        parser_kwargs={"default_env": True, "env_prefix": "MINILLM"},
-        save_config_kwargs={"overwrite": True},
-        # TestReport: `minillm test` writes <checkpoint stem>.test.json next to the checkpoint
-        trainer_defaults={"callbacks": [InterruptCheckpoint(), TestReport()]},
-    )
-    return MiniLLMCLI(StageModule, LightningDataModule, **{**settings, **cli_kwargs})
 
 
 def wants_help(argv: list[str]) -> bool:
@@ -198,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
             with_env = env_overrides(argv)
             if from_shell:  # keep sys.argv truthful: DDP's launcher re-runs it for the other ranks
                 sys.argv = sys.argv[:1] + with_env
+            from minillm_lightning.trainer_cli import run_lightning
+
             run_lightning(None if from_shell else with_env)
             if from_shell:
                 exit_now(0)

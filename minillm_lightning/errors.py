@@ -21,3 +21,17 @@ class ResourceError(MiniLLMError):
 
 class ConfigError(MiniLLMError):
     """Settings that contradict each other (e.g. a data length above the model context)."""
+
+
+def worker_crash_report(exception: BaseException | None) -> RuntimeError | None:
+    """PyTorch's error for a DataLoader worker that exited unexpectedly (killed, out of memory, segfault).
+
+    Found in ``exception`` itself or in its causes and contexts (see ``await_worker_report``); None if absent.
+    """
+    seen: set[int] = set()
+    while exception is not None and id(exception) not in seen:
+        if isinstance(exception, RuntimeError) and "DataLoader worker" in str(exception):
+            return exception
+        seen.add(id(exception))
+        exception = exception.__cause__ or exception.__context__
+    return None

@@ -204,3 +204,28 @@ def test_clear_errors_without_traceback(workdir: Path, tiny_pretrain_ckpt: Path)
     assert missing.returncode == 2 and "matches no file" in missing.stderr and "Traceback" not in missing.stderr
     wrong = minillm(["fit", "--config", CONFIG, *FAST, "--ckpt_path", "nope.ckpt"], workdir)
     assert wrong.returncode == 2 and "no such file" in wrong.stderr
+
+
+def test_light_verbs_start_without_lightning() -> None:
+    """`minillm --help` loads neither torch nor Lightning; generate/chat/eval/export load torch but not Lightning
+    (the package's names are resolved on first use), and every public name still imports from the package."""
+    probe = (
+        "import sys, importlib\n"
+        "from minillm_lightning.cli import main\n"
+        "top = {m for m in ('torch', 'lightning') if m in sys.modules}\n"
+        "for verb in ('generate', 'chat', 'eval', 'export'):\n"
+        "    importlib.import_module('minillm_lightning.commands.' + {'chat': 'generate'}.get(verb, verb))\n"
+        "light = {m for m in ('torch', 'lightning', 'torchmetrics') if m in sys.modules}\n"
+        "import minillm_lightning\n"
+        "names = [getattr(minillm_lightning, n).__name__ for n in minillm_lightning.__all__ if n != 'TASKS']\n"
+        "print(sorted(top), sorted(light), len(names), 'lightning' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import minillm_lightning
+
+    assert run.stdout.split() == ["[]", "['torch']", str(len(minillm_lightning.__all__) - 1), "True"], run.stdout
+
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchModule'"):
+        minillm_lightning.NoSuchModule  # noqa: B018
+    assert {"PretrainModule", "RegressionSuite", "MemoryGuard", "GradientHealthMonitor"} <= set(dir(minillm_lightning))

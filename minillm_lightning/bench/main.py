@@ -237,10 +237,10 @@ class _ClockCallback(Callback):
 def instantiate(config: str, overrides: list[str]) -> Any:
     """The LightningCLI of ``minillm fit --config config overrides...``, instantiated but not run.
 
-    Mirrors :func:`minillm_lightning.cli.run_lightning` with ``run=False`` (no subcommand then) and without the
+    Mirrors :func:`minillm_lightning.trainer_cli.run_lightning` with ``run=False`` (no subcommand then) and without the
     SaveConfigCallback (a benchmark must not write config.yaml next to real runs).
     """
-    from minillm_lightning.cli import run_lightning
+    from minillm_lightning.trainer_cli import run_lightning
 
     with warnings.catch_warnings():  # our own argv (`bench ...`) is not meant for the CLI: say nothing about it
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")

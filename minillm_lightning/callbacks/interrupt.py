@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from minillm_lightning.errors import worker_crash_report
 from minillm_lightning.lightning_private import last_saved_step, mark_last_saved
 
 
@@ -31,20 +32,6 @@ def resume_command(argv: list[str] | None = None) -> str:
             continue
         out.append(a)
     return shlex.join(out + ["--ckpt_path", "last"])
-
-
-def worker_crash_report(exception: BaseException | None) -> RuntimeError | None:
-    """PyTorch's error for a DataLoader worker that exited unexpectedly (killed, out of memory, segfault).
-
-    Found in ``exception`` itself or in its causes and contexts (see ``await_worker_report``); None if absent.
-    """
-    seen: set[int] = set()
-    while exception is not None and id(exception) not in seen:
-        if isinstance(exception, RuntimeError) and "DataLoader worker" in str(exception):
-            return exception
-        seen.add(id(exception))
-        exception = exception.__cause__ or exception.__context__
-    return None
 
 
 def is_worker_crash(exception: BaseException | None) -> bool:
