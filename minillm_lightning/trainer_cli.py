@@ -89,9 +89,13 @@ def _not_an_advert(record: logging.LogRecord) -> bool:
 
 def quiet_lightning_notices() -> None:
     """Drop what Lightning prints on every run that says nothing about the run: its "💡 Tip" adverts for litlogger
-    and litmodels, and a deprecation warning raised inside its own use of torch's pytree (nothing a user can fix)."""
+    and litmodels, a deprecation warning raised inside its own use of torch's pytree (nothing a user can fix), and
+    its caution that an ``IterableDataset`` with ``__len__`` may be miscounted by several DataLoader workers: the
+    only iterable datasets here are LitData's streaming datasets, which split their chunks among workers and ranks
+    themselves (the training summary counted it as a warning on every pretraining run)."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 def run_lightning(args: list[str] | None = None, **cli_kwargs) -> MiniLLMCLI:

@@ -272,7 +272,7 @@ class GradientHealthMonitor(StatefulCallback):
     def _stop(self, trainer: L.Trainer) -> None:
         cb = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
         path = Path(cb.dirpath if cb is not None and cb.dirpath else trainer.default_root_dir) / "nonfinite.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         trainer.should_stop = True
         rank_zero_warn(
             f"GradientHealthMonitor: stopped training at step {trainer.global_step} after non-finite gradients or "

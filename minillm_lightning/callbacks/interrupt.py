@@ -107,7 +107,7 @@ class InterruptCheckpoint(Callback):
 
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.checkpoint_callbacks and trainer.global_step > 0 and self._saved_step != trainer.global_step:
-            trainer.save_checkpoint(last_checkpoint_path(trainer))
+            trainer.save_checkpoint(last_checkpoint_path(trainer), weights_only=False)
             self._saved_step = trainer.global_step
             mark_last_saved(trainer)  # ModelCheckpoint would otherwise rewrite it in on_train_end
 
@@ -125,7 +125,9 @@ class InterruptCheckpoint(Callback):
         path = last_checkpoint_path(trainer)
         for attempt in range(3):
             try:
-                trainer.save_checkpoint(path)  # written atomically: an interrupted save leaves no file
+                trainer.save_checkpoint(
+                    path, weights_only=False
+                )  # written atomically: an interrupted save leaves no file
                 break
             except RuntimeError as report:
                 # a worker's death reported mid-save (e.g. SIGTERM sent to the whole process group): PyTorch

@@ -433,7 +433,7 @@ class MemoryGuard(Callback):
             cb = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
             path = Path(cb.dirpath if cb is not None and cb.dirpath else trainer.default_root_dir) / "oom.ckpt"
             try:
-                trainer.save_checkpoint(path)
+                trainer.save_checkpoint(path, weights_only=False)
                 saved = f"\nSaved {path} (step {trainer.global_step}); resume with --ckpt_path {path}"
             except Exception as e:  # best effort: memory is short, saving can fail too
                 saved = f"\n(could not save a checkpoint: {e})"
