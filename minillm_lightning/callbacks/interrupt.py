@@ -125,9 +125,8 @@ class InterruptCheckpoint(Callback):
         path = last_checkpoint_path(trainer)
         for attempt in range(3):
             try:
-                trainer.save_checkpoint(
-                    path, weights_only=False
-                )  # written atomically: an interrupted save leaves no file
+                # written atomically: an interrupted save leaves no file
+                trainer.save_checkpoint(path, weights_only=False)
                 break
             except RuntimeError as report:
                 # a worker's death reported mid-save (e.g. SIGTERM sent to the whole process group): PyTorch
