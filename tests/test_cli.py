@@ -210,11 +210,13 @@ def test_clear_errors_without_traceback(workdir: Path, tiny_pretrain_ckpt: Path)
 
 
 def test_light_verbs_start_without_lightning() -> None:
-    """`minillm --help` loads neither torch nor Lightning; generate/chat/eval/export load torch but not Lightning
-    (the package's names are resolved on first use), and every public name still imports from the package."""
+    """`minillm --help` and `minillm bench`'s option parsing load neither torch nor Lightning; generate, chat, eval
+    and export load torch but not Lightning (the package's names are resolved on first use), and every public name
+    still imports from the package."""
     probe = (
         "import sys, importlib\n"
         "from minillm_lightning.cli import main\n"
+        "from minillm_lightning.bench.args import parse_args\n"
         "top = {m for m in ('torch', 'lightning') if m in sys.modules}\n"
         "for verb in ('generate', 'chat', 'eval', 'export'):\n"
         "    importlib.import_module('minillm_lightning.commands.' + {'chat': 'generate'}.get(verb, verb))\n"

@@ -39,6 +39,7 @@ import psutil
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from minillm_lightning.bench.args import DEFAULT_CONFIGS, DEFAULT_SECTIONS, parse_args
 from minillm_lightning.bench.dpo import dpo_section, format_dpo
 from minillm_lightning.bench.eval import eval_section, format_eval
 from minillm_lightning.bench.nanogpt import format_nanogpt, run_nanogpt
@@ -49,10 +50,6 @@ from minillm_lightning.generation import GenerationConfig, TextGenerator
 from minillm_lightning.losses import lm_loss
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
 
-SECTIONS = ("train", "loop", "decode", "data", "dpo", "serve", "eval", "profile")
-# the profile and the serving benchmark (it starts a server per config) are asked for by name
-DEFAULT_SECTIONS = [s for s in SECTIONS if s not in ("profile", "serve")]
-DEFAULT_CONFIGS = ["configs/pretrain_tiny.yaml", "configs/pretrain_small.yaml"]
 # plain `minillm bench` on a CPU: pretrain_small as configured (batch 32 x 512, bf16-mixed) takes tens of seconds
 # per step there, so the default run measures it at batch 4 in fp32 with few steps (minutes instead of an hour)
 CPU_SMALL_DEFAULTS = dict(batch_size=4, precision="32-true", steps=5, warmup=1)
@@ -669,73 +666,6 @@ def fit_wall(config: str, keep: bool, overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-# ---- command line ----
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="minillm bench",
-        description="Training, decoding and data-preparation speed of configs; see docs/performance.md.",
-    )
-    p.add_argument(
-        "--config", action="append", default=None, help=f"config to measure (repeatable; default {DEFAULT_CONFIGS})"
-    )
-    p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per repetition")
-    p.add_argument("--warmup", type=int, default=3, help="optimizer steps run before measuring (>= 1)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating Lightning / plain-loop repetitions (median)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    p.add_argument("--precision", default=None, help="override the configs' trainer.precision (e.g. 32-true)")
-    p.add_argument(
-        "--sections",
-        default=None,
-        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but profile and serve)",
-    )
-    p.add_argument("--decode-lengths", type=_ints, default=[128, 256, 512], help="new tokens per decode run")
-    p.add_argument("--beam-length", type=int, default=128, help="new tokens of the beam search vs greedy run")
-    p.add_argument(
-        "--eval-vocab", type=int, default=None, help="eval section: vocabulary of its random model (default: config's)"
-    )
-    p.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak FLOP/s (cpu 2048, gpu 8192)")
-    p.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra config override for every run, e.g. data.init_args.batch_size=8 (repeatable)",
-    )
-    p.add_argument("--output", default=None, help="write the results as JSON to this file")
-    p.add_argument("--fit-wall", metavar="CONFIG", default=None, help="time a complete `minillm fit --config CONFIG`")
-    p.add_argument("--keep", action="store_true", help="--fit-wall: run in the current directory and keep the run")
-    p.add_argument(
-        "--nanogpt",
-        metavar="PATH",
-        type=Path,
-        default=None,
-        help="run nanoGPT's CPU Shakespeare-char recipe from this nanoGPT checkout, then --fit-wall (default "
-        "configs/shakespeare_char.yaml), and print both wall times and the ratio",
-    )
-    p.add_argument("--nanogpt-iters", type=int, default=2000, help="--nanogpt: iterations of nanoGPT's recipe")
-    p.add_argument(
-        "--nanogpt-text",
-        type=Path,
-        default=Path("data/tinyshakespeare/input.txt"),
-        help="--nanogpt: Tiny Shakespeare text for nanoGPT's prepare.py (instead of its download)",
-    )
-    args = p.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
-        p.error("--warmup, --steps and --repeats must be >= 1")
-    bad = set((args.sections or ",".join(SECTIONS)).split(",")) - set(SECTIONS)
-    if bad:
-        p.error(f"--sections: unknown {sorted(bad)}; choose from {','.join(SECTIONS)}")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    return args
-
-
 def _fmt(x: Any, unit: str = "", digits: int = 3) -> str:
     if x is None:
         return "-"
@@ -825,8 +755,12 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def bench_main(argv: list[str]) -> dict[str, Any]:
-    """Entry point of ``minillm bench``; returns the results it prints (and writes with ``--output``)."""
-    args = parse_args(argv)
+    """``minillm bench`` from its arguments; returns the results it prints (and writes with ``--output``)."""
+    return run_bench(parse_args(argv))
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the measurements ``args`` (from :func:`parse_args`) ask for, print them and return them."""
     if args.output and Path(args.output).is_dir():  # checked now, not after minutes of measuring
         from minillm_lightning.errors import MiniLLMError
 
