@@ -1,6 +1,8 @@
 """Error types whose messages are meant for users: each names the file/line/field at fault and the fix.
 
-The ``minillm`` command prints them without a traceback."""
+The ``minillm`` command prints them without a traceback. :func:`worker_crash_report` finds PyTorch's report of a dead
+DataLoader worker behind an exception; it lives here, free of Lightning, because the command's error path needs it.
+"""
 
 
 class MiniLLMError(ValueError):
