@@ -23,7 +23,7 @@ EXTRA_VERBS: dict[str, str] = {
     "export": "minillm_lightning.commands.export:export_main",
     "download": "minillm_lightning.commands.download:download_main",
     "pipeline": "minillm_lightning.commands.pipeline:pipeline_main",
-    "bench": "minillm_lightning.bench.args:bench_entry",
+    "bench": "minillm_lightning.bench.args:bench_main",
     "prepare": "minillm_lightning.commands.prepare:prepare_main",
     "serve": "minillm_lightning.commands.serve:serve_main",
 }

@@ -28,7 +28,8 @@ class ConfigError(MiniLLMError):
 def worker_crash_report(exception: BaseException | None) -> RuntimeError | None:
     """PyTorch's error for a DataLoader worker that exited unexpectedly (killed, out of memory, segfault).
 
-    Found in ``exception`` itself or in its causes and contexts (see ``await_worker_report``); None if absent.
+    Found in ``exception`` itself or in its causes and contexts (see ``callbacks.interrupt.await_worker_report``);
+    None if absent.
     """
     seen: set[int] = set()
     while exception is not None and id(exception) not in seen:

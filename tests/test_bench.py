@@ -11,7 +11,8 @@ import pytest
 import yaml
 from conftest import ROOT, SAMPLE
 
-from minillm_lightning.bench.main import bench_main, flops_per_token
+from minillm_lightning.bench.args import bench_main, parse_args
+from minillm_lightning.bench.main import flops_per_token
 from minillm_lightning.model import MiniGPTConfig
 
 MICRO = dict(size="custom", n_layer=2, dim=64, n_head=4, n_kv_head=2, block_size=64)
@@ -221,9 +222,9 @@ def test_cuda_branches_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
         else:
             assert peak is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert bench.parse_args(["--sections", "decode"]).device == "cuda"
+    assert parse_args(["--sections", "decode"]).device == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert bench.parse_args(["--sections", "decode"]).device == "cpu"
+    assert parse_args(["--sections", "decode"]).device == "cpu"
 
 
 def test_cuda_table_lines() -> None:

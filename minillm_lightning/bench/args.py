@@ -79,8 +79,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def bench_entry(argv: list[str]) -> dict[str, Any]:
-    """``minillm bench``: parse first (help and bad options need no torch), then import and run the measurements."""
+def bench_main(argv: list[str]) -> dict[str, Any]:
+    """``minillm bench``: parse first (help and bad options need no torch), then import and run the measurements;
+    returns the results it prints."""
     args = parse_args(argv)
     from minillm_lightning.bench.main import run_bench
 

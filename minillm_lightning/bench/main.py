@@ -39,7 +39,7 @@ import psutil
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from minillm_lightning.bench.args import DEFAULT_CONFIGS, DEFAULT_SECTIONS, parse_args
+from minillm_lightning.bench.args import DEFAULT_CONFIGS, DEFAULT_SECTIONS
 from minillm_lightning.bench.dpo import dpo_section, format_dpo
 from minillm_lightning.bench.eval import eval_section, format_eval
 from minillm_lightning.bench.nanogpt import format_nanogpt, run_nanogpt
@@ -57,7 +57,7 @@ DECODE_PROMPT_LEN = 16  # random prompt tokens before the timed new tokens
 MB = 1024 * 1024
 CPU = torch.device("cpu")
 
-__all__ = ["StepClock", "bench_main", "flops_per_token", "measure_peak_flops", "plain_loop_run"]
+__all__ = ["StepClock", "flops_per_token", "measure_peak_flops", "plain_loop_run", "run_bench"]
 
 
 # ---- the machine ----
@@ -675,7 +675,7 @@ def _fmt(x: Any, unit: str = "", digits: int = 3) -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The human-readable summary of :func:`bench_main`'s results."""
+    """The human-readable summary of :func:`run_bench`'s results."""
     lines = []
     m = results["machine"]
     lines.append(f"machine: {m['device_name']}, torch {m['torch']}, lightning {m['lightning']}, {m['threads']} threads")
@@ -754,13 +754,9 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bench_main(argv: list[str]) -> dict[str, Any]:
-    """``minillm bench`` from its arguments; returns the results it prints (and writes with ``--output``)."""
-    return run_bench(parse_args(argv))
-
-
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the measurements ``args`` (from :func:`parse_args`) ask for, print them and return them."""
+    """Run the measurements ``args`` (from :func:`parse_args`) ask for, print them and return them (and write them
+    with ``--output``)."""
     if args.output and Path(args.output).is_dir():  # checked now, not after minutes of measuring
         from minillm_lightning.errors import MiniLLMError
 
