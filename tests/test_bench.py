@@ -272,3 +272,88 @@ def test_nanogpt_mode_runs_its_prepare_and_recipe(tmp_path: Path) -> None:
     assert "| ours / nanoGPT (wall; cost per token) | | **x0.50** | | **x2.00** |" in table
     with pytest.raises(MiniLLMError, match="not a nanoGPT checkout"):
         run_nanogpt(tmp_path, text)
+
+
+STAND_IN_MODEL = """
+import json, os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CALLS = os.path.join(os.path.dirname(__file__), "calls.json")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.1
+    bias: bool = True
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        shape = (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size)
+        assert shape == (4, 4, 128, 64, 65) and config.dropout == 0.0 and not config.bias, config
+        print("number of parameters: 0.80M")
+        self.emb, self.head, self.calls = nn.Embedding(65, 128), nn.Linear(128, 65), 0
+
+    def forward(self, idx, targets):
+        assert idx.shape == (12, 64) and targets.shape == (12, 64)
+        self.calls += 1
+        with open(CALLS, "w") as f:
+            json.dump(self.calls, f)
+        logits = self.head(self.emb(idx))
+        return logits, F.cross_entropy(logits.view(-1, 65), targets.view(-1))
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        assert device_type == "cpu"
+        print("using fused AdamW: False")
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay)
+"""
+
+
+def test_nanostep_times_both_steps_in_one_process(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A stand-in nanoGPT ``model.py`` (nanoGPT is not vendored) is built at nanoGPT's CPU shape and stepped as its
+    train.py does; our variants run alternating with it; the ratios are per round against its time."""
+    from minillm_lightning.bench import step
+    from minillm_lightning.errors import MiniLLMError
+
+    (tmp_path / "model.py").write_text(STAND_IN_MODEL)
+    res = step.nanostep_section(tmp_path, rounds=3, steps=2, variants=(("adamw", False), ("muon", False)))
+    assert json.loads((tmp_path / "calls.json").read_text()) == 3 + 3 * 2  # first step + 2 warm-up, then 3 x 2
+    assert "number of parameters" not in capsys.readouterr().out  # nanoGPT's own prints are kept out
+    rows = res["rows"]
+    assert list(rows) == ["nanoGPT", "adamw eager", "muon eager"]
+    assert rows["nanoGPT"]["ratio"] == rows["nanoGPT"]["ratio_min"] == rows["nanoGPT"]["ratio_max"] == 1.0
+    for row in rows.values():
+        assert row["ms_per_step"] > 0 and row["first_step_s"] > 0
+        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+    table = step.format_nanostep(res)
+    assert "4x128, 4 heads, context 64, batch 12" in table and "| ours, muon eager |" in table
+    assert f"**x{rows['adamw eager']['ratio']:.2f}**" in table
+    with pytest.raises(MiniLLMError, match="no model.py"):
+        step.nanostep_section(tmp_path / "missing")
+
+
+def test_nanostep_needs_a_checkout_and_runs_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--sections nanostep`` without ``--nanogpt`` is refused before anything runs; with it, no config is measured
+    and nanoGPT's full recipe is not run (that is ``--nanogpt`` without ``--sections``)."""
+    from minillm_lightning.bench import main
+
+    with pytest.raises(SystemExit):
+        parse_args(["--sections", "nanostep"])
+    seen = []
+    monkeypatch.setattr(
+        main, "nanostep_section", lambda path, **kw: seen.append((path, kw)) or {"shape": "s", "rows": {}}
+    )
+    monkeypatch.setattr(main, "run_nanogpt", lambda *a: pytest.fail("the full recipe ran"))
+    monkeypatch.setattr(main, "bench_config", lambda *a: pytest.fail("a config was measured"))
+    out = bench_main(["--nanogpt", str(tmp_path), "--sections", "nanostep", "--repeats", "4", "--steps", "7"])
+    assert seen == [(tmp_path, {"rounds": 4, "steps": 7})] and out["configs"] == {} and "fit_wall" not in out

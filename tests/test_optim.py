@@ -162,3 +162,43 @@ def test_muon_trains_under_lightning_and_refuses_sharded_strategies(tmp_path, pr
         PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, optimizer="sgd")
     with pytest.raises(ValueError, match="muon_ns_steps must be >= 1"):
         PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, muon_ns_steps=0)
+
+
+def test_stage_adamw_is_fused_on_a_cpu_and_updates_as_the_unfused_one() -> None:
+    """On a CPU in 32-true the stage's AdamW is PyTorch's fused one (one kernel per group); its updates equal the
+    for-each implementation's, taken as the reference; a clipped bf16-mixed run keeps the unfused one."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    module = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=40, weight_decay=0.1)
+    module.trainer = SimpleNamespace(max_steps=10, precision="32-true", gradient_clip_val=1.0)
+    opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+    ref_model = MiniGPT(module.arch)
+    ref_model.load_state_dict(module.model.state_dict())
+    index = {id(p): i for i, p in enumerate(module.model.parameters())}
+    ref_params = list(ref_model.parameters())
+    ref = torch.optim.AdamW(
+        [
+            {
+                "params": [ref_params[index[id(p)]] for p in g["params"]],
+                "weight_decay": g["weight_decay"],
+                "lr": g["lr"],
+            }
+            for g in opt.param_groups
+        ],
+        betas=opt.defaults["betas"],
+        foreach=True,
+    )
+    start = [p.detach().clone() for p in ref_params]
+    x = torch.randint(0, 40, (2, 16))
+    for _ in range(3):
+        for m, o in ((module.model, opt), (ref_model, ref)):
+            m(x).logits.square().mean().backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    for (name, p), q, p0 in zip(module.model.named_parameters(), ref_params, start):
+        assert not torch.equal(p, p0), name  # every parameter was updated
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    module.trainer = SimpleNamespace(max_steps=10, precision="bf16-mixed", gradient_clip_val=1.0)
+    assert not module.configure_optimizers()["optimizer"].defaults["fused"]

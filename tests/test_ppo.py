@@ -391,12 +391,16 @@ def test_exact_resume(tmp_path, tiny_pretrain_ckpt, reward_ckpt):
 
 def test_fused_adamw_only_where_lightning_can_clip():
     """Fused AdamW unscales AMP gradients inside step(), so Lightning refuses to clip them: the base class keeps it
-    for unclipped or full-precision runs on CUDA, and PPO (manual optimization, clipping itself) never gets it."""
-    assert use_fused_adamw(on_cuda=True, precision="bf16-mixed", clips=False)
-    assert use_fused_adamw(on_cuda=True, precision="bf16-true", clips=True)
-    assert not use_fused_adamw(on_cuda=True, precision="bf16-mixed", clips=True)
-    assert not use_fused_adamw(on_cuda=True, precision="16-mixed", clips=True)
-    assert not use_fused_adamw(on_cuda=False, precision="32-true", clips=False)
+    for unclipped or non-mixed runs on a GPU or a CPU, never for clipped mixed-precision runs (PPO's manual
+    optimization clips itself), and not on a device PyTorch does not fuse on."""
+    assert use_fused_adamw({"cuda"}, precision="bf16-mixed", clips=False)
+    assert use_fused_adamw({"cuda"}, precision="bf16-true", clips=True)
+    assert use_fused_adamw({"cpu"}, precision="32-true", clips=True)
+    assert not use_fused_adamw({"cuda"}, precision="bf16-mixed", clips=True)
+    assert not use_fused_adamw({"cpu"}, precision="bf16-mixed", clips=True)
+    assert not use_fused_adamw({"cuda"}, precision="16-mixed", clips=True)
+    assert not use_fused_adamw({"mps"}, precision="32-true", clips=False)
+    assert not use_fused_adamw({"cpu", "meta"}, precision="32-true", clips=False)
 
 
 def test_bf16_mixed_clips_gradients_with_lightning(tmp_path, tiny_pretrain_ckpt):

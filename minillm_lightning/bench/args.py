@@ -7,9 +7,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("train", "loop", "decode", "data", "dpo", "serve", "eval", "profile")
+SECTIONS = ("train", "loop", "decode", "data", "dpo", "serve", "eval", "profile", "nanostep")
 # the profile and the serving benchmark (it starts a server per config) are asked for by name
-DEFAULT_SECTIONS = [s for s in SECTIONS if s not in ("profile", "serve")]
+DEFAULT_SECTIONS = [s for s in SECTIONS if s not in ("profile", "serve", "nanostep")]
 DEFAULT_CONFIGS = ["configs/pretrain_tiny.yaml", "configs/pretrain_small.yaml"]
 
 
@@ -33,7 +33,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--sections",
         default=None,
-        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but profile and serve)",
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but profile, serve and nanostep; "
+        "nanostep: a training step of our block against nanoGPT's at its shape, needs --nanogpt)",
     )
     p.add_argument("--decode-lengths", type=_ints, default=[128, 256, 512], help="new tokens per decode run")
     p.add_argument("--beam-length", type=int, default=128, help="new tokens of the beam search vs greedy run")
@@ -57,7 +58,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=Path,
         default=None,
         help="run nanoGPT's CPU Shakespeare-char recipe from this nanoGPT checkout, then --fit-wall (default "
-        "configs/shakespeare_char.yaml), and print both wall times and the ratio",
+        "configs/shakespeare_char.yaml), and print both wall times and the ratio; with --sections nanostep (and "
+        "no --fit-wall): only the per-step comparison",
     )
     p.add_argument("--nanogpt-iters", type=int, default=2000, help="--nanogpt: iterations of nanoGPT's recipe")
     p.add_argument(
@@ -72,6 +74,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = set((args.sections or ",".join(SECTIONS)).split(",")) - set(SECTIONS)
     if bad:
         p.error(f"--sections: unknown {sorted(bad)}; choose from {','.join(SECTIONS)}")
+    if "nanostep" in (args.sections or "").split(",") and args.nanogpt is None:
+        p.error("--sections nanostep compares against nanoGPT: give --nanogpt PATH (a nanoGPT checkout)")
     if args.device == "auto":
         import torch
 

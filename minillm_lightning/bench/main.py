@@ -45,6 +45,7 @@ from minillm_lightning.bench.eval import eval_section, format_eval
 from minillm_lightning.bench.nanogpt import format_nanogpt, run_nanogpt
 from minillm_lightning.bench.profile import format_profile, profile_section
 from minillm_lightning.bench.serve import format_serve, serve_section
+from minillm_lightning.bench.step import format_nanostep, nanostep_section
 from minillm_lightning.callbacks.throughput import compute_dtype, device_peak_flops, flops_per_token
 from minillm_lightning.generation import GenerationConfig, TextGenerator
 from minillm_lightning.losses import lm_loss
@@ -739,6 +740,8 @@ def format_table(results: dict[str, Any]) -> str:
                     f"{_fmt(d['prepared_tokens'])} tokens prepared in {_fmt(d['prepare_s'], ' s')} "
                     f"({_fmt(d['prepare_tokens_per_sec'], ' tok/s')}, {_fmt(d['prepare_mb_per_sec'], ' MB/s')})"
                 )
+    if results.get("nanostep"):
+        lines.append(format_nanostep(results["nanostep"]))
     if results.get("nanogpt"):
         lines.append(f"\nnanoGPT: python {results['nanogpt']['command']}")
         lines.append(format_nanogpt(results["nanogpt"], results["fit_wall"]))
@@ -761,11 +764,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         from minillm_lightning.errors import MiniLLMError
 
         raise MiniLLMError(f"--output {args.output} is a directory; give a JSON file path such as {args.output}/b.json")
-    if args.nanogpt is not None and args.fit_wall is None:
+    nano_wall = args.nanogpt is not None and (args.sections is None or args.fit_wall is not None)
+    if nano_wall and args.fit_wall is None:
         args.fit_wall = "configs/shakespeare_char.yaml"
-    only_wall = args.fit_wall is not None and args.config is None and args.sections is None
-    configs = [] if only_wall else (args.config or DEFAULT_CONFIGS)
     sections = set((args.sections or ",".join(DEFAULT_SECTIONS)).split(","))
+    # a complete fit, or the step against nanoGPT, alone: no config's sections unless --config names one
+    only_wall = args.fit_wall is not None and args.sections is None
+    configs = (
+        [] if args.config is None and (only_wall or sections == {"nanostep"}) else (args.config or DEFAULT_CONFIGS)
+    )
     device = torch.device(args.device)
     results: dict[str, Any] = {
         "machine": {
@@ -792,7 +799,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             )
         results["configs"][config] = bench_config(config, run_args, sections, peaks)
     results["machine"]["peak_tflops"] = {k: v / 1e12 for k, v in peaks.items()}
-    if args.nanogpt is not None:  # nanoGPT right before ours: both see the same machine state
+    if "nanostep" in sections:
+        results["nanostep"] = nanostep_section(args.nanogpt, rounds=args.repeats, steps=args.steps)
+    if nano_wall:  # nanoGPT right before ours: both see the same machine state
         results["nanogpt"] = run_nanogpt(args.nanogpt, args.nanogpt_text, args.nanogpt_iters)
     if args.fit_wall:
         results["fit_wall"] = fit_wall(args.fit_wall, args.keep, args.override)

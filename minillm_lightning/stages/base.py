@@ -99,11 +99,13 @@ class OptimConfig:
         )
 
 
-def use_fused_adamw(on_cuda: bool, precision: str, clips: bool) -> bool:
-    """Whether a stage gets the fused AdamW: the fastest on a GPU, but it unscales AMP gradients inside ``step()``,
-    and Lightning's mixed-precision plugin then refuses to clip them. So not when gradients are clipped under a
-    mixed precision: Trainer-level ``gradient_clip_val``, or manual optimization, which clips by itself."""
-    return on_cuda and not ("mixed" in precision and clips)
+def use_fused_adamw(device_types: set[str], precision: str, clips: bool) -> bool:
+    """Whether a stage gets the fused AdamW (one kernel per parameter group, on a GPU and on a CPU): the fastest,
+    but it unscales AMP gradients inside ``step()``, and Lightning's mixed-precision plugin then refuses to clip
+    them. So not when gradients are clipped under a mixed precision: Trainer-level ``gradient_clip_val``, or manual
+    optimization, which clips by itself. ``device_types``: where the parameters live (PyTorch fuses on cpu and
+    cuda only)."""
+    return bool(device_types) and device_types <= {"cpu", "cuda"} and not ("mixed" in precision and clips)
 
 
 def rng_states() -> dict[str, Any]:
@@ -303,8 +305,8 @@ class StageModule(L.LightningModule):
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # manual optimization (PPO) clips inside its steps with self.clip_gradients
         clips = not self.automatic_optimization or bool(self.trainer.gradient_clip_val)
-        on_cuda = all(p.is_cuda for p in self.parameters())
-        fused = use_fused_adamw(on_cuda, str(self.trainer.precision), clips)
+        device_types = {p.device.type for p in self.parameters()}
+        fused = use_fused_adamw(device_types, str(self.trainer.precision), clips)
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, fused=fused or None)
 
     def _muon_optimizer(self) -> torch.optim.Optimizer:

@@ -300,7 +300,7 @@ class PPOModule(RolloutMixin, StageModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Record the gradient norm and clip, inside the optimizer step: after AMP unscaling, on true gradients.
-        (With manual optimization the base class picks a non-fused AdamW, which Lightning can clip.)"""
+        (Under a mixed precision the base class then picks a non-fused AdamW, which Lightning can clip.)"""
         params = [p for p in self.parameters() if p.grad is not None]
         if not params:
             return
