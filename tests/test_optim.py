@@ -202,3 +202,39 @@ def test_stage_adamw_is_fused_on_a_cpu_and_updates_as_the_unfused_one() -> None:
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     module.trainer = SimpleNamespace(max_steps=10, precision="bf16-mixed", gradient_clip_val=1.0)
     assert not module.configure_optimizers()["optimizer"].defaults["fused"]
+
+
+def test_compile_runs_training_steps_compiled_and_evaluation_eager(tmp_path, pretrain_dm_factory, monkeypatch) -> None:
+    """``compile=True``: training steps call the backbone through ``torch.compile``, validation the eager one (it
+    would need graphs of its own); the stored weights stay under ``model.`` only. torch.compile is replaced by a
+    recorder that wraps the backbone, so which path each step takes is observable without paying for a compile."""
+    calls: list[bool] = []
+
+    def recording_compile(model):
+        assert isinstance(model, MiniGPT)
+
+        def compiled(*args, **kwargs):
+            calls.append(torch.is_grad_enabled())
+            return model(*args, **kwargs)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    dm = pretrain_dm_factory()
+    module = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, compile=True)
+    seen: list[tuple[bool, bool]] = []  # (training, compiled) at every batch
+
+    class Spy(__import__("lightning").pytorch.callbacks.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            seen.append((pl_module.training, pl_module._forward is not pl_module.model))
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+            seen.append((pl_module.training, pl_module._forward is not pl_module.model))
+
+    trainer = micro_trainer(tmp_path, max_steps=3, val_check_interval=3, limit_val_batches=2, callbacks=[Spy()])
+    trainer.fit(module, datamodule=dm)
+    assert calls == [True, True, True]  # the three training steps, with autograd; no validation batch
+    assert seen == [(True, True)] * 3 + [(False, False)] * 2
+    assert all(k.startswith("model.") for k in module.state_dict())
+    eager = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
+    assert eager.train()._forward is eager.model and len(calls) == 3  # compile=False: never compiled
