@@ -43,6 +43,7 @@ def _nanogpt_model(checkout: Path) -> Any:
 
 
 def _nanogpt_step(checkout: Path) -> Any:
+    """A function taking one training step of nanoGPT's model at its CPU shape, as its ``train.py`` does."""
     ng = _nanogpt_model(checkout)
     cfg = ng.GPTConfig(
         block_size=BLOCK, vocab_size=VOCAB, n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH, dropout=0.0, bias=False
@@ -62,6 +63,8 @@ def _nanogpt_step(checkout: Path) -> Any:
 
 
 def _our_step(optimizer: str, compile: bool) -> Any:
+    """A function taking one ``PretrainModule`` training step at nanoGPT's shape, as the plain loop of
+    :func:`minillm_lightning.bench.main.plain_loop_run` does (same loss, clipping and optimizer construction)."""
     from minillm_lightning.bench.main import _optimizer
     from minillm_lightning.stages.pretrain import PretrainModule
 
@@ -121,6 +124,7 @@ def nanostep_section(
 
 
 def format_nanostep(res: dict[str, Any]) -> str:
+    """The Markdown table of :func:`nanostep_section`'s results, nanoGPT's row first."""
     lines = [
         "",
         f"Training step at nanoGPT's shape ({res['shape']}), one process, variants alternating:",
