@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 from jsonargparse import set_parsing_settings
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -23,8 +24,36 @@ from minillm_lightning.errors import CheckpointError
 from minillm_lightning.stages.base import StageModule
 
 
+class StepBoundRichProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, without the "Epoch 0/-2" it shows for a run bounded by ``max_steps``.
+
+    Lightning labels the training bar ``Epoch {epoch}/{max_epochs - 1}``; every recipe here sets ``max_steps``
+    and leaves ``max_epochs`` unset, which Lightning stores as -1. Such runs are labelled ``Epoch {epoch}``, as
+    the TQDM bar labels every run. (Fixed in later Lightning releases than the 2.6 this was written against.)
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        # same padding as Lightning's: as wide as "Validation" so the bar does not jump between the two
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+
+
+def label_step_bound_runs(trainer: Trainer) -> None:
+    """Give a plain ``RichProgressBar`` (Lightning's default when ``rich`` is installed, or one a config lists
+    with its own theme) the step-bound label of :class:`StepBoundRichProgressBar`; every setting is kept."""
+    for callback in trainer.callbacks:
+        if type(callback) is RichProgressBar:
+            callback.__class__ = StepBoundRichProgressBar  # adds no state: only the label method differs
+
+
 class MiniLLMCLI(LightningCLI):
     """LightningCLI with the links every stage needs and checks on ``--ckpt_path``."""
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        label_step_bound_runs(self.trainer)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the model's vocabulary is whatever tokenizer the data module trained or loaded

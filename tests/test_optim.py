@@ -238,3 +238,70 @@ def test_compile_runs_training_steps_compiled_and_evaluation_eager(tmp_path, pre
     assert all(k.startswith("model.") for k in module.state_dict())
     eager = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
     assert eager.train()._forward is eager.model and len(calls) == 3  # compile=False: never compiled
+
+
+def test_compile_auto_compiles_on_cuda_with_one_device_or_ddp_only(monkeypatch) -> None:
+    """``compile=auto`` decides by device, strategy, Triton and GPU generation; the CUDA branches are checked
+    without a GPU by handing the decision a CUDA device and stand-ins for what it asks CUDA and Triton."""
+    import importlib.util
+
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    import minillm_lightning.stages.base as base
+
+    cuda = torch.device("cuda", 0)
+    capability = {"value": (8, 0)}
+    has_triton = {"value": True}
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (object() if has_triton["value"] else None) if name == "triton" else real_find_spec(name, *a),
+    )
+    assert base.why_not_compile(cuda, SingleDeviceStrategy(cuda)) is None
+    assert base.why_not_compile(cuda, DDPStrategy()) is None
+    cpu = base.why_not_compile(torch.device("cpu"), SingleDeviceStrategy(torch.device("cpu")))
+    assert cpu is not None and "on cpu" in cpu
+    assert "FSDPStrategy" in base.why_not_compile(cuda, FSDPStrategy())
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # a DDPStrategy subclass; needs no deepspeed here
+    assert "DeepSpeedStrategy" in base.why_not_compile(cuda, deepspeed)
+    capability["value"] = (6, 0)  # e.g. a P100
+    assert "compute capability" in base.why_not_compile(cuda, DDPStrategy())
+    capability["value"], has_triton["value"] = (9, 0), False
+    assert "Triton" in base.why_not_compile(cuda, SingleDeviceStrategy(cuda))
+    with pytest.raises(ConfigError, match="model.compile='yes'"):
+        PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=64, compile="yes")
+
+
+@pytest.mark.parametrize("decision", ["cpu", "pays back"])
+def test_compile_auto_follows_the_decision_at_fit_start(tmp_path, pretrain_dm_factory, monkeypatch, decision) -> None:
+    """A fit with ``compile=auto`` on this CPU stays eager; where the decision says the compile pays back, the
+    training steps go through torch.compile (a recorder here) and evaluation stays eager, as with compile=True."""
+    import minillm_lightning.stages.base as base
+
+    calls: list[bool] = []
+
+    def recording_compile(model):
+        def compiled(*args, **kwargs):
+            calls.append(torch.is_grad_enabled())
+            return model(*args, **kwargs)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    if decision == "pays back":
+        monkeypatch.setattr(base, "why_not_compile", lambda device, strategy: None)
+    messages: list[str] = []
+    monkeypatch.setattr(base, "rank_zero_info", lambda msg, *a, **k: messages.append(str(msg)))
+    dm = pretrain_dm_factory()
+    module = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, compile="auto")
+    assert module.__dict__["_compiled"] is None  # nothing is compiled before the trainer's device is known
+    micro_trainer(tmp_path, max_steps=2, val_check_interval=2, limit_val_batches=1).fit(module, datamodule=dm)
+    said = [m for m in messages if m.startswith("compile=auto")]
+    if decision == "cpu":
+        assert calls == [] and said == [
+            "compile=auto: eager (on cpu the compile did not repay its one-off cost in the recipes measured)"
+        ]
+    else:
+        assert calls == [True, True] and said == ["compile=auto: training steps compiled"]

@@ -8,6 +8,7 @@ and ``--print_config`` list every argument, flat: ``model.init_args.learning_rat
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from minillm_lightning.checkpoint import (
@@ -43,6 +45,27 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     remaining = 1 - progress if decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     return min_ratio + (1 - min_ratio) * remaining
+
+
+def why_not_compile(device: torch.device, strategy: Strategy) -> str | None:
+    """``compile="auto"``: None where ``torch.compile`` is expected to repay its one-off cost within a run, else
+    the reason it is left off.
+
+    On by default only for CUDA under one device or DDP. On the CPUs measured (docs/performance.md) the compile did
+    not repay itself: the Muon Shakespeare recipe's 750 steps do not win back a cold compile's ~25 s, and
+    pretrain_small's step is matmul-bound (2.6 s eager, 2.7 s compiled at batch 4). On a GPU the eager step of a
+    model this small is bound by kernel launches and memory passes that the compile fuses. FSDP and DeepSpeed wrap
+    the blocks themselves and are not tried with a compiled backbone; Triton, which compiles the GPU kernels, needs
+    a GPU of compute capability 7.0 or newer."""
+    if device.type != "cuda":
+        return f"on {device.type} the compile did not repay its one-off cost in the recipes measured"
+    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        return f"not tried with {type(strategy).__name__}"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton, which torch.compile needs on GPUs, is not installed"
+    if torch.cuda.get_device_capability(device) < (7, 0):
+        return "this GPU is older than Triton supports (compute capability 7.0)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -141,7 +164,8 @@ class StageModule(L.LightningModule):
         init_from: start a NEW stage from this checkpoint's weights (optimizer and counters start fresh).
             To continue the SAME run use ``--ckpt_path`` instead.
         compile: run the backbone through ``torch.compile`` in training steps (faster steps after a one-off
-            compile cost; validation, test and predict stay eager, see :attr:`_forward`).
+            compile cost; validation, test and predict stay eager, see :attr:`_forward`). ``auto``: only where it
+            is expected to pay back, on CUDA with one device or DDP (:func:`why_not_compile`); decided at fit start.
         **optim: the fields of :class:`OptimConfig` (``optimizer``, ``learning_rate``, ``muon_learning_rate``,
             ``weight_decay``, ``betas``, ``warmup``, ``min_lr_ratio``, ``decay``), given flat.
     """
@@ -159,10 +183,12 @@ class StageModule(L.LightningModule):
         arch: MiniGPTConfig | None = None,
         vocab_size: int | None = None,
         init_from: str | None = None,
-        compile: bool = False,
+        compile: bool | Literal["auto"] = False,
         **optim: Any,
     ) -> None:
         super().__init__()
+        if compile not in (True, False, "auto"):
+            raise ConfigError(f"model.compile={compile!r}: use true, false or auto")
         self.optim = OptimConfig(**optim)
         arch = arch if arch is not None else MiniGPTConfig(size="tiny")
         if isinstance(arch, dict):
@@ -208,7 +234,8 @@ class StageModule(L.LightningModule):
             load_backbone_weights(self.model, ckpt["state_dict"], f"init_from={init_from}")
         self.init_from = init_from
         # not a registered submodule (plain __dict__ entry): the weights are stored once, under `model.`
-        self.__dict__["_compiled"] = torch.compile(self.model) if compile else None
+        self.__dict__["_compiled"] = torch.compile(self.model) if compile is True else None
+        self.compile_setting = compile
 
     @property
     def _forward(self) -> Callable[..., GPTOutput]:
@@ -218,8 +245,16 @@ class StageModule(L.LightningModule):
         compiled = self.__dict__["_compiled"]
         return compiled if compiled is not None and self.training else self.model
 
-    # ---- tokenizer bookkeeping ----
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.compile_setting == "auto" and self.__dict__["_compiled"] is None:
+            why_not = why_not_compile(self.trainer.strategy.root_device, self.trainer.strategy)
+            if why_not is None:
+                self.__dict__["_compiled"] = torch.compile(self.model)
+            rank_zero_info(f"compile=auto: {'training steps compiled' if why_not is None else f'eager ({why_not})'}")
+        self._setup_tokenizer()
+
+    # ---- tokenizer bookkeeping ----
+    def _setup_tokenizer(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         dm_tok: Tokenizer | None = getattr(dm, "tokenizer", None) if dm is not None else None
         if dm_tok is not None:
