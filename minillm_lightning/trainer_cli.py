@@ -5,6 +5,7 @@ module only for those four verbs."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -95,6 +96,22 @@ class MiniLLMCLI(LightningCLI):
                 )
 
     def before_fit(self) -> None:
+        self._resolve_last()
+        self._quiet_own_checkpoint_dirs()
+
+    def _quiet_own_checkpoint_dirs(self) -> None:
+        """Drop Lightning's "Checkpoint directory ... exists and is not empty" where nothing is at stake: a first
+        run's directory holds only the logger's ``tb/`` (the recipes log beside their checkpoints), and a resumed
+        run writes on purpose where it left off. It stays for a new run into a directory holding checkpoints,
+        whose ``last.ckpt``/``best.ckpt`` that run will replace."""
+        resuming = bool(self.config_init[self.subcommand].get("ckpt_path"))
+        for cb in self.trainer.checkpoint_callbacks:
+            dirpath = getattr(cb, "dirpath", None)
+            if dirpath and (resuming or not any(Path(dirpath).glob("*.ckpt"))):
+                message = re.escape(f"Checkpoint directory {dirpath} exists and is not empty")
+                warnings.filterwarnings("ignore", message=message)
+
+    def _resolve_last(self) -> None:
         """``--ckpt_path last``: resume from the newest intact checkpoint, skipping damaged ones loudly."""
         cfg = self.config_init[self.subcommand]
         if cfg.get("ckpt_path") != "last":

@@ -156,8 +156,14 @@ def test_fit_writes_checkpoints_logs_config_and_stats(workdir: Path) -> None:
     out = r.stdout + r.stderr
     assert "Tip:" not in out and "LeafSpec" not in out and "IterableDataset" not in out and "weights_only" not in out
     assert "warnings: 0" in out  # the training summary saw none
+    assert "exists and is not empty" not in out  # the run's directory held only its own logs
     ckpt = torch.load(run / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 12 and "tokenizer" in ckpt
+    # a NEW run into the same directory will replace last.ckpt/best.ckpt: Lightning's caution stays
+    again = minillm(
+        ["fit", "--config", CONFIG, *FAST, "--trainer.max_steps=2", "--trainer.val_check_interval=2"], workdir
+    )
+    assert again.returncode == 0 and "exists and is not empty" in again.stdout + again.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -175,6 +181,7 @@ def test_signal_saves_and_resume_continues(workdir: Path, sig: signal.Signals) -
     r = minillm(["fit", "--config", CONFIG, *FAST, f"--trainer.max_steps={step + 4}", "--ckpt_path", "last"], workdir)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"continuing at step {step}" in r.stdout + r.stderr
+    assert "exists and is not empty" not in r.stdout + r.stderr  # resuming writes there on purpose
     assert torch.load(last, weights_only=True)["global_step"] == step + 4
 
 
