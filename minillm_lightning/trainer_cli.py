@@ -30,7 +30,7 @@ class StepBoundRichProgressBar(RichProgressBar):
 
     Lightning labels the training bar ``Epoch {epoch}/{max_epochs - 1}``; every recipe here sets ``max_steps``
     and leaves ``max_epochs`` unset, which Lightning stores as -1. Such runs are labelled ``Epoch {epoch}``, as
-    the TQDM bar labels every run. (Fixed in later Lightning releases than the 2.6 this was written against.)
+    the TQDM bar labels every run. Epoch-bound runs keep Lightning's label.
     """
 
     def _get_train_description(self, current_epoch: int) -> str:
