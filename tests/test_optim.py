@@ -204,10 +204,9 @@ def test_stage_adamw_is_fused_on_a_cpu_and_updates_as_the_unfused_one() -> None:
     assert not module.configure_optimizers()["optimizer"].defaults["fused"]
 
 
-def test_compile_runs_training_steps_compiled_and_evaluation_eager(tmp_path, pretrain_dm_factory, monkeypatch) -> None:
-    """``compile=True``: training steps call the backbone through ``torch.compile``, validation the eager one (it
-    would need graphs of its own); the stored weights stay under ``model.`` only. torch.compile is replaced by a
-    recorder that wraps the backbone, so which path each step takes is observable without paying for a compile."""
+def record_compiles(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Replace torch.compile by a recorder that wraps the backbone: each call of the "compiled" model appends
+    whether autograd was on, so which path each step takes is observable without paying for a compile."""
     calls: list[bool] = []
 
     def recording_compile(model):
@@ -220,6 +219,14 @@ def test_compile_runs_training_steps_compiled_and_evaluation_eager(tmp_path, pre
         return compiled
 
     monkeypatch.setattr(torch, "compile", recording_compile)
+    return calls
+
+
+def test_compile_runs_training_steps_compiled_and_evaluation_eager(tmp_path, pretrain_dm_factory, monkeypatch) -> None:
+    """``compile=True``: training steps call the backbone through ``torch.compile``, validation the eager one (it
+    would need graphs of its own); the stored weights stay under ``model.`` only. torch.compile is replaced by a
+    recorder that wraps the backbone, so which path each step takes is observable without paying for a compile."""
+    calls = record_compiles(monkeypatch)
     dm = pretrain_dm_factory()
     module = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, compile=True)
     seen: list[tuple[bool, bool]] = []  # (training, compiled) at every batch
@@ -280,16 +287,7 @@ def test_compile_auto_follows_the_decision_at_fit_start(tmp_path, pretrain_dm_fa
     training steps go through torch.compile (a recorder here) and evaluation stays eager, as with compile=True."""
     import minillm_lightning.stages.base as base
 
-    calls: list[bool] = []
-
-    def recording_compile(model):
-        def compiled(*args, **kwargs):
-            calls.append(torch.is_grad_enabled())
-            return model(*args, **kwargs)
-
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", recording_compile)
+    calls = record_compiles(monkeypatch)
     if decision == "pays back":
         monkeypatch.setattr(base, "why_not_compile", lambda device, strategy: None)
     messages: list[str] = []
