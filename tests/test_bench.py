@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT, SAMPLE
 
@@ -326,11 +328,20 @@ def test_nanostep_times_both_steps_in_one_process(tmp_path: Path, capsys: pytest
     from minillm_lightning.errors import MiniLLMError
 
     (tmp_path / "model.py").write_text(STAND_IN_MODEL)
-    res = step.nanostep_section(tmp_path, rounds=3, steps=2, variants=(("adamw", False), ("muon", False)))
+    ablations = (("layernorm",), step.ABLATIONS[-1])
+    res = step.nanostep_section(
+        tmp_path, rounds=3, steps=2, variants=(("adamw", False), ("muon", False)), ablations=ablations
+    )
     assert json.loads((tmp_path / "calls.json").read_text()) == 3 + 3 * 2  # first step + 2 warm-up, then 3 x 2
     assert "number of parameters" not in capsys.readouterr().out  # nanoGPT's own prints are kept out
     rows = res["rows"]
-    assert list(rows) == ["nanoGPT", "adamw eager", "muon eager"]
+    assert list(rows) == [
+        "nanoGPT",
+        "adamw eager",
+        "muon eager",
+        "adamw eager, SwiGLU width 341 + LayerNorm",
+        "adamw eager, LayerNorm + no RoPE + GELU 4x MLP",
+    ]
     assert rows["nanoGPT"]["ratio"] == rows["nanoGPT"]["ratio_min"] == rows["nanoGPT"]["ratio_max"] == 1.0
     for row in rows.values():
         assert row["ms_per_step"] > 0 and row["first_step_s"] > 0
@@ -356,4 +367,49 @@ def test_nanostep_needs_a_checkout_and_runs_alone(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(main, "run_nanogpt", lambda *a: pytest.fail("the full recipe ran"))
     monkeypatch.setattr(main, "bench_config", lambda *a: pytest.fail("a config was measured"))
     out = bench_main(["--nanogpt", str(tmp_path), "--sections", "nanostep", "--repeats", "4", "--steps", "7"])
-    assert seen == [(tmp_path, {"rounds": 4, "steps": 7})] and out["configs"] == {} and "fit_wall" not in out
+    assert seen == [(tmp_path, {"rounds": 4, "steps": 7, "ablations": ()})]
+    assert out["configs"] == {} and "fit_wall" not in out
+    bench_main(["--nanogpt", str(tmp_path), "--sections", "nanostep", "--ablate", "--steps", "1"])
+    assert seen[-1][1]["ablations"] == main.ABLATIONS
+    with pytest.raises(SystemExit):
+        parse_args(["--ablate"])  # the rows belong to the per-step comparison
+
+
+def test_nanostep_ablation_swaps_the_named_parts_for_nanogpts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ablated steps build what their rows say: a SwiGLU holding nanoGPT's MLP parameter count, LayerNorm in
+    place of every RMSNorm, a 4x GELU MLP in place of every SwiGLU; without RoPE the model computes what it computes
+    with an identity rotation (cos 1, sin 0), and the rotation is back once the step is over."""
+    from minillm_lightning.bench import step
+    from minillm_lightning.model import gpt
+
+    def count(module, kind):
+        return sum(isinstance(m, kind) for m in module.modules())
+
+    base = step._our_module("adamw", False, ())
+    mlp = base.model.layers[0].mlp
+    nano_mlp = 2 * 4 * 128 * 128  # c_fc and c_proj of nanoGPT's block
+    assert abs(sum(p.numel() for p in mlp.parameters()) - nano_mlp) / nano_mlp < 0.002
+    assert step._our_module("adamw", False).model.config.intermediate_size == 384  # the default, unablated
+    ln = step._our_module("adamw", False, ("layernorm",))
+    assert count(ln, gpt.RMSNorm) == 0 and count(ln, torch.nn.LayerNorm) == 2 * 4 + 1
+    gelu = step._our_module("adamw", False, ("gelu",))
+    assert count(gelu, gpt.SwiGLU) == 0 and count(gelu, step._GeluMLP) == 4
+    assert gelu.model.layers[0].mlp(torch.ones(1, 128)).shape == (1, 128)
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 65, (2, 64))
+    no_rope = step._our_module("adamw", False, ())
+    with torch.no_grad():
+        rotated = no_rope.model(x).logits
+        with mock.patch.object(gpt, "apply_rope", step._no_rotation):
+            unrotated = no_rope.model(x).logits
+        no_rope.model.rope_cos.fill_(1.0)
+        no_rope.model.rope_sin_signed.fill_(0.0)
+        identity = no_rope.model(x).logits
+    torch.testing.assert_close(unrotated, identity)
+    assert not torch.allclose(rotated, identity)
+    calls = []
+    monkeypatch.setattr(step, "_no_rotation", lambda q, cos, sin: calls.append(q.shape) or q)
+    step._our_step("adamw", False, ("no-rope",))(x, x)
+    assert calls == [(2, 8, 64, 32)] * 4  # q and k of each layer, together, in every block
+    assert gpt.apply_rope.__name__ == "apply_rope"  # restored after the step

@@ -61,6 +61,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "configs/shakespeare_char.yaml), and print both wall times and the ratio; with --sections nanostep (and "
         "no --fit-wall): only the per-step comparison",
     )
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="--sections nanostep: also time our eager AdamW step with its SwiGLU narrowed to nanoGPT's MLP "
+        "parameter count, then with LayerNorm, no RoPE, a GELU MLP, and all three, in place of ours (where the "
+        "difference goes)",
+    )
     p.add_argument("--nanogpt-iters", type=int, default=2000, help="--nanogpt: iterations of nanoGPT's recipe")
     p.add_argument(
         "--nanogpt-text",
@@ -76,6 +83,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--sections: unknown {sorted(bad)}; choose from {','.join(SECTIONS)}")
     if "nanostep" in (args.sections or "").split(",") and args.nanogpt is None:
         p.error("--sections nanostep compares against nanoGPT: give --nanogpt PATH (a nanoGPT checkout)")
+    if args.ablate and "nanostep" not in (args.sections or "").split(","):
+        p.error("--ablate adds rows to the per-step comparison: use it with --sections nanostep")
     if args.device == "auto":
         import torch
 

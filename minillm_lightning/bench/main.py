@@ -45,7 +45,7 @@ from minillm_lightning.bench.eval import eval_section, format_eval
 from minillm_lightning.bench.nanogpt import format_nanogpt, run_nanogpt
 from minillm_lightning.bench.profile import format_profile, profile_section
 from minillm_lightning.bench.serve import format_serve, serve_section
-from minillm_lightning.bench.step import format_nanostep, nanostep_section
+from minillm_lightning.bench.step import ABLATIONS, format_nanostep, nanostep_section
 from minillm_lightning.callbacks.throughput import compute_dtype, device_peak_flops, flops_per_token
 from minillm_lightning.generation import GenerationConfig, TextGenerator
 from minillm_lightning.losses import lm_loss
@@ -800,7 +800,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         results["configs"][config] = bench_config(config, run_args, sections, peaks)
     results["machine"]["peak_tflops"] = {k: v / 1e12 for k, v in peaks.items()}
     if "nanostep" in sections:
-        results["nanostep"] = nanostep_section(args.nanogpt, rounds=args.repeats, steps=args.steps)
+        ablations = ABLATIONS if args.ablate else ()
+        results["nanostep"] = nanostep_section(args.nanogpt, rounds=args.repeats, steps=args.steps, ablations=ablations)
     if nano_wall:  # nanoGPT right before ours: both see the same machine state
         results["nanogpt"] = run_nanogpt(args.nanogpt, args.nanogpt_text, args.nanogpt_iters)
     if args.fit_wall:
