@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import set_parsing_settings
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -25,12 +25,13 @@ from minillm_lightning.errors import CheckpointError
 from minillm_lightning.stages.base import StageModule
 
 
-class StepBoundRichProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, without the "Epoch 0/-2" it shows for a run bounded by ``max_steps``.
+class MiniLLMRichProgressBar(RichProgressBar):
+    """Lightning's rich progress bar with two labels fixed.
 
-    Lightning labels the training bar ``Epoch {epoch}/{max_epochs - 1}``; every recipe here sets ``max_steps``
-    and leaves ``max_epochs`` unset, which Lightning stores as -1. Such runs are labelled ``Epoch {epoch}``, as
-    the TQDM bar labels every run. Epoch-bound runs keep Lightning's label.
+    - Lightning labels the training bar ``Epoch {epoch}/{max_epochs - 1}``; every recipe here sets ``max_steps``
+      and leaves ``max_epochs`` unset, which Lightning stores as -1, so it read "Epoch 0/-2". Such runs are
+      labelled ``Epoch {epoch}``, as the TQDM bar labels every run; epoch-bound runs keep Lightning's label.
+    - The logger's run number ``v_num`` went through the bar's float format ("v_num: 1.000"); it is shown as is.
     """
 
     def _get_train_description(self, current_epoch: int) -> str:
@@ -40,13 +41,19 @@ class StepBoundRichProgressBar(RichProgressBar):
         # same padding as Lightning's: as wide as "Validation" so the bar does not jump between the two
         return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
 
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, int | str | float | dict]:
+        items = super().get_metrics(trainer, pl_module)
+        if isinstance(items.get("v_num"), int):
+            items["v_num"] = str(items["v_num"])
+        return items
 
-def label_step_bound_runs(trainer: Trainer) -> None:
+
+def use_minillm_rich_bar(trainer: Trainer) -> None:
     """Give a plain ``RichProgressBar`` (Lightning's default when ``rich`` is installed, or one a config lists
-    with its own theme) the step-bound label of :class:`StepBoundRichProgressBar`; every setting is kept."""
+    with its own theme) the labels of :class:`MiniLLMRichProgressBar`; every setting is kept."""
     for callback in trainer.callbacks:
         if type(callback) is RichProgressBar:
-            callback.__class__ = StepBoundRichProgressBar  # adds no state: only the label method differs
+            callback.__class__ = MiniLLMRichProgressBar  # adds no state: only two label methods differ
 
 
 class MiniLLMCLI(LightningCLI):
@@ -54,7 +61,7 @@ class MiniLLMCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        label_step_bound_runs(self.trainer)
+        use_minillm_rich_bar(self.trainer)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the model's vocabulary is whatever tokenizer the data module trained or loaded

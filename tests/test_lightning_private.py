@@ -59,24 +59,35 @@ def test_private_attributes_exist_and_track_the_loop(tmp_path) -> None:
 def test_rich_bar_labels_step_bound_runs_without_a_negative_epoch_count(tmp_path) -> None:
     """After a real fit bounded by `max_steps` (Lightning then stores max_epochs = -1) the training bar reads
     "Epoch 0", not Lightning's "Epoch 0/-2"; an epoch-bound fit keeps "Epoch 0/1"; a bar a config set up keeps its
-    settings. The label comes from Lightning's private `RichProgressBar._get_train_description`."""
+    settings; the logger's run number reads "v_num: 0", not "v_num: 0.000". The label comes from Lightning's private
+    `RichProgressBar._get_train_description`."""
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
+    from lightning.pytorch.loggers import CSVLogger
 
-    from minillm_lightning.trainer_cli import StepBoundRichProgressBar, label_step_bound_runs
+    from minillm_lightning.trainer_cli import MiniLLMRichProgressBar, use_minillm_rich_bar
 
     labels = {}
     for name, limits in {"steps": {"max_steps": 2}, "epochs": {"max_epochs": 2, "max_steps": -1}}.items():
         bar = RichProgressBar(refresh_rate=7, theme=RichProgressBarTheme(description="red"))
         trainer = micro_trainer(
-            tmp_path, **limits, callbacks=[bar], enable_progress_bar=True, limit_train_batches=2, limit_val_batches=0
+            tmp_path / name,
+            **limits,
+            callbacks=[bar],
+            enable_progress_bar=True,
+            limit_train_batches=2,
+            limit_val_batches=0,
+            logger=CSVLogger(tmp_path / name),
         )
-        label_step_bound_runs(trainer)
-        assert isinstance(trainer.progress_bar_callback, StepBoundRichProgressBar)
-        trainer.fit(PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=64), _loader())
+        use_minillm_rich_bar(trainer)
+        assert isinstance(trainer.progress_bar_callback, MiniLLMRichProgressBar)
+        module = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=64)
+        trainer.fit(module, _loader())
         assert bar.refresh_rate == 7 and bar.theme.description == "red"
         labels[name] = bar._get_train_description(0)
         assert labels[name] != RichProgressBar._get_train_description(bar, 0) or name == "epochs"
+        assert RichProgressBar.get_metrics(bar, trainer, module)["v_num"] == 0  # Lightning's: an int, shown "0.000"
+        assert bar.get_metrics(trainer, module)["v_num"] == "0"
     assert labels["steps"].rstrip() == "Epoch 0"
     assert len(labels["steps"]) >= len("Validation")  # padded as Lightning pads, so the bar does not jump
     assert labels["epochs"].rstrip() == "Epoch 0/1"
