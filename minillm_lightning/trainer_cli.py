@@ -53,7 +53,7 @@ def use_minillm_rich_bar(trainer: Trainer) -> None:
     with its own theme) the labels of :class:`MiniLLMRichProgressBar`; every setting is kept."""
     for callback in trainer.callbacks:
         if type(callback) is RichProgressBar:
-            callback.__class__ = MiniLLMRichProgressBar  # adds no state: only two label methods differ
+            callback.__class__ = MiniLLMRichProgressBar  # adds no state: only two display methods differ
 
 
 class MiniLLMCLI(LightningCLI):
