@@ -8,6 +8,7 @@ Trainer (generate, chat, eval, export, download, serve) start without them. The 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 from minillm_lightning.errors import MiniLLMError, worker_crash_report
 
 LIGHTNING_VERBS = {"fit", "validate", "test", "predict"}
+# exit code of a run stopped by SIGTERM (the shell's convention, 128 + signal number), so `minillm fit ... && next`
+# stops there; Ctrl+C exits 1 (Lightning's choice), a dead DataLoader worker 3, a user error 2
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 # other verbs: name -> "module:function" taking argv (imported lazily so `minillm fit` starts fast)
 EXTRA_VERBS: dict[str, str] = {
     "generate": "minillm_lightning.commands.generate:generate_main",
@@ -26,6 +30,18 @@ EXTRA_VERBS: dict[str, str] = {
     "bench": "minillm_lightning.bench.args:bench_main",
     "prepare": "minillm_lightning.commands.prepare:prepare_main",
     "serve": "minillm_lightning.commands.serve:serve_main",
+}
+# one line each for `minillm --help`
+VERB_HELP = {
+    "generate": "continue prompts from a checkpoint:  minillm generate --checkpoint CKPT --prompt TEXT",
+    "chat": "multi-turn chat in the terminal:     minillm chat --checkpoint checkpoints/sft_tiny/last.ckpt",
+    "eval": "zero-shot tasks and perplexity:      minillm eval --checkpoint CKPT --tasks wikitext2",
+    "export": "Hugging Face Llama/Mixtral folder:   minillm export --checkpoint CKPT --output DIR",
+    "download": "fetch a public corpus into data/:    minillm download tinyshakespeare",
+    "pipeline": "every stage in one command:          minillm pipeline --size tiny",
+    "bench": "speed, MFU, memory, wall clock:      minillm bench --config configs/pretrain_tiny.yaml",
+    "prepare": "tokenize a pretraining corpus once:  minillm prepare --config CONFIG",
+    "serve": "OpenAI-compatible HTTP server:       minillm serve --checkpoint CKPT",
 }
 
 
@@ -104,9 +120,17 @@ def main(argv: list[str] | None = None) -> None:
             if from_shell:
                 exit_now(0)
         else:
-            extra = "".join(f"  {name}\n" for name in EXTRA_VERBS)
-            print(USAGE.format(extra=("\nOther commands:\n" + extra) if extra else ""))
-            sys.exit(0 if verb in ("", "-h", "--help") else 2)
+            extra = "".join(f"  {name:<10} {VERB_HELP.get(name, '')}".rstrip() + "\n" for name in EXTRA_VERBS)
+            usage = USAGE.format(extra=("\nOther commands (`minillm <command> --help` for options):\n" + extra))
+            if verb in ("", "-h", "--help"):
+                print(usage)
+                sys.exit(0)
+            print(f"{usage}\nerror: unknown command {verb!r}; choose one of the commands above", file=sys.stderr)
+            sys.exit(2)
+    except SystemExit as e:
+        if _is_sigterm(e):  # Lightning's SIGTERMException is a SystemExit without a code: it would exit 0
+            sys.exit(SIGTERM_EXIT_CODE)
+        raise
     except Exception as e:
         report = worker_crash_report(e)
         if report is not None and not os.environ.get("MINILLM_TRACEBACK"):
@@ -123,6 +147,13 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _is_sigterm(exc: BaseException) -> bool:
+    """Whether ``exc`` is Lightning's SIGTERMException (raised between batches after a SIGTERM; the checkpoint
+    is saved by then). Looked up in ``sys.modules``: only a verb that already imported Lightning raises it."""
+    exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return exceptions is not None and isinstance(exc, exceptions.SIGTERMException)
 
 
 def _find_user_error(exc: BaseException | None) -> MiniLLMError | None:

@@ -25,6 +25,12 @@ class ConfigError(MiniLLMError):
     """Settings that contradict each other (e.g. a data length above the model context)."""
 
 
+def type_name(value: object) -> str:
+    """``value``'s type with its article, for messages: "an int", "a list"."""
+    kind = type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def worker_crash_report(exception: BaseException | None) -> RuntimeError | None:
     """PyTorch's error for a DataLoader worker that exited unexpectedly (killed, out of memory, segfault).
 

@@ -234,7 +234,7 @@ class TextGenerator:
         """Like :meth:`generate`; with ``logprobs`` also the policy log-prob of every returned token."""
         cfg = config or GenerationConfig()
         stops = self._stops(cfg)
-        self._check(prompts, cfg)
+        self.check_prompts(prompts, cfg)
         with _eval_mode(self.model):
             if cfg.num_beams > 1:
                 tokens, lps = self._beam_search(prompts, cfg, stops)
@@ -256,7 +256,7 @@ class TextGenerator:
         if cfg.num_beams > 1:
             yield from self.generate([prompt], cfg)[0]
             return
-        self._check([prompt], cfg)
+        self.check_prompts([prompt], cfg)
         with _eval_mode(self.model):
             for tok, _ in self._sample_steps([prompt], cfg, stops, False):
                 t = int(tok[0])
@@ -276,7 +276,7 @@ class TextGenerator:
         if cfg.num_beams > 1:
             raise ValueError("stream_batch decodes step by step; beam search needs generate()")
         stops = self._stops(cfg)
-        self._check(prompts, cfg)
+        self.check_prompts(prompts, cfg)
         with _eval_mode(self.model):
             for tok, _ in self._sample_steps(prompts, cfg, stops, False):
                 yield tok.tolist()
@@ -324,7 +324,10 @@ class TextGenerator:
     def _stops(self, cfg: GenerationConfig) -> tuple[int, ...]:
         return self.stop_tokens if cfg.stop_tokens is None else tuple(cfg.stop_tokens)
 
-    def _check(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> None:
+    def check_prompts(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> None:
+        """Raise :class:`ContextLengthError` if the longest prompt plus ``max_new_tokens`` exceeds ``block_size``
+        (ValueError for no prompt or an empty one). The generate methods call it; a caller that prints before
+        generating (``minillm generate``) calls it first, so that an error is not printed after its output."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         block = self.model.config.block_size

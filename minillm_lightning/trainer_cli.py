@@ -5,10 +5,12 @@ module only for those four verbs."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from jsonargparse import set_parsing_settings
@@ -26,7 +28,7 @@ from minillm_lightning.stages.base import StageModule
 
 
 class MiniLLMRichProgressBar(RichProgressBar):
-    """Lightning's rich progress bar with two labels fixed.
+    """Lightning's rich progress bar with two labels and a total fixed.
 
     - Lightning labels the training bar ``Epoch {epoch}/{max_epochs - 1}``; every recipe here sets ``max_steps``
       and leaves ``max_epochs`` unset, which Lightning stores as -1, so it read "Epoch 0/-2". Such runs are
@@ -41,6 +43,29 @@ class MiniLLMRichProgressBar(RichProgressBar):
         # same padding as Lightning's: as wide as "Validation" so the bar does not jump between the two
         return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
 
+    _first_batch = 0  # batch index this epoch's bar started at: 0, or where a mid-epoch resume continues
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._first_batch = 0
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if not self.is_disabled and self.train_progress_bar_id is None:  # resumed mid-epoch: no epoch-start hook
+            self._first_batch = batch_idx
+            self._initialize_train_progress_bar_id()  # before the step, while global_step is the resumed one
+
+    @property
+    def total_train_batches(self) -> int | float:
+        """Lightning's total for a step-bound run is the optimizer steps left, while the bar counts the batch index
+        within the epoch, which after a mid-epoch resume starts past 0: resumed at step 3 of 6 it read "6/2". The
+        total here is the batch index the epoch will have reached at ``max_steps`` (accumulation counted)."""
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
+            left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            return min(trainer.num_training_batches, self._first_batch + left)
+        return super().total_train_batches
+
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, int | str | float | dict]:
         items = super().get_metrics(trainer, pl_module)
         if isinstance(items.get("v_num"), int):
@@ -54,6 +79,65 @@ def use_minillm_rich_bar(trainer: Trainer) -> None:
     for callback in trainer.callbacks:
         if type(callback) is RichProgressBar:
             callback.__class__ = MiniLLMRichProgressBar  # adds no state: only two display methods differ
+
+
+_KEY = re.compile(r'Parser key "([^"]+)":')
+_CLASS = re.compile(r"- Problem with given class_path '([^']+)':")
+_BOILERPLATE = (
+    "Does not validate against",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "- Expected a <class 'NoneType'>",
+)
+
+
+def concise_parser_error(message: str, prog: str) -> str:
+    """One line for jsonargparse's message ``message`` of ``prog`` (e.g. ``minillm fit``).
+
+    For a bad ``--model``/``--data`` key jsonargparse nests one block per level (the stage class, then e.g. its
+    ``arch``), each listing every type of a union it tried (the class and ``None``) and the raw value. Kept: the
+    flag as the user spells it and what was wrong at the innermost level, e.g. ``--model.init_args.learnig_rate:
+    not an option of PretrainModule (its options: minillm fit --model.help PretrainModule)``. Any other message
+    (``unrecognized arguments: ...``) is kept as it is, with where to find all options."""
+    lines = message.splitlines()
+    keys = [m[1] for line in lines if (m := _KEY.search(line))]
+    classes = [m[1] for line in lines if (m := _CLASS.search(line))]
+    if "Does not validate against any of the Union subtypes" not in message or not keys:
+        return f"{message} (all options: {prog} --help)"
+    last = max(i for i, line in enumerate(lines) if _KEY.search(line) or _CLASS.search(line))
+    depth = len(lines[last]) - len(lines[last].lstrip())
+    block = []
+    for line in lines[last + 1 :]:
+        if len(line) - len(line.lstrip()) <= depth:
+            break
+        block.append(line.strip())
+    reasons = [r for r in block if not r.startswith(_BOILERPLATE)]
+    expected = [
+        re.sub(r"<class '(\w+)'>", r"\1", r[len("- Expected a ") :]) for r in reasons if r.startswith("- Expected a ")
+    ]
+    got = [r[len("Given value: ") :] for r in reasons if r.startswith("Given value: ")]
+    other = [r for r in reasons if not r.startswith(("- Expected a ", "Given value: "))]
+    what = "; ".join([*other, *(["expected " + " or ".join(expected)] if expected else []), *[f"got {g}" for g in got]])
+    flag = ".".join([f"--{keys[0]}.init_args", *keys[1:]]) if classes else "--" + ".".join(keys)
+    unknown = [m[1] for r in other if (m := re.fullmatch(r"Option '([^']+)' is not accepted", r))]
+    if unknown and len(unknown) == len(reasons):
+        names = ", ".join(f"{flag}.{k}" for k in unknown)
+        where = f"{prog} --{keys[0]}.help {classes[0]}"
+        return f"{names}: not an option of {classes[-1].rsplit('.', 1)[-1]} (its options: {where})"
+    return f"{flag}: {what or message} (all options: {prog} --help)"
+
+
+class MiniLLMArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, with a user error on one line (:func:`concise_parser_error`) instead of the ~50-line
+    usage of ``fit`` and every union member jsonargparse tried."""
+
+    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)  # raises, as jsonargparse does inside nested parsers and in debug mode
+        parser = getattr(ex, "subcommand_parser", None) or self
+        sys.stderr.write(f"error: {concise_parser_error(message, parser.prog.replace(' [options]', ''))}\n")
+        self.exit(2)
 
 
 class MiniLLMCLI(LightningCLI):
@@ -165,6 +249,7 @@ def run_lightning(args: list[str] | None = None, **cli_kwargs) -> MiniLLMCLI:
         subclass_mode_data=True,
         args=args,
         parser_kwargs={"default_env": True, "env_prefix": "MINILLM"},
+        parser_class=MiniLLMArgumentParser,
         save_config_kwargs={"overwrite": True},
         # TestReport: `minillm test` writes <checkpoint stem>.test.json next to the checkpoint
         trainer_defaults={"callbacks": [InterruptCheckpoint(), TestReport()]},

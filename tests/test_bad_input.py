@@ -181,6 +181,8 @@ def test_text_checkpoint_through_the_real_command(tmp_path: Path, tiny_pretrain_
         ("--model.init_args.arch.n_layer=0", "error: MiniGPTConfig.n_layer must be a positive integer, got 0"),
         ("--model.init_args.arch.n_head=3", "error: MiniGPTConfig: n_head=3 does not divide dim=128; choose n_head"),
         ("--model.init_args.learning_rate=-1", "error: learning_rate must be positive, got -1.0"),
+        ("--model.init_args.weight_decay=-1", "error: weight_decay must be >= 0, got -1.0"),
+        ("--model.init_args.betas=[0.9,1.0]", "error: betas must be two numbers in [0, 1), got [0.9, 1.0]"),
         ("--data.init_args.batch_size=0", "error: PretrainDataModule.batch_size must be positive, got 0"),
     ],
 )

@@ -122,6 +122,14 @@ def test_exit_now_runs_atexit_handlers_flushes_and_waits_for_threads(tmp_path, m
 def test_help_and_print_config(workdir: Path) -> None:
     top = minillm(["--help"], workdir)
     assert top.returncode == 0 and "fit" in top.stdout
+    from minillm_lightning.cli import EXTRA_VERBS, VERB_HELP
+
+    for verb in EXTRA_VERBS:  # every command is listed with what it does and an example
+        assert f"  {verb:<10} {VERB_HELP[verb]}" in top.stdout
+    typo = minillm(["fitt"], workdir)
+    assert typo.returncode == 2 and typo.stderr.strip().endswith(
+        "error: unknown command 'fitt'; choose one of the commands above"
+    )
     helped = minillm(["fit", "--config", CONFIG, "--model.help", "minillm_lightning.PretrainModule"], workdir)
     assert helped.returncode == 0
     assert "peak adamw learning rate" in helped.stdout.lower() and "init_from" in helped.stdout
@@ -176,6 +184,7 @@ def test_signal_saves_and_resume_continues(workdir: Path, sig: signal.Signals) -
     last = workdir / "checkpoints" / "pretrain_tiny" / "last.ckpt"
     assert last.is_file(), out[-3000:]
     assert "Resume with:" in out and "--ckpt_path last" in out
+    assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 1}[sig]  # a stopped run is no success
     step = torch.load(last, weights_only=True)["global_step"]
     assert step > 0
     r = minillm(["fit", "--config", CONFIG, *FAST, f"--trainer.max_steps={step + 4}", "--ckpt_path", "last"], workdir)
@@ -241,3 +250,71 @@ def test_light_verbs_start_without_lightning() -> None:
     with pytest.raises(AttributeError, match="no attribute 'NoSuchModule'"):
         minillm_lightning.NoSuchModule  # noqa: B018
     assert {"PretrainModule", "RegressionSuite", "MemoryGuard", "GradientHealthMonitor"} <= set(dir(minillm_lightning))
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["--model.init_args.learnig_rate", "0.001"],
+            "error: --model.init_args.learnig_rate: not an option of PretrainModule "
+            "(its options: minillm fit --model.help minillm_lightning.PretrainModule)",
+        ),
+        (
+            ["--model.init_args.arch.dimm", "3"],
+            "error: --model.init_args.arch.dimm: not an option of MiniGPTConfig "
+            "(its options: minillm fit --model.help minillm_lightning.PretrainModule)",
+        ),
+        (
+            ["--model.init_args.arch.n_layer", "x"],
+            "error: --model.init_args.arch.n_layer: expected int; got x (all options: minillm fit --help)",
+        ),
+        (
+            ["--data.init_args.tokenizer_type", "wordpiece"],
+            "error: --data.init_args.tokenizer_type: Expected a typing.Literal['bpe', 'unigram', 'char']. "
+            "Got value: wordpiece (all options: minillm fit --help)",
+        ),
+        (
+            ["--trainer.max_stepz", "3"],
+            "error: unrecognized arguments: --trainer.max_stepz 3 (all options: minillm fit --help)",
+        ),
+    ],
+)
+def test_config_errors_are_one_line(
+    args: list[str], line: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A misspelt or mistyped option used to print fit's ~50-line usage, then every union member jsonargparse tried
+    (the stage class and None) with the raw value; now one line names the flag as typed and where its options are."""
+    from minillm_lightning.trainer_cli import run_lightning
+
+    monkeypatch.setattr(sys, "argv", ["minillm"])  # the parser's prog, as the console script has it
+    with pytest.raises(SystemExit) as exc:
+        run_lightning(["fit", "--config", str(ROOT / CONFIG), *args])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.splitlines() == [line], err
+
+
+def test_verb_options_answer_to_both_spellings(capsys: pytest.CaptureFixture[str]) -> None:
+    """`minillm generate --max-new-tokens` and `minillm eval --batch_size` were refused: the verbs spell their
+    options one way or the other. Both spellings now reach the same option, in argument groups too."""
+    from minillm_lightning.commands import CommandParser, generate
+    from minillm_lightning.commands import eval as eval_cmd
+
+    p = CommandParser(prog="x")
+    p.add_argument("--max_new_tokens", type=int)
+    p.add_argument_group("g").add_argument("--batch-size", type=int)
+    p.add_argument("--steps", type=int, default=20, help="steps")
+    p.add_argument("--stride", type=int, default=None, help="stride (default: half a window)")
+    shown = " ".join(p.format_help().split())  # defaults appear in --help, once, where there is one
+    assert "steps (default: 20)" in shown and "(default: half a window)" in shown and "(default: None)" not in shown
+    args = p.parse_args(["--max-new-tokens", "5", "--batch_size=3"])
+    assert (args.max_new_tokens, args.batch_size) == (5, 3)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--max-new-tokenz", "5"])
+    assert "unrecognized arguments: --max-new-tokenz" in capsys.readouterr().err
+    gen = generate._parser("minillm generate", "").parse_args(
+        ["--checkpoint", "c", "--max-new-tokens", "7", "--top-k=3"]
+    )
+    assert (gen.max_new_tokens, gen.top_k) == (7, 3)
+    ev = eval_cmd._parser().parse_args(["--checkpoint", "c", "--batch_size", "4", "--no_download", "--data_dir", "d"])
+    assert (ev.batch_size, ev.no_download, str(ev.data_dir)) == (4, True, "d")

@@ -279,6 +279,34 @@ def test_eval_command_errors(tiny_pretrain_ckpt: Path, tmp_path: Path, capsys) -
     assert json.loads(out.read_text())["results"][f"text:{text}"]["bytes"] == len(text.read_bytes())
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--batch-size", "-2", "error: --batch-size must be >= 1, got -2"),
+        ("--batch_size", "0", "error: --batch-size must be >= 1, got 0"),
+        ("--stride", "0", "error: --stride must be >= 1"),
+        ("--stride", "-5", "error: --stride must be >= 1"),
+        ("--stride", "100000", "error: --stride 100000 exceeds the model's context block_size="),
+    ],
+)
+def test_eval_refuses_bad_batch_size_and_stride(
+    tiny_pretrain_ckpt: Path, tmp_path: Path, capfd, option: str, value: str, message: str
+) -> None:
+    """A negative batch size used to score nothing and report a perfect perplexity of 1; a zero one or an out-of-range
+    stride ended in a traceback, and --stride 0 silently meant the default. Now each is one line and exit code 2,
+    before anything is scored or written."""
+    text = tmp_path / "notes.txt"
+    text.write_text("The cat sat on the mat. " * 20)
+    out = tmp_path / "r.json"
+    argv = ["eval", "--checkpoint", str(tiny_pretrain_ckpt), "--tasks", "", "--text", str(text), "--output", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, option, value])
+    err = capfd.readouterr().err.strip()
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(message), err
+    assert not out.exists()
+
+
 def test_harness_adapter(tiny) -> None:
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance

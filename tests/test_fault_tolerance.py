@@ -214,6 +214,23 @@ def test_worker_report_landing_mid_save_is_retried(fitted, tmp_path: Path, monke
     assert len(calls) == 2 and (tmp_path / "last.ckpt").is_file()
 
 
+def test_sigterm_exits_143(monkeypatch) -> None:
+    """Lightning ends a run stopped by SIGTERM with a SystemExit without a code (exit 0): `minillm` exits 143
+    (128 + 15) instead, so that `minillm fit ... && next` does not carry on. The checkpoint is saved before."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import minillm_lightning.trainer_cli as trainer_cli
+    from minillm_lightning.cli import main
+
+    def stopped_by_sigterm(args: list[str] | None = None) -> None:
+        raise SIGTERMException()  # as Lightning's loops raise it between batches
+
+    monkeypatch.setattr(trainer_cli, "run_lightning", stopped_by_sigterm)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", CONFIG])
+    assert exc.value.code == 128 + signal.SIGTERM == 143
+
+
 def test_a_connection_error_without_a_dead_worker_saves_nothing(fitted, tmp_path: Path) -> None:
     """Only interrupts and worker deaths save: any other error may have left a state not worth resuming."""
     from minillm_lightning.callbacks.interrupt import is_worker_crash

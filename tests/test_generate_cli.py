@@ -111,3 +111,38 @@ def test_chat_history_drops_oldest_turns(tiny_pretrain_ckpt: Path) -> None:
     assert kept == turns[-len(kept) :] and len(kept) % 2 == 1 and len(kept) < len(turns)
     assert kept[0]["role"] == "user" and len(ids) <= 40
     assert _fit_history(gen, [], [{"role": "user", "content": "word " * block}], budget=8) is None
+
+
+BAD_OPTIONS = [
+    (["--top_p", "2"], "top_p must be in (0, 1]"),
+    (["--max_new_tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top_k", "-3"], "top_k must be >= 0"),
+    (["--num_beams", "0"], "num_beams must be >= 1"),
+    (["--repetition_penalty", "0"], "repetition_penalty must be > 0"),
+    (["--max_new_tokens", "100000"], "exceeds the model context block_size="),
+    # a third prompt too long for the context: the two before it, which fit, are not printed either
+    (["--max_new_tokens", "8", "--prompt", "hello world " * 60], "exceeds the model context block_size="),
+]
+
+
+def test_bad_decoding_option_is_the_only_output(tiny_pretrain_ckpt: Path, capsys) -> None:
+    """The options are checked before a prompt is printed: the error is not glued onto it (`hello worlderror:`)."""
+    r = minillm("generate", "--checkpoint", str(tiny_pretrain_ckpt), "--prompt", "hello world", "--top_p", "2")
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert r.stderr.strip() == "error: GenerationConfig: top_p must be in (0, 1]"
+    for option, message in BAD_OPTIONS:  # in-process: the same path, without a Python start per option
+        argv = ["generate", "--checkpoint", str(tiny_pretrain_ckpt), "--prompt", "hi", "--prompt", "hello world"]
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, *option])
+        out, err = capsys.readouterr()
+        assert exc.value.code == 2 and out == "", (option, out)
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (option, err)
+
+
+def test_chat_refuses_zero_new_tokens(tiny_pretrain_ckpt: Path, capsys) -> None:
+    """`minillm chat --max_new_tokens 0` used to mean "the default"; it is the same error as for generate."""
+    with pytest.raises(SystemExit) as exc:
+        main(["chat", "--checkpoint", str(tiny_pretrain_ckpt), "--max_new_tokens", "0"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "max_new_tokens must be >= 1" in err.splitlines()[-1]

@@ -91,3 +91,45 @@ def test_rich_bar_labels_step_bound_runs_without_a_negative_epoch_count(tmp_path
     assert labels["steps"].rstrip() == "Epoch 0"
     assert len(labels["steps"]) >= len("Validation")  # padded as Lightning pads, so the bar does not jump
     assert labels["epochs"].rstrip() == "Epoch 0/1"
+
+
+def test_rich_bar_total_after_a_mid_epoch_resume(tmp_path) -> None:
+    """Resumed mid-epoch at step 3 of 6, Lightning's bar showed "6/2": its total is the optimizer steps left while
+    the bar counts the batch index within the epoch. Ours ends at its total, fresh or resumed, also with
+    accumulation (2 batches per step: 12 batches for 6 steps, which cross from the 10-batch epoch 0 into epoch 1)."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from minillm_lightning.trainer_cli import MiniLLMRichProgressBar
+
+    class Seen(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if not hasattr(self, "lightnings"):  # a resumed run starts mid-epoch, without on_train_epoch_start
+                self.lightnings = RichProgressBar.total_train_batches.fget(trainer.progress_bar_callback)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # after the bar's
+            bar = trainer.progress_bar_callback
+            task = bar.progress.tasks[bar.train_progress_bar_id]
+            self.shown = (int(task.completed), task.total, self.lightnings)
+
+    for accumulate in (1, 2):
+        root = tmp_path / f"acc{accumulate}"
+        shown = []
+        for max_steps, ckpt_path in ((3, None), (6, str(root / "last.ckpt"))):
+            seen = Seen()
+            trainer = micro_trainer(
+                root,
+                max_steps=max_steps,
+                accumulate_grad_batches=accumulate,
+                limit_val_batches=0,
+                enable_progress_bar=True,
+                enable_checkpointing=True,
+                callbacks=[MiniLLMRichProgressBar(), seen, ModelCheckpoint(dirpath=root, save_last=True)],
+            )
+            module = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=64)
+            trainer.fit(module, _loader(), ckpt_path=ckpt_path)
+            shown.append(seen.shown)
+        (fresh_done, fresh_total, _), (resumed_done, resumed_total, lightnings) = shown
+        assert fresh_done == fresh_total == 3 * accumulate
+        # the epoch's batch index at max_steps: batch 6 of epoch 0; with accumulation batch 12 = batch 2 of epoch 1
+        assert resumed_done == resumed_total == {1: 6, 2: 2}[accumulate]
+        assert lightnings == 3  # Lightning's own total: the optimizer steps left ("6/3", or "12/3")

@@ -362,7 +362,7 @@ def test_source_sampled_to_zero_warns_loudly(tmp_path) -> None:
     [
         (['{"text": "ok"}', '{"text": "broken'], r"bad\.jsonl:2: malformed JSON line"),
         ([{"text": "ok"}, {"body": "wrong field"}], r"bad\.jsonl:2: field 'text' is missing"),
-        ([{"text": "ok"}, {"text": 42}], r"bad\.jsonl:2: field 'text' is a int, not a string"),
+        ([{"text": "ok"}, {"text": 42}], r"bad\.jsonl:2: field 'text' is an int, not a string"),
         (['["a", "list"]', '{"text": "ok"}'], r"bad\.jsonl:1: malformed JSON line \(expected a JSON object"),
     ],
 )
@@ -391,6 +391,20 @@ def test_skip_bad_records_counts_them(tmp_path) -> None:
     stats = dm.stats["sources"][str(bad)]
     assert stats["raw_records"] == 23  # non-blank lines
     assert stats["skipped"] == {"malformed JSON": 1, "field 'text' missing": 1, "empty text": 1}
+
+
+def test_skipped_records_are_not_counted_as_documents(tmp_path) -> None:
+    """201 lines, 1 malformed and 1 of the wrong type: the split counts add up to the 199 documents kept."""
+    rows = [{"text": f"a perfectly fine document {i} " * 10} for i in range(199)]
+    path = _jsonl(tmp_path / "mixed.jsonl", [*rows[:50], '{"text": "broken', *rows[50:100], {"text": 7}, *rows[100:]])
+    dm = _dm(tmp_path, [{"path": str(path)}], skip_bad_records=True, seq_len=8)
+    dm.setup("fit")
+    stats = dm.stats["sources"][str(path)]
+    assert stats["raw_records"] == 201
+    assert stats["sampled"] == stats["train_docs"] + stats["val_docs"] + stats["test_docs"] == 199
+    assert stats["skipped"] == {"malformed JSON": 1, "field 'text' is an int, not a string": 1}
+    assert stats["val_docs"] == sum(1 for _ in dm.iter_documents("val"))
+    assert stats["train_docs"] == sum(1 for _ in dm.iter_documents("train"))
 
 
 def test_empty_glob_empty_corpus_and_not_utf8(tmp_path) -> None:

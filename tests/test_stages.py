@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 
 import pytest
 import torch
@@ -80,6 +82,27 @@ def test_stages_only_change_their_optimizer_defaults(cls):
     assert cls(vocab_size=64, optimizer="muon", betas=[0.8, 0.9]).optim.betas == (0.8, 0.9)
     with pytest.raises(ValueError, match="learning_rate must be positive"):
         cls(vocab_size=64, learning_rate=0)
+
+
+def test_arch_overridden_by_init_from_is_named_in_one_warning(tiny_pretrain_ckpt):
+    """``--model.init_args.arch.n_layer 6`` with init_from trained the checkpoint's architecture silently; now one
+    warning names the ignored fields, and an ``arch`` left at its defaults (or matching the checkpoint) says nothing."""
+    ckpt = str(tiny_pretrain_ckpt)  # MICRO_ARCH: 2 layers x 64 wide
+    expected = (
+        rf"^arch\.n_layer=6 ignored: the architecture comes from init_from {re.escape(ckpt)} "
+        r"\(n_layer=2\); drop --model\.init_args\.arch or init_from$"
+    )
+    with pytest.warns(UserWarning, match=expected) as record:
+        module = SFTModule(init_from=ckpt, arch=MiniGPTConfig(n_layer=6, dropout=0.1))
+    assert module.arch.n_layer == 2 and sum("ignored" in str(w.message) for w in record) == 1
+    # dropout shapes no weight: it applies on top of the checkpoint's architecture (fine-tuning with dropout)
+    assert module.arch.dropout == 0.1 and module.model.layers[0].drop.p == 0.1
+    assert SFTModule(init_from=ckpt).arch.dropout == 0.0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*the architecture comes from init_from")
+        SFTModule(init_from=ckpt)
+        SFTModule(init_from=ckpt, arch=MiniGPTConfig())  # what the CLI passes for an untouched arch
+        SFTModule(init_from=ckpt, arch={"n_layer": 2, "dim": 64, "gradient_checkpointing": True})
 
 
 def test_ppo_optimizer_defaults(tiny_pretrain_ckpt):

@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from minillm_lightning.commands import CommandParser
+
 SECTIONS = ("train", "loop", "decode", "data", "dpo", "serve", "eval", "profile", "nanostep")
 # the profile and the serving benchmark (it starts a server per config) are asked for by name
 DEFAULT_SECTIONS = [s for s in SECTIONS if s not in ("profile", "serve", "nanostep")]
@@ -18,7 +20,7 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="minillm bench",
         description="Training, decoding and data-preparation speed of configs; see docs/performance.md.",
     )

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from minillm_lightning.commands import CommandParser
 from minillm_lightning.errors import DataError, MiniLLMError
 
 HF = "https://huggingface.co/datasets"
@@ -183,7 +184,7 @@ def _check_source(path: Path) -> None:
 
 def download_main(argv: list[str]) -> None:
     listing = "\n".join(f"  {k:18s} {v.about}" for k, v in CORPORA.items())
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="minillm download",
         description=f"Fetch a public corpus into data/ in a format minillm reads.\n\ncorpora:\n{listing}",
         formatter_class=argparse.RawDescriptionHelpFormatter,

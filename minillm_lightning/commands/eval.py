@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from minillm_lightning.checkpoint import checkpoint_meta, load_backbone
+from minillm_lightning.commands import CommandParser
 from minillm_lightning.errors import CheckpointError, DataError, MiniLLMError
 from minillm_lightning.eval import TASKS, LogLikelihoodScorer, harness_lm, results_table, run_tasks
 from minillm_lightning.fileio import write_json
@@ -32,7 +33,7 @@ DEFAULT_DATA_DIR = Path("data/eval")  # relative to the working directory; missi
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="minillm eval",
         description="Zero-shot evaluation (lm-eval-harness prompt formats and metrics) of a checkpoint of any stage.",
     )
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     p.add_argument("--no-download", action="store_true", help="fail on a missing task file instead of downloading it")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (>= 1)")
     p.add_argument(
         "--stride",
         type=int,
@@ -132,6 +133,10 @@ def eval_main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise MiniLLMError("--limit must be >= 1")
+    if args.batch_size < 1:
+        raise MiniLLMError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.stride is not None and args.stride < 1:
+        raise MiniLLMError(f"--stride must be >= 1 (tokens a window advances), got {args.stride}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] + [f"text:{p}" for p in args.text]
     if args.harness and args.text:
         raise MiniLLMError("--text is scored by the built-in scorer only; drop --harness or --text")
@@ -152,6 +157,9 @@ def eval_main(argv: list[str]) -> None:
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     stage = checkpoint_meta(ckpt, str(ckpt_path)).get("stage", "unknown")
+    block = int(model.config.block_size)
+    if args.stride is not None and args.stride > block:
+        raise MiniLLMError(f"--stride {args.stride} exceeds the model's context block_size={block}; give 1..{block}")
     device = _device(args.device)
     model.to(device=device, dtype=getattr(torch, args.dtype))
     scorer = LogLikelihoodScorer(model, tokenizer, batch_size=args.batch_size)

@@ -5,9 +5,9 @@ minillm export --checkpoint checkpoints/sft_tiny/last.ckpt --output hf/sft_tiny
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from minillm_lightning.commands import CommandParser
 from minillm_lightning.errors import MiniLLMError
 from minillm_lightning.hf_export import export_checkpoint, verify_export
 
@@ -16,7 +16,7 @@ VERIFY_TEXT = "Once upon a time, 3 cats wrote code: print('hi')\n你好，世界
 
 def export_main(argv: list[str]) -> None:
     """``minillm export``: write the directory, then load it back with transformers and compare."""
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="minillm export",
         description="Export a checkpoint of any stage as a Hugging Face LlamaForCausalLM/MixtralForCausalLM "
         "directory that transformers loads without custom code.",

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from minillm_lightning.checkpoint import checkpoint_meta, load_backbone
+from minillm_lightning.commands import CommandParser
 from minillm_lightning.errors import CheckpointError, MiniLLMError
 from minillm_lightning.generation import ContextLengthError, GenerationConfig, IncrementalDecoder, TextGenerator
 from minillm_lightning.tokenizer import Tokenizer
@@ -22,7 +23,7 @@ DEFAULT_MAX_NEW = 256  # when --max_new_tokens is not given: this many, or what 
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = CommandParser(prog=prog, description=description)
     p.add_argument("--checkpoint", required=True, help="checkpoint (.ckpt) of any stage; it carries its tokenizer")
     g = p.add_argument_group("decoding")
     g.add_argument(
@@ -136,7 +137,7 @@ def generate_main(argv: list[str]) -> None:
     prompts = [gen.encode_prompt(text, use_chat, args.system) for text in args.prompt]
     heads = [f"user: {t}\nassistant: " if use_chat else t for t in args.prompt]
     t0, n_tokens = time.perf_counter(), 0
-    if args.no_stream:
+    if args.no_stream:  # nothing is printed before generate() has checked the options and the prompts
         cfg = _config(args, max(len(x) for x in prompts), block, DEFAULT_MAX_NEW)
         outputs = gen.generate(prompts, cfg)
         n_tokens = sum(len(o) for o in outputs)
@@ -144,9 +145,14 @@ def generate_main(argv: list[str]) -> None:
             text = gen.tokenizer.decode([t for t in out if t not in gen.stop_tokens])
             print(f"{head}{text}\n")
     else:
-        for head, ids in zip(heads, prompts):
+        # streaming writes each prompt before its continuation is decoded: check the options and every prompt's
+        # length first, so that an error is the only output instead of text glued onto a prompt already printed
+        configs = [_config(args, len(ids), block, DEFAULT_MAX_NEW) for ids in prompts]
+        for ids, cfg in zip(prompts, configs):
+            gen.check_prompts([ids], cfg)
+        for head, ids, cfg in zip(heads, prompts, configs):
             sys.stdout.write(head)
-            _, n = _stream(gen, ids, _config(args, len(ids), block, DEFAULT_MAX_NEW))
+            _, n = _stream(gen, ids, cfg)
             n_tokens += n
             print("\n")
     dt = time.perf_counter() - t0
@@ -177,7 +183,7 @@ def chat_main(argv: list[str]) -> None:
     _safe_stdout()
     gen, stage = _load(args)
     block = gen.model.config.block_size
-    budget = args.max_new_tokens or min(DEFAULT_MAX_NEW, block // 2)
+    budget = min(DEFAULT_MAX_NEW, block // 2) if args.max_new_tokens is None else args.max_new_tokens
     if budget >= block:
         raise ContextLengthError(f"--max_new_tokens {budget} leaves no room for a prompt in block_size={block}")
     cfg = _config(args, 0, block, budget)

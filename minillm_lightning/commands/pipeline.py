@@ -19,7 +19,6 @@ continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import subprocess
@@ -31,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from minillm_lightning.commands import CommandParser
 from minillm_lightning.errors import MiniLLMError
 
 ROOT_CONFIGS = Path("configs")
@@ -260,7 +260,7 @@ def real_report(results: dict[str, dict[str, Any]], data: dict[str, Any], size: 
 
 
 def pipeline_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="minillm pipeline",
         description="Run pretrain -> SFT -> reward -> PPO and SFT -> DPO, then compare the stages' models.",
     )

@@ -7,18 +7,18 @@ they do for ``fit``, e.g. ``--data.init_args.prepare_workers 4`` or ``--data.ini
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import yaml
 
+from minillm_lightning.commands import CommandParser
 from minillm_lightning.errors import ConfigError
 
 
 def prepare_main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(
+    ap = CommandParser(
         prog="minillm prepare",
         description="Tokenize a config's pretraining corpus once into a LitData dataset directory.",
         epilog="Other flags: --data.init_args.NAME VALUE overrides the config's data settings.",

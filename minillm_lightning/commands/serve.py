@@ -21,7 +21,6 @@ How the pieces fit (LitServe owns the HTTP server, the request queue and the inf
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -57,6 +56,7 @@ from litserve.specs.openai import (
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 from pydantic import ValidationError
 
+from minillm_lightning.commands import CommandParser
 from minillm_lightning.commands.generate import DEFAULT_MAX_NEW, _load
 from minillm_lightning.errors import MiniLLMError
 from minillm_lightning.generation import GenerationConfig, IncrementalDecoder, TextGenerator
@@ -604,7 +604,7 @@ def build_server(
 
 def serve_main(argv: list[str]) -> None:
     """``minillm serve``: serve a checkpoint over OpenAI's chat completions API until Ctrl+C."""
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="minillm serve",
         description="OpenAI-compatible chat server (LitServe) for a checkpoint of any stage; web chat page at /.",
     )

@@ -448,17 +448,16 @@ class PretrainDataModule(L.LightningDataModule):
         sources: dict[str, dict[str, Any]] = {}
         per_source: dict[str, int] = {}
         for f in plan:
-            labels = None if f.scan.path.endswith(".txt") else self.labels(f)
+            txt = f.scan.path.endswith(".txt")  # one document
             entry = {
-                "raw_records": f.scan.docs if labels is not None else int(f.scan.docs > 0),
+                "raw_records": int(f.scan.docs > 0) if txt else f.scan.docs,
                 "skipped": {},
                 "sample_ratio": self._ratio(f),
                 "group": f.group,
             }
-            if labels is not None:
-                entry["sampled"] = int((labels > 0).sum())
-                for split, value in SPLITS.items():
-                    entry[f"{split}_docs"] = int((labels == value).sum())
+            if not txt:  # documents kept (sampled and not skipped), counted below from the workers' statistics
+                entry["sampled"] = 0
+                entry.update({f"{split}_docs": 0 for split in SPLITS})
             sources.setdefault(f.scan.path, entry)
         for file in sorted((work / "stats").glob("*.json")):
             stat = json.loads(file.read_text())
@@ -466,9 +465,12 @@ class PretrainDataModule(L.LightningDataModule):
             for key in ("tokens", "docs", "chars", "bytes"):
                 splits[split][key] += stat[key]
             per_source[stat["source"]] = per_source.get(stat["source"], 0) + stat["tokens"]
-            skipped = sources[stat["source"]]["skipped"]
+            source = sources[stat["source"]]
+            if "sampled" in source:
+                source["sampled"] += stat["docs"]
+                source[f"{split}_docs"] += stat["docs"]
             for reason, n in stat["skipped"].items():
-                skipped[reason] = skipped.get(reason, 0) + n
+                source["skipped"][reason] = source["skipped"].get(reason, 0) + n
         return {
             "format": FORMAT_VERSION,
             "dtype": dtype,

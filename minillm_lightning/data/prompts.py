@@ -29,7 +29,7 @@ from minillm_lightning.data.sft import (
     read_chat_files,
     to_messages,
 )
-from minillm_lightning.errors import DataError
+from minillm_lightning.errors import DataError, type_name
 
 PromptFormat = Literal["auto", "prompt", "messages", "sharegpt", "alpaca"]
 Message = dict[str, str]
@@ -75,7 +75,7 @@ def to_prompt_messages(
     if fmt == "prompt":
         value = rec.get(fields.prompt)
         if not isinstance(value, str):
-            what = "missing" if value is None else f"a {type(value).__name__}, not a string"
+            what = "missing" if value is None else f"{type_name(value)}, not a string"
             raise BadRecord("missing field", f"field {fields.prompt!r} is {what} (keys here: {sorted(rec)[:8]})")
         if not value.strip():
             raise BadRecord("empty content", f"field {fields.prompt!r} is empty")

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from minillm_lightning.data.chat import ChatDataModule
 from minillm_lightning.data.chat_cache import BadRecord, TokenCache, json_item_line, load_files
 from minillm_lightning.data.common import ReadStats, expand_paths, iter_records
-from minillm_lightning.errors import DataError
+from minillm_lightning.errors import DataError, type_name
 from minillm_lightning.losses import IGNORE_INDEX
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -89,7 +89,7 @@ def _text(value: Any, what: str) -> str:
     if value is None:
         raise BadRecord("missing field", f"{what} is missing")
     if not isinstance(value, str):
-        raise BadRecord("missing field", f"{what} is a {type(value).__name__}, not a string")
+        raise BadRecord("missing field", f"{what} is {type_name(value)}, not a string")
     if not value.strip():
         raise BadRecord("empty content", f"{what} is empty")
     return value

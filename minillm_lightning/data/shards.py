@@ -36,7 +36,7 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 from litdata.utilities.env import _DistributedEnv
 
-from minillm_lightning.errors import DataError
+from minillm_lightning.errors import DataError, type_name
 from minillm_lightning.fileio import atomic_write_text, file_lock
 
 
@@ -183,13 +183,13 @@ def _record_text(task: Task, lineno: int, rec: Any, counts: dict) -> str | None:
     field_ = task.text_field
     value = rec.get(field_) if isinstance(rec, dict) else None
     if not isinstance(value, str):
-        problem = "missing" if value is None else f"a {type(value).__name__}, not a string"
+        problem = "is missing" if value is None else f"is {type_name(value)}, not a string"
         if task.skip_bad:
-            _count(counts, f"field {field_!r} {problem}")
+            _count(counts, f"field {field_!r} {'missing' if value is None else problem}")
             return None
         keys = sorted(rec)[:8] if isinstance(rec, dict) else []
         raise DataError(
-            f"{task.path}:{lineno}: field {field_!r} is {problem}; set text_field to the field that holds the text "
+            f"{task.path}:{lineno}: field {field_!r} {problem}; set text_field to the field that holds the text "
             f"(keys here: {keys}) or skip_bad_records: true"
         )
     if not value.strip():

@@ -12,7 +12,7 @@ import importlib.util
 import math
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -30,7 +30,7 @@ from minillm_lightning.checkpoint import (
     load_checkpoint,
 )
 from minillm_lightning.errors import ConfigError
-from minillm_lightning.model import GPTOutput, MiniGPT, MiniGPTConfig
+from minillm_lightning.model import PRESETS, GPTOutput, MiniGPT, MiniGPTConfig
 from minillm_lightning.optim import MuonAdamW, grad_norms, muon_param_groups
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -104,6 +104,10 @@ class OptimConfig:
             raise ValueError(f"muon_ns_steps must be >= 1, got {self.muon_ns_steps}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("warmup must be >= 0 and min_lr_ratio in [0, 1]")
         if self.decay not in ("cosine", "linear"):
@@ -155,11 +159,44 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def training_only_arch(given: MiniGPTConfig | None) -> dict[str, Any]:
+    """The fields of ``arch`` that shape no weight and so apply on top of an ``init_from`` architecture:
+    ``gradient_checkpointing`` always, ``dropout`` where it is set away from its preset's default (e.g. dropout
+    for fine-tuning a model pretrained without it)."""
+    if given is None:
+        return {"gradient_checkpointing": False}
+    kept: dict[str, Any] = {"gradient_checkpointing": given.gradient_checkpointing}
+    if given.dropout != MiniGPTConfig(size=given.size).dropout:
+        kept["dropout"] = given.dropout
+    return kept
+
+
+def ignored_arch_fields(given: MiniGPTConfig, used: MiniGPTConfig) -> list[str]:
+    """The fields of ``given`` set away from their defaults (those of its size preset) that differ in ``used``.
+
+    ``size`` counts when its preset differs from ``used``; ``intermediate_size`` not when ``dim`` already does
+    (it is derived from ``dim``); the fields of :func:`training_only_arch` never (they apply with ``init_from``)."""
+    default = MiniGPTConfig(size=given.size)
+    names: list[str] = []
+    if given.size != "custom" and any(getattr(used, k) != v for k, v in PRESETS[given.size].items()):
+        names.append("size")
+    for f in fields(MiniGPTConfig):
+        name = f.name
+        if name in ("size", "gradient_checkpointing", "dropout") or (name == "intermediate_size" and "dim" in names):
+            continue
+        value = getattr(given, name)
+        if value != getattr(default, name) and value != getattr(used, name):
+            names.append(name)
+    return names
+
+
 class StageModule(L.LightningModule):
     """Base class of the stage modules; not used directly.
 
     Args:
-        arch: backbone architecture (ignored with ``init_from``: the checkpoint's architecture is used).
+        arch: backbone architecture. With ``init_from`` the checkpoint's architecture is used (a warning names the
+            fields set here that it overrides), except ``dropout`` and ``gradient_checkpointing``, which shape no
+            weight and apply from here.
         vocab_size: tokenizer vocabulary size; linked from the data module, do not set by hand.
         init_from: start a NEW stage from this checkpoint's weights (optimizer and counters start fresh).
             To continue the SAME run use ``--ckpt_path`` instead.
@@ -190,9 +227,10 @@ class StageModule(L.LightningModule):
         if compile not in (True, False, "auto"):
             raise ConfigError(f"model.compile={compile!r}: use true, false or auto")
         self.optim = OptimConfig(**optim)
-        arch = arch if arch is not None else MiniGPTConfig(size="tiny")
         if isinstance(arch, dict):
             arch = MiniGPTConfig.from_dict(arch)
+        given = arch
+        arch = arch if arch is not None else MiniGPTConfig(size="tiny")
         self.tokenizer: Tokenizer | None = None
         ckpt = None
         if self.requires_init_from and not init_from:
@@ -209,7 +247,9 @@ class StageModule(L.LightningModule):
                 )
             ckpt = load_checkpoint(init_from)
             meta = checkpoint_meta(ckpt, init_from)
-            arch = MiniGPTConfig.from_dict({**meta["arch"], "gradient_checkpointing": arch.gradient_checkpointing})
+            arch = MiniGPTConfig.from_dict({**meta["arch"], **training_only_arch(given)})
+            if given is not None:
+                self._warn_ignored_arch(given, arch, init_from)
             self.tokenizer = Tokenizer.from_checkpoint(ckpt, init_from)
             if vocab_size is not None and vocab_size != arch.vocab_size:
                 raise CheckpointError(
@@ -236,6 +276,18 @@ class StageModule(L.LightningModule):
         # not a registered submodule (plain __dict__ entry): the weights are stored once, under `model.`
         self.__dict__["_compiled"] = torch.compile(self.model) if compile is True else None
         self.compile_setting = compile
+
+    def _warn_ignored_arch(self, given: MiniGPTConfig, used: MiniGPTConfig, init_from: str) -> None:
+        """Warn once when ``arch`` sets fields (away from their defaults) that the ``init_from`` architecture
+        overrides; an ``arch`` left at its defaults says nothing."""
+        ignored = ignored_arch_fields(given, used)
+        if ignored:
+            mine = ", ".join(f"arch.{name}={getattr(given, name)}" for name in ignored)
+            theirs = ", ".join(f"{name}={getattr(used, name)}" for name in ignored)
+            self.warn_once(
+                f"{mine} ignored: the architecture comes from init_from {init_from} ({theirs}); "
+                f"drop --model.init_args.arch or init_from"
+            )
 
     @property
     def _forward(self) -> Callable[..., GPTOutput]:
