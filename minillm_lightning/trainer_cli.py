@@ -97,9 +97,10 @@ def concise_parser_error(message: str, prog: str) -> str:
 
     For a bad ``--model``/``--data`` key jsonargparse nests one block per level (the stage class, then e.g. its
     ``arch``), each listing every type of a union it tried (the class and ``None``) and the raw value. Kept: the
-    flag as the user spells it and what was wrong at the innermost level, e.g. ``--model.init_args.learnig_rate:
-    not an option of PretrainModule (its options: minillm fit --model.help PretrainModule)``. Any other message
-    (``unrecognized arguments: ...``) is kept as it is, with where to find all options."""
+    flag as the user spells it and what was wrong at the innermost level, e.g.
+    ``--model.init_args.learnig_rate: not an option of PretrainModule (its options: minillm fit --model.help
+    minillm_lightning.PretrainModule)``. Any other message (``unrecognized arguments: ...``) is kept as it is,
+    with where to find all options."""
     lines = message.splitlines()
     keys = [m[1] for line in lines if (m := _KEY.search(line))]
     classes = [m[1] for line in lines if (m := _CLASS.search(line))]
