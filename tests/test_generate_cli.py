@@ -146,3 +146,13 @@ def test_chat_refuses_zero_new_tokens(tiny_pretrain_ckpt: Path, capsys) -> None:
         main(["chat", "--checkpoint", str(tiny_pretrain_ckpt), "--max_new_tokens", "0"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "max_new_tokens must be >= 1" in err.splitlines()[-1]
+
+
+def test_decoding_options_are_checked_before_the_checkpoint_loads(tmp_path: Path, capsys) -> None:
+    """A bad option fails at once, without waiting for a checkpoint to load (here: none exists)."""
+    for verb in ("generate", "chat"):
+        argv = [verb, "--checkpoint", str(tmp_path / "nope.ckpt"), "--top_p", "2"]
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--prompt", "hi"] if verb == "generate" else argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.strip() == "error: GenerationConfig: top_p must be in (0, 1]", err

@@ -130,6 +130,7 @@ def generate_main(argv: list[str]) -> None:
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--no_stream", action="store_true", help="generate all prompts as one batch, print at the end")
     args = p.parse_args(argv)
+    _config(args, 0, block_size=1 << 30, default_max=1)  # the decoding options, checked before the (slow) load
     _safe_stdout()
     gen, stage = _load(args)
     use_chat = args.chat if args.chat is not None else stage != "pretrain"
@@ -180,6 +181,7 @@ def chat_main(argv: list[str]) -> None:
     p = _parser("minillm chat", "Chat with a checkpoint. Commands: /reset clears the conversation, /exit quits.")
     p.add_argument("--system", default=None, help="system message placed before the conversation")
     args = p.parse_args(argv)
+    _config(args, 0, block_size=1 << 30, default_max=1)  # the decoding options, checked before the (slow) load
     _safe_stdout()
     gen, stage = _load(args)
     block = gen.model.config.block_size
