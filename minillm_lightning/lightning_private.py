@@ -1,6 +1,6 @@
 """Every private Lightning attribute minillm relies on, in one place.
 
-Lightning has no public API for these four facts; each function says why we need it and falls back to a
+Lightning has no public API for these facts; each function says why we need it and falls back to a
 safe approximation if the attribute moves. ``tests/test_lightning_private.py`` checks every attribute on a
 real ``Trainer`` after a real fit, so an upgrade that renames one fails loudly there instead of quietly
 degrading logging or resume here.

@@ -187,7 +187,7 @@ def test_plain_bench_on_cpu_measures_small_at_a_practical_size(monkeypatch: pyte
 
 
 def test_largest_fitting_batch_search() -> None:
-    from minillm_lightning.bench.main import largest_fitting
+    from minillm_lightning.bench.machine import largest_fitting
 
     for capacity in (1, 8, 37, 100, 4096):
         tried: list[int] = []
@@ -207,16 +207,16 @@ def test_cuda_branches_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     probe or datasheet on a CPU, and --device auto picking CUDA when it is available."""
     import torch
 
-    import minillm_lightning.bench.main as bench
+    import minillm_lightning.bench.machine as bench
     from minillm_lightning.callbacks.throughput import EXTRA_PEAK_FLOPS
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert bench._datasheet_flops(cpu, torch.bfloat16) is None
+    assert bench.datasheet_tflops(cpu, torch.bfloat16) is None
     assert bench.cuda_max_batch(MiniGPTConfig(**MICRO, vocab_size=64), cpu, "bf16-mixed", 32, 4) is None
     names = {"h200": "NVIDIA H200", "h100": "NVIDIA H100 80GB HBM3", "unknown": "Some Future GPU"}
     for key, name in names.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
-        peak = bench._datasheet_flops(gpu, torch.bfloat16)
+        peak = bench.datasheet_tflops(gpu, torch.bfloat16)
         if key == "h200":
             assert peak == pytest.approx(EXTRA_PEAK_FLOPS["h200"][torch.bfloat16] / 1e12)
         elif key == "h100":

@@ -305,8 +305,10 @@ def test_verb_options_answer_to_both_spellings(capsys: pytest.CaptureFixture[str
     p.add_argument_group("g").add_argument("--batch-size", type=int)
     p.add_argument("--steps", type=int, default=20, help="steps")
     p.add_argument("--stride", type=int, default=None, help="stride (default: half a window)")
+    p.add_argument("--no_chat", dest="chat", action="store_false", help="plain text")
     shown = " ".join(p.format_help().split())  # defaults appear in --help, once, where there is one
     assert "steps (default: 20)" in shown and "(default: half a window)" in shown and "(default: None)" not in shown
+    assert "plain text (default" not in shown  # a store_false's True is not the default of what it means
     args = p.parse_args(["--max-new-tokens", "5", "--batch_size=3"])
     assert (args.max_new_tokens, args.batch_size) == (5, 3)
     with pytest.raises(SystemExit):

@@ -166,16 +166,6 @@ def test_bits_per_byte_by_hand(tiny) -> None:
     assert m["token_perplexity"] == pytest.approx(tok.vocab_size)
 
 
-def test_rolling_windows_score_every_prediction_once() -> None:
-    for n, block, stride in [(5, 8, 4), (8, 8, 4), (9, 8, 4), (100, 16, 5), (100, 16, 16), (33, 16, 1)]:
-        seen = []
-        for start, end, prev in ev_scorer.rolling_windows(n, block, stride):
-            assert end - start <= block and start <= prev < end
-            assert prev - start >= min(block - stride, prev)  # every scored token keeps block - stride context
-            seen += range(prev, end)
-        assert seen == list(range(n))
-
-
 def test_rolling_perplexity_equals_full_window_when_text_fits(tiny) -> None:
     model, tok = tiny
     scorer = ev_scorer.LogLikelihoodScorer(model, tok)

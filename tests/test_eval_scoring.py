@@ -31,10 +31,35 @@ class LogitsOnly(nn.Module):
         return SimpleNamespace(logits=self.inner(idx).logits)
 
 
+def rolling_windows(n_predictions: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows ``(start, end, prev_end)`` over predictions ``0..n-1`` (prediction j is token j+1 given tokens
+    0..j): a window feeds tokens ``start..end-1`` and keeps predictions ``prev_end..end-1``. The reference the
+    scorer's tensor-cut windows (``LogLikelihoodScorer.rolling_nll``) are checked against, one window at a time."""
+    if not 0 < stride <= block_size:
+        raise ValueError(f"stride must be in 1..block_size={block_size}, got {stride}")
+    out, prev = [], 0
+    end = min(block_size, n_predictions)
+    while True:
+        out.append((max(0, end - block_size), end, prev))
+        if end >= n_predictions:
+            return out
+        prev, end = end, min(end + stride, n_predictions)
+
+
+def test_rolling_windows_score_every_prediction_once() -> None:
+    for n, block, stride in [(5, 8, 4), (8, 8, 4), (9, 8, 4), (100, 16, 5), (100, 16, 16), (33, 16, 1)]:
+        seen = []
+        for start, end, prev in rolling_windows(n, block, stride):
+            assert end - start <= block and start <= prev < end
+            assert prev - start >= min(block - stride, prev)  # every scored token keeps block - stride context
+            seen += range(prev, end)
+        assert seen == list(range(n))
+
+
 def reference_rolling_nll(model: MiniGPT, ids: list[int], block: int, stride: int) -> tuple[float, int]:
     """Each window alone through the model; sum the NLL of the predictions it newly scores."""
     nll, n = 0.0, 0
-    for start, end, prev in ev_scorer.rolling_windows(len(ids) - 1, block, stride):
+    for start, end, prev in rolling_windows(len(ids) - 1, block, stride):
         x = torch.tensor([ids[start : end + 1]])
         with torch.no_grad():
             logp = torch.log_softmax(model(x[:, :-1]).logits[0].double(), -1)

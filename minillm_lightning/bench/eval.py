@@ -21,14 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from minillm_lightning.bench.machine import sync
 from minillm_lightning.callbacks.throughput import flops_per_token
 from minillm_lightning.eval.scorer import LogLikelihoodScorer
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def scoring_flops_per_token(arch: MiniGPTConfig, window: int, forward_tokens: int, scored_tokens: int) -> float:
@@ -83,10 +79,10 @@ def eval_section(
         opt.zero_grad(set_to_none=True)
 
     def timed(fn: Any) -> float:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
     def train_rate() -> float:

@@ -22,12 +22,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,114 +33,36 @@ from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
-import psutil
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from minillm_lightning.bench.args import DEFAULT_CONFIGS, DEFAULT_SECTIONS
+from minillm_lightning.bench.decode import decode_section
 from minillm_lightning.bench.dpo import dpo_section, format_dpo
 from minillm_lightning.bench.eval import eval_section, format_eval
+from minillm_lightning.bench.fitwall import fit_wall
+from minillm_lightning.bench.machine import (
+    cuda_max_batch,
+    datasheet_tflops,
+    measure_peak_flops,
+    rss,
+    sync,
+    timed,
+)
 from minillm_lightning.bench.nanogpt import format_nanogpt, run_nanogpt
 from minillm_lightning.bench.profile import format_profile, profile_section
 from minillm_lightning.bench.serve import format_serve, serve_section
 from minillm_lightning.bench.step import ABLATIONS, format_nanostep, nanostep_section
-from minillm_lightning.callbacks.throughput import compute_dtype, device_peak_flops, flops_per_token
-from minillm_lightning.generation import GenerationConfig, TextGenerator
+from minillm_lightning.callbacks.throughput import compute_dtype, flops_per_token
 from minillm_lightning.losses import lm_loss
-from minillm_lightning.model import MiniGPT, MiniGPTConfig
+from minillm_lightning.model import MiniGPTConfig
 
 # plain `minillm bench` on a CPU: pretrain_small as configured (batch 32 x 512, bf16-mixed) takes tens of seconds
 # per step there, so the default run measures it at batch 4 in fp32 with few steps (minutes instead of an hour)
 CPU_SMALL_DEFAULTS = dict(batch_size=4, precision="32-true", steps=5, warmup=1)
-DECODE_PROMPT_LEN = 16  # random prompt tokens before the timed new tokens
 MB = 1024 * 1024
-CPU = torch.device("cpu")
 
 __all__ = ["StepClock", "flops_per_token", "measure_peak_flops", "plain_loop_run", "run_bench"]
-
-
-# ---- the machine ----
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int, min_seconds: float = 1.0) -> float:
-    """This machine's matmul FLOP/s in ``dtype``: an ``n x n`` matmul (2*n^3 FLOPs) repeated for ``min_seconds``.
-
-    The MFU denominator: what the hardware does on the best case our models reduce to, measured, not a datasheet
-    figure (a CPU has none, and one of several intra-op threads may be all a loaded machine gives us).
-    """
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    for _ in range(2):  # warm up the kernels (and the GPU clocks)
-        a @ b
-    _sync(device)
-    reps, t0 = 0, time.perf_counter()
-    while reps < 3 or time.perf_counter() - t0 < min_seconds:
-        a @ b
-        reps += 1
-        if reps % 8 == 0 or device.type != "cuda":
-            _sync(device)
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-def _datasheet_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The GPU's datasheet peak TFLOP/s in ``dtype`` (``callbacks.throughput.device_peak_flops``: Lightning's table
-    plus the chips it lacks, e.g. the H200); None on a CPU or an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    flops = device_peak_flops(device, dtype)
-    return flops / 1e12 if flops else None
-
-
-def largest_fitting(fits: Callable[[int], bool], start: int, limit: int = 4096) -> int | None:
-    """The largest batch size ``n <= limit`` with ``fits(n)``, assuming fitting is monotone: double from ``start``
-    until a size fails, then bisect between the last success and the failure. None if ``start`` fails."""
-    if not fits(start):
-        return None
-    good, bad = start, None
-    while bad is None and good < limit:
-        n = min(2 * good, limit)
-        good, bad = (n, None) if fits(n) else (good, n)
-    while bad is not None and bad - good > 1:
-        mid = (good + bad) // 2
-        good, bad = (mid, bad) if fits(mid) else (good, mid)
-    return good
-
-
-def cuda_max_batch(arch: MiniGPTConfig, device: torch.device, precision: str, seq_len: int, start: int) -> int | None:
-    """Largest training batch (sequences of ``seq_len``) whose forward, backward and fused AdamW step fit in the GPU's
-    memory, with the run's precision (bf16 autocast for ``bf16-mixed``); CUDA only (None elsewhere)."""
-    if device.type != "cuda":
-        return None
-    torch.manual_seed(0)
-    model = MiniGPT(replace(arch, dropout=0.0)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(precision).startswith("bf16"))
-
-    def fits(batch: int) -> bool:
-        try:
-            x = torch.randint(0, arch.vocab_size, (batch, seq_len + 1), device=device)
-            with autocast:
-                logits = model(x[:, :-1]).logits
-            lm_loss(logits, x[:, 1:])[0].backward()
-            opt.step()
-            torch.cuda.synchronize(device)
-            return True
-        except torch.cuda.OutOfMemoryError:
-            return False
-        finally:
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-
-    return largest_fitting(fits, start)
-
-
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
 
 
 # ---- timing shared by the Lightning run and the plain loop ----
@@ -185,12 +105,12 @@ class StepClock:
         self.losses.append(loss.detach().float())
         if self.measuring:
             self.tokens += tokens
-            self.peak_rss = max(self.peak_rss, _rss())
+            self.peak_rss = max(self.peak_rss, rss())
             if optimizer_steps >= self.warmup + self.steps:
-                _sync(self.device)
+                sync(self.device)
                 self.t1 = time.perf_counter()
         elif self.t0 is None and optimizer_steps >= self.warmup:
-            _sync(self.device)
+            sync(self.device)
             self.t0 = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -410,106 +330,6 @@ def train_sections(cli: Any, args: argparse.Namespace, sections: set[str], peak:
     return out
 
 
-# ---- decoding ----
-
-
-def _timed(fn: Callable[[], Any], device: torch.device = CPU) -> tuple[float, Any]:
-    """(seconds, result) of ``fn()``, the device synchronised before and after."""
-    _sync(device)
-    t0 = time.perf_counter()
-    result = fn()
-    _sync(device)
-    return time.perf_counter() - t0, result
-
-
-def _hf_model(model: MiniGPT) -> Any:
-    """A Hugging Face ``LlamaForCausalLM`` (``MixtralForCausalLM`` for MoE) with ``model``'s weights."""
-    from transformers import AutoModelForCausalLM
-
-    from minillm_lightning.model.hf_convert import to_hf_config, to_hf_state_dict
-
-    p = next(model.parameters())
-    hf = AutoModelForCausalLM.from_config(to_hf_config(model.config))
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise RuntimeError(f"Hugging Face weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return hf.to(device=p.device, dtype=p.dtype).eval()
-
-
-def decode_section(
-    arch: MiniGPTConfig, device: torch.device, dtype: torch.dtype, lengths: list[int], beam_len: int
-) -> dict[str, Any]:
-    """Greedy tokens/s with and without the KV cache, beam search (4 beams) vs greedy, and HF ``generate``.
-
-    Random weights (speed does not depend on them); batch 1, a random prompt of ``DECODE_PROMPT_LEN`` tokens, no
-    stop tokens so every run produces exactly its length. The context is extended when it is too short.
-    """
-    need = DECODE_PROMPT_LEN + max([*lengths, beam_len])
-    extended = need > arch.block_size
-    arch = replace(arch, block_size=max(need, arch.block_size), gradient_checkpointing=False)
-    torch.manual_seed(0)
-    model = MiniGPT(arch).to(device=device, dtype=dtype).eval()
-    prompt = torch.randint(4, arch.vocab_size, (DECODE_PROMPT_LEN,)).tolist()
-    gen = TextGenerator(model, stop_tokens=(), pad_id=0)
-
-    def run(n: int, **kw: Any) -> tuple[float, list[int]]:
-        cfg = GenerationConfig(max_new_tokens=n, temperature=0.0, stop_tokens=(), **kw)
-        return _timed(lambda: gen.generate([prompt], cfg)[0], device)
-
-    run(8)
-    run(8, use_cache=False)
-    out: dict[str, Any] = {
-        "dtype": str(dtype).removeprefix("torch."),
-        "prompt_tokens": DECODE_PROMPT_LEN,
-        "block_size": arch.block_size,
-        "block_size_extended": extended,
-        "lengths": {},
-    }
-    ours: dict[int, list[int]] = {}
-    for n in lengths:
-        t_cache, ours[n] = run(n)
-        t_full, _ = run(n, use_cache=False)
-        out["lengths"][str(n)] = {
-            "cache_tokens_per_sec": n / t_cache,
-            "no_cache_tokens_per_sec": n / t_full,
-            "cache_speedup": t_full / t_cache,
-        }
-    run(8, num_beams=4)
-    t_greedy, _ = run(beam_len)
-    t_beam, _ = run(beam_len, num_beams=4)
-    out["beam"] = {
-        "new_tokens": beam_len,
-        "num_beams": 4,
-        "greedy_tokens_per_sec": beam_len / t_greedy,
-        "beam_tokens_per_sec": beam_len / t_beam,
-        "beam_cost": t_beam / t_greedy,
-    }
-    try:
-        hf = _hf_model(model)
-    except ImportError:
-        out["hf"] = None
-        return out
-    ids = torch.tensor([prompt], device=device)
-
-    def hf_run(n: int) -> tuple[float, list[int]]:
-        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
-        with torch.inference_mode():
-            t, seq = _timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), **kw), device)
-        return t, seq[0, ids.shape[1] :].tolist()
-
-    hf_run(8)
-    out["hf"] = {}
-    for n in lengths:
-        t, tokens = hf_run(n)
-        ours_rate = out["lengths"][str(n)]["cache_tokens_per_sec"]
-        out["hf"][str(n)] = {
-            "tokens_per_sec": n / t,
-            "ours_vs_hf": ours_rate / (n / t),
-            "same_tokens": tokens == ours[n],
-        }
-    return out
-
-
 # ---- data preparation ----
 
 
@@ -524,8 +344,8 @@ def data_section(cli: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="minillm-bench-") as tmp:
         init = {**cli.config.data.init_args.as_dict(), "cache_dir": tmp, "dataset_dir": None}
         fresh = type(dm)(**init)
-        t_tok, tok = _timed(lambda: fresh.tokenizer)  # trained here unless the config names a tokenizer file
-        t_prep, _ = _timed(fresh.prepare_data)
+        t_tok, tok = timed(lambda: fresh.tokenizer)  # trained here unless the config names a tokenizer file
+        t_prep, _ = timed(fresh.prepare_data)
         meta = json.loads((Path(fresh.dataset_path) / "meta.json").read_text())
     splits = meta["splits"].values()
     tokens, chars = sum(s["tokens"] for s in splits), sum(s["chars"] for s in splits)
@@ -568,7 +388,7 @@ def bench_config(config: str, args: argparse.Namespace, sections: set[str], peak
                 "precision": str(trainer.precision),
                 "device": str(device),
                 "peak_tflops": peaks[key] / 1e12 if key in peaks else None,
-                "datasheet_tflops": _datasheet_flops(device, dtype),
+                "datasheet_tflops": datasheet_tflops(device, dtype),
             }
         }
         if sections & {"train", "loop"}:
@@ -599,72 +419,6 @@ def bench_config(config: str, args: argparse.Namespace, sections: set[str], peak
             train_shape = (dm.batch_size, seq_len)
             result["eval"] = eval_section(eval_arch, device, dec_dtype, *train_shape, args.steps, args.repeats)
     return result
-
-
-# ---- a whole `minillm fit`, wall clock ----
-
-
-def _events_file(workdir: Path, config: str, since: float) -> Path | None:
-    """The newest TensorBoard events file the run wrote under its logger/root directory."""
-    import yaml
-
-    trainer_cfg = (yaml.safe_load(Path(config).read_text()) or {}).get("trainer", {}) or {}
-    logger = trainer_cfg.get("logger")
-    save_dir = logger.get("init_args", {}).get("save_dir") if isinstance(logger, dict) else None
-    roots = [d for d in (save_dir, trainer_cfg.get("default_root_dir"), "lightning_logs") if d]
-    found = [p for r in roots if (workdir / r).is_dir() for p in (workdir / r).rglob("events.out.tfevents.*")]
-    found = [p for p in found if p.stat().st_mtime >= since]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def fit_wall(config: str, keep: bool, overrides: list[str]) -> dict[str, Any]:
-    """Time ``minillm fit --config config`` as a subprocess and read its final validation numbers.
-
-    Without ``keep`` the run happens in a temporary directory that mirrors the current one through symbolic links
-    (so relative data paths and the tokenizer/token cache are shared) except ``checkpoints/`` and
-    ``lightning_logs/``, where it writes its own.
-    """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    config_path = str(Path(config).resolve())
-    cmd = [sys.executable, "-m", "minillm_lightning.cli", "fit", "--config", config_path]
-    cmd += [o if o.startswith("--") else "--" + o for o in overrides]
-    with tempfile.TemporaryDirectory(prefix="minillm-fit-") as tmp:
-        workdir = Path.cwd() if keep else Path(tmp)
-        if not keep:
-            for entry in Path.cwd().iterdir():
-                if entry.name not in ("checkpoints", "lightning_logs"):
-                    (workdir / entry.name).symlink_to(entry.resolve())
-        since = time.time() - 1
-        t0 = time.perf_counter()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        log = proc.stdout + proc.stderr
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log[-3000:]}")
-        out: dict[str, Any] = {
-            "config": config,
-            "wall_s": wall,
-            "tokenizer": next((s for s in ("trained", "reused from cache") if f"({s})" in log), "given"),
-            "token_cache": "built" if "\ntokenized " in "\n" + log else "reused",
-            "run_dir": str(workdir) if keep else None,
-        }
-        events = _events_file(workdir, config_path, since)
-        if events is None:
-            out["note"] = "no TensorBoard events found: val/loss and val/nats_per_char unknown"
-            return out
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        tags = acc.Tags()["scalars"]
-        if "throughput/tokens_per_sec" in tags:  # median over the logged steps: the per-step cost
-            out["tokens_per_sec"] = statistics.median(e.value for e in acc.Scalars("throughput/tokens_per_sec"))
-        for tag in ("val/loss", "val/nats_per_char", "train/loss"):
-            if tag in tags:
-                last = acc.Scalars(tag)[-1]
-                out[tag.replace("/", "_")] = last.value
-                out["final_step"] = max(out.get("final_step", 0), last.step)
-    return out
 
 
 def _fmt(x: Any, unit: str = "", digits: int = 3) -> str:

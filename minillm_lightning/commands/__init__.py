@@ -11,11 +11,13 @@ from typing import Any
 
 class _DefaultsFormatter(argparse.HelpFormatter):
     """Help text with each option's default appended where it has one worth showing and the text does not already
-    say it: ``--steps STEPS  measured optimizer steps per repetition (default: 20)``."""
+    say it: ``--steps STEPS  measured optimizer steps per repetition (default: 20)``. A flag that takes no value
+    (``--no_chat``) shows none: the default of a ``store_false`` is True whatever the option it shares means."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         shown = action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text.lower()
+        shown = shown and action.nargs != 0
         return f"{text} (default: %(default)s)" if shown and action.option_strings else action.help
 
 

@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--harness",
         action="store_true",
-        help="run the tasks through lm-evaluation-harness (pip install 'lm_eval>=0.4,<0.5') instead of the "
+        help="run the tasks through lm-evaluation-harness (pip install 'lm_eval>=0.4.10,<0.5') instead of the "
         "built-in scorer; its task names are accepted too",
     )
     p.add_argument(

@@ -38,6 +38,7 @@ from minillm_lightning.data.common import (
     write_stats,
 )
 from minillm_lightning.errors import DataError
+from minillm_lightning.lightning_private import batches_done_in_epoch
 from minillm_lightning.tokenizer import Tokenizer
 
 Split = Literal["train", "val", "test"]
@@ -261,7 +262,7 @@ class ChatDataModule(L.LightningDataModule):
 
     # ---- loaders ----
     def _progress(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+        return batches_done_in_epoch(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None

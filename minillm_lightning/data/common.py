@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -117,10 +116,6 @@ def iter_jsonl_lines(
         yield lineno, rec
 
 
-def read_text_file(path: Path) -> str:
-    return _decode(path, path.read_bytes(), 1)
-
-
 def split_counts(n: int, val_share: float) -> tuple[int, int]:
     """(train, val) counts: at least one validation item when there are two or more items."""
     if val_share <= 0 or n < 2:
@@ -183,10 +178,6 @@ class ResumableDataLoader(DataLoader):
         s: ResumableSampler = self.sampler
         s.epoch = state["epoch"]
         s.start = state["samples"] if state["samples"] < s.n else 0
-
-
-def epoch_batches(n: int, batch_size: int, world_size: int) -> int:
-    return math.ceil(n // world_size / batch_size)
 
 
 def write_stats(run_dir: str | os.PathLike | None, name: str, stats: dict[str, Any]) -> Path | None:

@@ -45,6 +45,7 @@ from minillm_lightning.data.shards import (
     write_split,
 )
 from minillm_lightning.fileio import atomic_write_text, file_lock
+from minillm_lightning.lightning_private import batches_done_in_epoch
 from minillm_lightning.tokenizer import ModelType, Tokenizer, TokenizerSettings, train_or_load
 
 FORMAT_VERSION = 1  # bump when the prepared directory's layout or tokenization changes
@@ -82,8 +83,10 @@ class PretrainDataModule(L.LightningDataModule):
         sources: corpus entries; each a path/glob with optional per-source sample ratio and validation share.
         seq_len: tokens per training block (must not exceed the model's ``block_size``).
         batch_size: blocks per batch on each device.
-        sample_ratio: share of every source's documents to use (the seed's global sample ratio).
-        val_share: share of each source held out for validation (ignored when ``val_sources`` is given).
+        sample_ratio: share of the documents to use of every source that sets no ``sample_ratio`` of its own (the
+            seed's global sample ratio).
+        val_share: share held out for validation of every source that sets no ``val_share`` of its own (ignored
+            when ``val_sources`` is given).
         val_sources: explicit validation files; the ``sources`` then feed training only.
         test_sources: held-out test files, scored by ``minillm test`` (``test/loss``, ``test/ppl``, ``test/bpb``).
         text_field: JSON field with the document text.
@@ -561,7 +564,7 @@ class PretrainDataModule(L.LightningDataModule):
         return self._per_token(getattr(self, "_test_split", "test"), "bytes")
 
     def _progress(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+        return batches_done_in_epoch(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None

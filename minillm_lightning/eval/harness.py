@@ -11,7 +11,7 @@ from minillm_lightning.eval.scorer import LogLikelihoodScorer
 
 
 def harness_lm(scorer: LogLikelihoodScorer, max_gen_tokens: int = 256, stride: int | None = None) -> Any:
-    """An ``lm_eval.api.model.LM`` backed by ``scorer`` (needs ``pip install 'lm_eval>=0.4,<0.5'``).
+    """An ``lm_eval.api.model.LM`` backed by ``scorer`` (needs ``pip install 'lm_eval>=0.4.10,<0.5'``).
 
     Contexts start with ``</s>`` like the built-in tasks; ``generate_until`` decodes greedily with the KV cache
     and cuts at the first stop string. ``loglikelihood_rolling`` (WikiText and other perplexity tasks) advances
@@ -22,7 +22,7 @@ def harness_lm(scorer: LogLikelihoodScorer, max_gen_tokens: int = 256, stride: i
     try:
         from lm_eval.api.model import LM
     except ImportError:
-        raise MiniLLMError("--harness needs lm-evaluation-harness: pip install 'lm_eval>=0.4,<0.5'") from None
+        raise MiniLLMError("--harness needs lm-evaluation-harness: pip install 'lm_eval>=0.4.10,<0.5'") from None
     from minillm_lightning.generation import GenerationConfig, TextGenerator
 
     class MiniLLMHarnessLM(LM):

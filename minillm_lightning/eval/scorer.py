@@ -279,20 +279,6 @@ class LogLikelihoodScorer:
         return [(float(s), int(c)) for s, c in zip(sums, counts)]
 
 
-def rolling_windows(n_predictions: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows ``(start, end, prev_end)`` over predictions ``0..n-1`` (prediction j is token j+1 given tokens
-    0..j): a window feeds tokens ``start..end-1`` and keeps predictions ``prev_end..end-1``."""
-    if not 0 < stride <= block_size:
-        raise ValueError(f"stride must be in 1..block_size={block_size}, got {stride}")
-    out, prev = [], 0
-    end = min(block_size, n_predictions)
-    while True:
-        out.append((max(0, end - block_size), end, prev))
-        if end >= n_predictions:
-            return out
-        prev, end = end, min(end + stride, n_predictions)
-
-
 # ---------------------------------------------------------------- metrics
 
 
