@@ -8,6 +8,7 @@ Trainer (generate, chat, eval, export, download, serve) start without them. The 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import traceback
@@ -69,6 +70,28 @@ def env_overrides(argv: list[str], environ: dict[str, str] | None = None) -> lis
     return argv[:at] + extra + argv[at:]
 
 
+_ARGPARSE_NEGATIVE = re.compile(r"^-\d+$|^-\d*\.\d+$")  # the negative numbers argparse tells from options
+
+
+def join_negative_numbers(argv: list[str]) -> list[str]:
+    """``--lr -1e-3`` becomes ``--lr=-1e-3``: argparse takes a negative number it does not recognise as one
+    (exponent form, ``-1.``, ``-inf``) for an option, so ``--model.init_args.learning_rate -1e-3`` failed with
+    "argument --model: expected one argument" instead of reaching the value check."""
+    out: list[str] = []
+    for token in argv:
+        prev = out[-1] if out else ""
+        if prev.startswith("--") and "=" not in prev and token.startswith("-") and not _ARGPARSE_NEGATIVE.match(token):
+            try:
+                float(token)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{prev}={token}"
+                continue
+        out.append(token)
+    return out
+
+
 def wants_help(argv: list[str]) -> bool:
     """Whether ``argv`` asks for help text: ``-h``, ``--help`` or jsonargparse's ``--<group>.help CLASS``."""
     return any(a in ("-h", "--help") or a.split("=", 1)[0].endswith(".help") for a in argv)
@@ -104,14 +127,14 @@ Every option can also come from an environment variable: MINILLM_FIT__TRAINER__M
 
 def main(argv: list[str] | None = None) -> None:
     from_shell = argv is None
-    argv = sys.argv[1:] if argv is None else argv
+    argv = join_negative_numbers(sys.argv[1:] if argv is None else argv)
     verb = argv[0] if argv else ""
     try:
         if verb in EXTRA_VERBS:
             module, func = EXTRA_VERBS[verb].split(":")
             getattr(__import__(module, fromlist=[func]), func)(argv[1:])
         elif verb in LIGHTNING_VERBS or verb.startswith("-") and verb not in ("-h", "--help"):
-            with_env = env_overrides(argv)
+            with_env = join_negative_numbers(env_overrides(argv))
             if from_shell:  # keep sys.argv truthful: DDP's launcher re-runs it for the other ranks
                 sys.argv = sys.argv[:1] + with_env
             from minillm_lightning.trainer_cli import run_lightning
@@ -127,6 +150,11 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(0)
             print(f"{usage}\nerror: unknown command {verb!r}; choose one of the commands above", file=sys.stderr)
             sys.exit(2)
+    except KeyboardInterrupt:  # a verb's own work (Lightning's loops handle Ctrl+C themselves and exit 1)
+        if os.environ.get("MINILLM_TRACEBACK"):
+            raise
+        print("\ninterrupted (Ctrl+C)", file=sys.stderr)
+        sys.exit(1)
     except SystemExit as e:
         if _is_sigterm(e):  # Lightning's SIGTERMException is a SystemExit without a code: it would exit 0
             sys.exit(SIGTERM_EXIT_CODE)
@@ -142,11 +170,26 @@ def main(argv: list[str] | None = None) -> None:
                 file=sys.stderr,
             )
             sys.exit(3)
-        user_error = _find_user_error(e) or _invalid_option(e)
+        user_error = _find_user_error(e) or _invalid_option(e) or _misconfiguration(e)
         if user_error is None or os.environ.get("MINILLM_TRACEBACK"):
             raise
         print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _misconfiguration(exc: BaseException) -> str | None:
+    """Lightning's MisconfigurationException (Trainer flags that contradict each other or the config's callbacks,
+    e.g. ``--trainer.logger false`` with the shipped LearningRateMonitor) as one line with where to fix it."""
+    exceptions = sys.modules.get("lightning.fabric.utilities.exceptions")
+    if exceptions is None or not isinstance(exc, exceptions.MisconfigurationException):
+        return None
+    text = " ".join(str(exc).split())
+    if "callback" in text.lower():
+        text += (
+            " (the config's trainer.callbacks includes it: remove it from that list, or drop the Trainer flag; "
+            "`--print_config` shows the list)"
+        )
+    return text
 
 
 def _is_sigterm(exc: BaseException) -> bool:

@@ -41,6 +41,8 @@ class Tokenizer:
         self.im_start_id, self.im_end_id = self.sp.piece_to_id(IM_START), self.sp.piece_to_id(IM_END)
         if self.im_start_id == self.unk_id or self.im_end_id == self.unk_id:
             raise ValueError("this SentencePiece model lacks the chat tokens <|im_start|>/<|im_end|>; retrain it")
+        # what a literal "<|im_start|>"/"<|im_end|>" written in message content encodes to: ordinary text pieces
+        self._literal_ids = {self.im_start_id: self._text_pieces(IM_START), self.im_end_id: self._text_pieces(IM_END)}
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -68,6 +70,36 @@ class Tokenizer:
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
+    def encode_content(self, text: str) -> list[int]:
+        """Encode user-supplied text (chat message content, roles) so that it can never forge the template.
+
+        SentencePiece matches the user-defined symbols ``<|im_start|>``/``<|im_end|>`` anywhere in its input, so
+        :meth:`encode` turns those strings into the chat control ids. Here each such match is replaced by the
+        string's characters as ordinary pieces (byte pieces where a character has none), so the control ids come only
+        from the template. The symbols are hard boundaries for SentencePiece, so the text around them encodes exactly
+        as :meth:`encode` would, and text without them encodes bit-identically to :meth:`encode`.
+        """
+        ids = self.sp.encode(text)
+        if self.im_start_id not in ids and self.im_end_id not in ids:
+            return ids
+        out: list[int] = []
+        for i in ids:
+            out += self._literal_ids.get(i, (i,))
+        return out
+
+    def _text_pieces(self, text: str) -> list[int]:
+        """``text`` as one ordinary piece per character, or its UTF-8 byte pieces where the character has none."""
+        ids: list[int] = []
+        for ch in text:
+            i = self.sp.piece_to_id(ch)
+            if i != self.unk_id and not self.sp.is_unused(i) and not self.sp.is_control(i):
+                ids.append(i)
+                continue
+            for b in ch.encode("utf-8"):
+                i = self.sp.piece_to_id(f"<0x{b:02X}>")
+                ids.append(i if self.sp.is_byte(i) else self.unk_id)  # no byte fallback (char model): unknown
+        return ids
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
 
@@ -86,7 +118,8 @@ class Tokenizer:
 
         Returns the ids and a same-length mask that is True exactly on the tokens an assistant turn
         produces: its content and its closing ``<|im_end|>`` (the header and the trailing newline are
-        fixed by the template, so they are never trained). With ``add_generation_prompt`` the
+        fixed by the template, so they are never trained). Roles and contents go through :meth:`encode_content`, so
+        the control ids come only from the template, never from text. With ``add_generation_prompt`` the
         sequence ends with an open ``<|im_start|>assistant\\n`` header for the model to continue.
         """
         ids: list[int] = []
@@ -94,8 +127,8 @@ class Tokenizer:
         newline = self.encode("\n")
         for m in messages:
             role, content = m["role"], m["content"]
-            head = [self.im_start_id, *self.encode(f"{role}\n")]
-            body = [*self.encode(content), self.im_end_id]
+            head = [self.im_start_id, *self.encode_content(f"{role}\n")]
+            body = [*self.encode_content(content), self.im_end_id]
             ids += head + body + newline
             learn = role == "assistant"
             mask += [False] * len(head) + [learn] * len(body) + [False] * len(newline)

@@ -192,6 +192,46 @@ def test_invalid_values_are_one_line(option, message, workdir, capfd, monkeypatc
     assert user_error(["fit", "--config", "configs/pretrain_tiny.yaml", option], capfd).startswith(message)
 
 
+def test_negative_numbers_in_exponent_form_reach_the_value_check(workdir, capfd, monkeypatch) -> None:
+    """argparse took ``-1e-3`` for an option: "argument --model: expected one argument" named the wrong flag."""
+    from minillm_lightning.cli import join_negative_numbers
+
+    monkeypatch.chdir(workdir)
+    args = ["fit", "--config", "configs/pretrain_tiny.yaml", "--model.init_args.learning_rate", "-1e-3"]
+    line = user_error(args, capfd)
+    assert line == "error: learning_rate must be positive, got -0.001"
+    assert join_negative_numbers(["--a", "-1e-3", "--b", "-2", "--c=-1e3", "-v", "--d", "--e"]) == [
+        "--a=-1e-3",
+        "--b",
+        "-2",
+        "--c=-1e3",
+        "-v",
+        "--d",
+        "--e",
+    ]
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--trainer.enable_checkpointing=false", "error: Trainer was configured with `enable_checkpointing=False`"),
+        ("--trainer.logger=false", "error: Cannot use `LearningRateMonitor` callback with `Trainer` that has no"),
+    ],
+)
+def test_trainer_flags_against_the_configs_callbacks_are_one_line(flag, message, workdir, capfd, monkeypatch) -> None:
+    """Lightning's MisconfigurationException was a 33-59 line traceback; now one line pointing at the callbacks."""
+    monkeypatch.chdir(workdir)
+    line = user_error(["fit", "--config", "configs/pretrain_tiny.yaml", "--trainer.max_steps=1", flag], capfd)
+    assert line.startswith(message) and "trainer.callbacks includes it" in line
+
+
+def test_prepare_names_a_bad_data_option_in_one_line(workdir, capfd, monkeypatch) -> None:
+    """`minillm prepare` printed jsonargparse's chained tracebacks (135 lines) for a misspelt --data option."""
+    monkeypatch.chdir(workdir)
+    line = user_error(["prepare", "--config", "configs/pretrain_tiny.yaml", "--data.init_args.vocab_sise", "9"], capfd)
+    assert line.startswith("error: --data.init_args.vocab_sise: not an option of PretrainDataModule")
+
+
 def test_invalid_architecture_through_the_real_command(workdir: Path) -> None:
     proc = run_minillm(["fit", "--config", "configs/pretrain_tiny.yaml", "--model.init_args.arch.n_head", "3"], workdir)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Union subtypes" not in proc.stderr

@@ -194,6 +194,38 @@ def test_signal_saves_and_resume_continues(workdir: Path, sig: signal.Signals) -
     assert torch.load(last, weights_only=True)["global_step"] == step + 4
 
 
+def test_ctrl_c_while_litdata_tokenizes_exits_1_and_cleans_up(workdir: Path) -> None:
+    """LitData's own Ctrl+C handler could hang `minillm prepare` (workers defunct, the main process in a futex)
+    or end `minillm fit` with exit status 0 and a half-written `.tmp-` folder. Ctrl+C now interrupts like anywhere
+    else: exit 1, one line, the workers killed and the temporary folder removed."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat and dog ran to its home in snow rain sun tree".split()
+    with (workdir / "big.jsonl").open("w") as f:  # ~45 MB: several seconds of tokenizing on two workers
+        for _ in range(180_000):
+            f.write(json.dumps({"text": " ".join(rng.choices(words, k=60))}) + "\n")
+    args = ["prepare", "--config", CONFIG, "--data.init_args.sources", "[{path: big.jsonl}]"]
+    args += ["--data.init_args.cache_dir", "cache"]
+    with training_process(args, workdir) as proc:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Starting data processing" in line:  # LitData's workers run
+                break
+        else:
+            pytest.fail("".join(lines[-30:]))
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and "\ninterrupted (Ctrl+C)\n" in out, out[-3000:]  # (LitData's bar may follow)
+    assert not [p for p in (workdir / "cache" / "tokens").iterdir() if ".tmp-" in p.name]
+    assert not list((workdir / "cache" / "tokens").glob("*/meta.json"))  # nothing claims to be prepared
+
+
 def test_ddp_two_cpu_processes(workdir: Path) -> None:
     r = minillm(
         [

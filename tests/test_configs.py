@@ -77,6 +77,8 @@ def test_pipeline_runs_every_tiny_recipe_one_step_and_resumes(tmp_path: Path) ->
     for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
         assert (tmp_path / "out" / f"{stage}_tiny" / "DONE.json").is_file(), stage
         assert f"| {stage} |" in first.stdout
+        # every stage validated at its last step (PPO: 2 updates are one rollout), so each has its metric and best
+        assert (tmp_path / "out" / f"{stage}_tiny" / "best.ckpt").is_file(), stage
     sft_config = yaml.safe_load((tmp_path / "out" / "configs" / "sft_tiny.yaml").read_text())
     assert sft_config["model"]["init_args"]["init_from"].startswith("out/pretrain_tiny/")
     again = subprocess.run([*cmd, "--stages", "pretrain,sft"], cwd=tmp_path, capture_output=True, text=True)

@@ -363,6 +363,7 @@ def test_source_sampled_to_zero_warns_loudly(tmp_path) -> None:
         (['{"text": "ok"}', '{"text": "broken'], r"bad\.jsonl:2: malformed JSON line"),
         ([{"text": "ok"}, {"body": "wrong field"}], r"bad\.jsonl:2: field 'text' is missing"),
         ([{"text": "ok"}, {"text": 42}], r"bad\.jsonl:2: field 'text' is an int, not a string"),
+        ([{"text": "ok"}, {"text": None}], r"bad\.jsonl:2: field 'text' is null; fix the record or skip_bad"),
         (['["a", "list"]', '{"text": "ok"}'], r"bad\.jsonl:1: malformed JSON line \(expected a JSON object"),
     ],
 )

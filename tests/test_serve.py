@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -94,6 +95,7 @@ def test_prepare_checks_requests(gen: TextGenerator) -> None:
     j = job(temperature=0, stop="x", seed=3)
     assert (j.max_tokens, j.temperature, j.stop, j.seed) == (64, 0, ("x",), 3)
     assert job(max_tokens=128 - prompt_len).max_tokens == 128 - prompt_len
+    assert job(logprobs=False).max_tokens == job(logprobs=None).max_tokens == 64  # not asking for them is fine
     parts = ChatRequest(
         messages=[{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]
     )
@@ -110,6 +112,8 @@ def test_prepare_checks_requests(gen: TextGenerator) -> None:
         (dict(temperature=-1), "temperature"),
         (dict(top_p=0), "top_p"),
         (dict(n=2), "n"),
+        (dict(logprobs=True), "logprobs"),
+        (dict(top_logprobs=2), "top_logprobs"),
         (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
     ]
     for kw, param in bad:
@@ -184,6 +188,20 @@ def test_not_a_minillm_checkpoint_fails_in_one_line(tmp_path: Path, capsys) -> N
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error: ") and str(path) in err, err
         assert len(err.splitlines()) == 1 and "minillm" in err, err
+
+
+def test_a_port_in_use_fails_in_one_line_before_serving(sft_ckpt: Path, capsys) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--checkpoint", str(sft_ckpt), "--port", str(port)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "serving" not in out, out
+    err = err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert f"port {port}" in err and "--port <other>" in err, err
 
 
 # ---- a real server ----
@@ -295,6 +313,28 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server: str, client) 
         assert e.value.status_code == 400 and words in e.value.message, kw
     resp = client.chat.completions.create(model="x", messages=user("hi"), max_tokens=3, temperature=0)
     assert resp.usage.completion_tokens >= 1
+
+
+def test_wrong_types_and_unsupported_fields_get_400(server: str) -> None:
+    status, err = _post(server, [1, 2])
+    assert status == 400 and err["error"]["message"] == "the request body must be a JSON object", err
+    hint = "expected messages="
+    fields = ("max_tokens", "max_completion_tokens", "n", "seed", "temperature", "top_p")
+    for field, value in [*((f, True) for f in fields), ("temperature", False), ("max_tokens", "abc")]:
+        status, err = _post(server, {"messages": user("hi"), field: value})
+        assert status == 400 and err["error"]["param"] == field, (field, value, err)
+        message = err["error"]["message"]
+        assert message.startswith(f"{field}: ") and hint not in message, message  # no hint about messages
+        assert value == "abc" or "boolean" in message, message
+    status, err = _post(server, {"messages": "hello"})
+    assert status == 400 and hint in err["error"]["message"], err  # the hint stays for errors in messages
+    for stream in (False, True):
+        status, err = _post(server, {"messages": user("hi"), "logprobs": True, "stream": stream})
+        assert status == 400 and err["error"]["param"] == "logprobs", err
+        assert "not supported" in err["error"]["message"], err
+    for logprobs in (False, None):
+        status, resp = _post(server, {"messages": user("hi"), "logprobs": logprobs, "max_tokens": 2, "temperature": 0})
+        assert status == 200 and resp["usage"]["completion_tokens"] >= 1, resp
 
 
 def test_a_slow_reader_does_not_stall_others(client) -> None:

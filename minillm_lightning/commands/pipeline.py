@@ -19,8 +19,10 @@ continues where it stopped.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -141,10 +143,72 @@ def _run(cmd: list[str], what: str, best: dict[str, str], output: Path) -> float
     return wall
 
 
+def _batches_for_steps(cfg: dict[str, Any], steps: int) -> int:
+    """Training batches a run of ``trainer.max_steps=steps`` takes with config ``cfg``.
+
+    ``trainer.max_steps`` counts optimizer updates (``trainer.global_step``) while ``val_check_interval`` counts
+    training batches: PPO/GRPO makes ``ppo_epochs x num_mini_batches`` updates per rollout (one batch) and stops
+    after the rollout that reaches ``max_steps``; every other stage makes one update per
+    ``trainer.accumulate_grad_batches`` batches.
+    """
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    args = model.get("init_args") or {}
+    class_path = str(model.get("class_path", ""))
+    if class_path.rsplit(".", 1)[-1] == "PPOModule" or "ppo_epochs" in args or "num_mini_batches" in args:
+        import inspect
+
+        from minillm_lightning.stages.ppo import PPOModule
+
+        defaults = inspect.signature(PPOModule.__init__).parameters
+        epochs = args.get("ppo_epochs", defaults["ppo_epochs"].default)
+        mini_batches = args.get("num_mini_batches", defaults["num_mini_batches"].default)
+        return max(1, math.ceil(steps / (int(epochs) * int(mini_batches))))
+    accumulate = (cfg.get("trainer") or {}).get("accumulate_grad_batches") or 1
+    return steps * int(accumulate)
+
+
+def step_overrides(config: Path, max_steps: int | None) -> list[str]:
+    """``--trainer.*`` arguments that make the stage run ``max_steps`` optimizer updates and validate at the end.
+
+    Without ``max_steps`` the config's own numbers stand, unless its ``val_check_interval`` lies beyond the last
+    batch of its ``max_steps`` (it would never validate: no stage metric, no best.ckpt); then it validates at the end.
+    """
+    cfg = yaml.safe_load(config.read_text()) or {}
+    trainer = cfg.get("trainer") or {}
+    if max_steps:
+        return [
+            f"--trainer.max_steps={max_steps}",
+            f"--trainer.val_check_interval={_batches_for_steps(cfg, max_steps)}",
+        ]
+    steps, interval = trainer.get("max_steps"), trainer.get("val_check_interval")
+    if not isinstance(steps, int) or steps <= 0 or not isinstance(interval, int) or isinstance(interval, bool):
+        return []
+    if trainer.get("check_val_every_n_epoch", 1) is not None:
+        return []  # validation counted per epoch: also at every epoch's end
+    last = _batches_for_steps(cfg, steps)
+    if interval <= last:
+        return []
+    print(
+        f"[pipeline] {config.name}: val_check_interval={interval} batches would never be reached (the run takes "
+        f"{last} for max_steps={steps}); validating after batch {last} instead",
+        flush=True,
+    )
+    return [f"--trainer.val_check_interval={last}"]
+
+
 def run_stage(
-    stage: Stage, size: str, output: Path, best: dict[str, str], extra: list[str], recipe: Recipe, test: bool = False
+    stage: Stage,
+    size: str,
+    output: Path,
+    best: dict[str, str],
+    extra: list[str],
+    recipe: Recipe,
+    test: bool = False,
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Train one stage (unless its DONE.json exists) and, with ``test``, score it before and after on its test split."""
+    """Train one stage (unless its DONE.json exists) and, with ``test``, score it before and after on its test split.
+
+    ``max_steps`` overrides the config's ``trainer.max_steps`` (see :func:`step_overrides`)."""
     run_dir = output / f"{stage.name}_{size}"
     done = run_dir / "DONE.json"
     if done.is_file():
@@ -152,7 +216,8 @@ def run_stage(
         print(f"[pipeline] {stage.name}: already done ({info['checkpoint']}), skipping")
         return info
     config = stage_config(stage, size, output, best, recipe)
-    wall = _run(["fit", "--config", str(config), *extra], stage.name, best, output)
+    fit = ["fit", "--config", str(config), *extra, *step_overrides(config, max_steps)]
+    wall = _run(fit, stage.name, best, output)
     ckpt = run_dir / "best.ckpt" if (run_dir / "best.ckpt").is_file() else run_dir / "last.ckpt"
     if not ckpt.is_file():
         raise PipelineError(f"stage {stage.name} finished but wrote no checkpoint in {run_dir}")
@@ -182,34 +247,108 @@ def run_test(config: Path, ckpt: Path | None, run_dir: Path, what: str, best: di
     return json.loads(max(fresh, key=lambda p: p.stat().st_mtime).read_text())["metrics"]
 
 
+# Bump when the way split_jsonl assigns records changes: splits made before are then made again.
+SPLIT_FORMAT = 1
+
+
+def _split_made_from(files: list[Path], plan: dict[str, Any], role: str) -> dict[str, Any]:
+    """Everything a role's split depends on: its source files (resolved path, size, mtime), budget and shares."""
+    sources = []
+    for f in files:
+        st = f.stat()
+        sources.append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {
+        "format": SPLIT_FORMAT,
+        "sources": sorted(sources, key=lambda src: src["path"]),
+        "budget_bytes": plan["budget"][role],
+        "val_share": plan["val_share"],
+        "test_share": plan["test_share"],
+    }
+
+
+def _split_changed(done: dict[str, Any] | None, want: dict[str, Any]) -> str | None:
+    """Why the finished split ``done`` (its split.json) cannot stand for ``want``; ``None`` when it can."""
+    if done is None:
+        return "not split yet"
+    had = done.get("made_from")
+    if not isinstance(had, dict):
+        return "the earlier split did not record its source files"
+    if had.get("format") != want["format"]:
+        return "the split method changed"
+    old = {src.get("path"): src for src in had.get("sources", []) if isinstance(src, dict)}
+    new = {src["path"]: src for src in want["sources"]}
+    if set(old) != set(new):
+        added, gone = len(set(new) - set(old)), len(set(old) - set(new))
+        return f"source files changed: {added} new, {gone} no longer there"
+    edited = [p for p in new if (old[p].get("size"), old[p].get("mtime_ns")) != (new[p]["size"], new[p]["mtime_ns"])]
+    if edited:
+        return f"source files changed: {Path(edited[0]).name} modified" + (
+            f" (and {len(edited) - 1} more)" if len(edited) > 1 else ""
+        )
+    for key in ("budget_bytes", "val_share", "test_share"):
+        if had.get(key) != want[key]:
+            return f"{key.replace('_bytes', '')} changed: {had.get(key)} -> {want[key]}"
+    return None
+
+
 def prepare_real_data(data_dir: Path, output: Path, size: str) -> dict[str, Any]:
-    """Split each real corpus into ``output/data_<size>/<role>/{train,val,test}.jsonl`` (once; reruns reuse it)."""
+    """Split each real corpus into ``output/data_<size>/<role>/{train,val,test}.jsonl``.
+
+    A finished split is reused only while what it was made from is unchanged: the same source files (resolved
+    paths, sizes and modification times), budget and shares, all recorded under ``made_from`` in its split.json;
+    otherwise the corpus is split again, with a one-line note saying why.
+    """
     from minillm_lightning.data.split import finished_split, split_jsonl
 
     plan = REAL_SPLIT[size]
     reports: dict[str, Any] = {}
+    resplit: list[str] = []
     for role in REAL_ROLES:
         out = output / f"data_{size}" / role
-        pattern = str(data_dir / role / "*.jsonl")
-        want = {"val_share": plan["val_share"], "test_share": plan["test_share"]}
-        done = finished_split(out)
-        if done and all(done[k] == v for k, v in want.items()):
-            print(f"[pipeline] data: {role} already split ({done['records']})")
-            reports[role] = done
-            continue
-        if not list(data_dir.glob(f"{role}/*.jsonl")):
+        # the files split_jsonl would read for DATA_DIR/<role>/*.jsonl (glob.glob: no hidden files)
+        files = sorted(Path(p) for p in glob.glob(os.path.join(glob.escape(str(data_dir / role)), "*.jsonl")))
+        files = [f for f in files if f.is_file()]
+        if not files:
             raise PipelineError(
                 f"no {role} corpus in {data_dir / role}/*.jsonl: run `minillm download` for it (see data/README.md "
                 f"'Real corpora') or point --data-dir at a folder with pretrain/, sft/ and preference/ JSONL files"
             )
+        made_from = _split_made_from(files, plan, role)  # stat before reading: a file edited meanwhile is redone
+        done = finished_split(out)
+        why = _split_changed(done, made_from)
+        if done is not None and why is None:
+            print(f"[pipeline] data: {role} already split ({done['records']})")
+            reports[role] = done
+            continue
+        if done is not None:
+            print(f"[pipeline] data: {role}: re-splitting ({why})", flush=True)
+            resplit.append(role)
         t0 = time.perf_counter()
-        rep = split_jsonl(pattern, out, budget_bytes=plan["budget"][role], **want)
+        rep = split_jsonl(
+            [glob.escape(str(f)) for f in files],
+            out,
+            val_share=plan["val_share"],
+            test_share=plan["test_share"],
+            budget_bytes=plan["budget"][role],
+        )
         print(
             f"[pipeline] data: {role}: {rep.read_bytes / 1e6:.1f} MB read, kept {rep.keep_share:.0%}: "
             f"{rep.records} records in {time.perf_counter() - t0:.1f}s",
             flush=True,
         )
-        reports[role] = finished_split(out)
+        report = {**finished_split(out), "made_from": made_from}
+        tmp = out / "split.json.partial"
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, out / "split.json")  # a split interrupted before this line has no made_from: redone
+        reports[role] = report
+    stale = sorted(p.parent.name for p in output.glob(f"*_{size}/DONE.json"))
+    if resplit and stale:
+        print(
+            f"[pipeline] note: {', '.join(resplit)} split again, but finished stages ({', '.join(stale)}) were trained "
+            f"on the earlier split and are skipped; delete their folders under {output} (or pick another --output) "
+            f"to train them on the new split",
+            flush=True,
+        )
     return reports
 
 
@@ -286,7 +425,13 @@ def pipeline_main(argv: list[str]) -> None:
         help="real recipe: folder with pretrain/, sft/, preference/ *.jsonl corpora (`minillm download` writes them)",
     )
     parser.add_argument("--stages", default=",".join(s.name for s in STAGES), help="comma-separated subset")
-    parser.add_argument("--max_steps", type=int, default=None, help="override every stage's trainer.max_steps")
+    parser.add_argument(
+        "--max_steps",
+        type=int,
+        default=None,
+        help="override every stage's trainer.max_steps (optimizer updates; PPO makes several per rollout); "
+        "each stage then validates once, at its last training batch",
+    )
     parser.add_argument("--prompts", type=int, default=4, help="sample recipe: prompts each stage's model answers")
     args = parser.parse_args(argv)
     recipe = RECIPES[args.recipe]
@@ -297,9 +442,9 @@ def pipeline_main(argv: list[str]) -> None:
     unknown = set(wanted) - {s.name for s in STAGES}
     if unknown:
         raise PipelineError(f"unknown stages {sorted(unknown)}; choose from {[s.name for s in STAGES]}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise PipelineError(f"--max_steps {args.max_steps}: give a positive number of optimizer steps")
     extra = ["--trainer.enable_progress_bar=false"]
-    if args.max_steps:
-        extra += [f"--trainer.max_steps={args.max_steps}", f"--trainer.val_check_interval={args.max_steps}"]
     t0 = time.perf_counter()
     data = prepare_real_data(args.data_dir, output, args.size) if args.recipe == "real" else {}
     best: dict[str, str] = {}
@@ -310,7 +455,9 @@ def pipeline_main(argv: list[str]) -> None:
         missing = [n for n in stage.needs if f"{n}_{args.size}" not in best]
         if missing:
             raise PipelineError(f"stage {stage.name} needs {missing} first; include them in --stages")
-        info = run_stage(stage, args.size, output, best, extra, recipe, test=args.recipe == "real")
+        info = run_stage(
+            stage, args.size, output, best, extra, recipe, test=args.recipe == "real", max_steps=args.max_steps
+        )
         best[f"{stage.name}_{args.size}"] = info["checkpoint"]
         results[stage.name] = info
     if args.recipe == "real":

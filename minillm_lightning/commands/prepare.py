@@ -7,6 +7,7 @@ they do for ``fit``, e.g. ``--data.init_args.prepare_workers 4`` or ``--data.ini
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -59,5 +60,10 @@ def build_datamodule(config: Path, overrides: list[str]):
         raise ConfigError(f"{config} has no `data` section to prepare")
     parser = ArgumentParser(prog="minillm prepare", exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
-    cfg = parser.parse_args(["--data", json.dumps(section), *overrides])
+    try:
+        cfg = parser.parse_args(["--data", json.dumps(section), *overrides])
+    except argparse.ArgumentError as e:  # one line naming the option, as `minillm fit` prints it
+        from minillm_lightning.trainer_cli import concise_parser_error
+
+        raise ConfigError(concise_parser_error(str(e), "minillm fit")) from None
     return parser.instantiate_classes(cfg).data

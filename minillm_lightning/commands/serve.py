@@ -22,10 +22,12 @@ How the pieces fit (LitServe owns the HTTP server, the request queue and the inf
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 from collections import deque
@@ -54,7 +56,8 @@ from litserve.specs.openai import (
     UsageInfo,
 )
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
-from pydantic import ValidationError
+from pydantic import ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from minillm_lightning.commands import CommandParser
 from minillm_lightning.commands.generate import DEFAULT_MAX_NEW, _load
@@ -67,11 +70,35 @@ _MAIN_PID = os.getpid()
 logger = logging.getLogger(__name__)
 
 
+NUMBER_FIELDS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "seed",
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_logprobs",
+)
+
+
 class ChatRequest(ChatCompletionRequest):
-    """LitServe's OpenAI chat request plus ``seed``, with OpenAI's default temperature (1)."""
+    """LitServe's OpenAI chat request plus ``seed`` and ``logprobs``/``top_logprobs`` (declared so that asking for
+    them is refused, see :func:`prepare`), with OpenAI's default temperature (1)."""
 
     temperature: float | None = 1.0
     seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    @field_validator(*NUMBER_FIELDS, mode="before")
+    @classmethod
+    def _no_bools(cls, value: Any) -> Any:
+        """pydantic takes ``true`` for 1 in int and float fields; JSON booleans are not numbers here."""
+        if isinstance(value, bool):
+            raise PydanticCustomError("number_type", "Input should be a number, not a boolean")
+        return value
 
 
 class RequestError(MiniLLMError):
@@ -120,6 +147,10 @@ def prepare(req: ChatRequest, tokenizer: Tokenizer, block_size: int, default_max
         messages.append({"role": m.role, "content": _content_text(m.content, i)})
     if (req.n or 1) != 1:
         raise RequestError("n must be 1 (one choice per request)", "n")
+    if req.logprobs:
+        raise RequestError("logprobs is not supported by this server; leave it out or set it to false", "logprobs")
+    if req.top_logprobs:
+        raise RequestError("top_logprobs is not supported by this server (no logprobs); leave it out", "top_logprobs")
     prompt = tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
     room = block_size - len(prompt)
     if room < 1:
@@ -442,11 +473,16 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """The first problem of a request that does not parse, and the field it is in. The reminder of the
+    ``messages`` shape is added only when that field is ``messages``."""
     err = e.errors()[0]
     where = ".".join(str(x) for x in err["loc"]) or None
     n = len(e.errors())
     more = f" (and {n - 1} more problems)" if n > 1 else ""
-    return f"{where}: {err['msg']}{more}; expected messages=[{{'role': ..., 'content': '...'}}, ...]", where
+    message = f"{where}: {err['msg']}{more}" if where else f"{err['msg']}{more}"
+    if err["loc"] and err["loc"][0] == "messages":
+        message += "; expected messages=[{'role': ..., 'content': '...'}, ...]"
+    return message, where
 
 
 class ChatSpec(OpenAISpec):
@@ -493,6 +529,8 @@ class ChatSpec(OpenAISpec):
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict):  # not JSON, or JSON that is not an object (an array, a string, null, ...)
             return JSONResponse(error_body("the request body must be a JSON object"), status_code=400)
         try:
             req = ChatRequest.model_validate(body)
@@ -634,6 +672,7 @@ def serve_main(argv: list[str]) -> None:
         args.batch_timeout,
         args.max_tokens,
     )
+    check_port(args.host, args.port)
     if stage == "pretrain":
         print("note: this is a pretrain checkpoint, not tuned for chat; replies may ramble", flush=True)
     host = "127.0.0.1" if args.host == "0.0.0.0" else args.host
@@ -644,6 +683,21 @@ def serve_main(argv: list[str]) -> None:
     )
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`/docker stop shut down as cleanly as Ctrl+C
     server.run(host=args.host, port=args.port, num_api_servers=1, generate_client_file=False, log_level=args.log_level)
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with a :class:`MiniLLMError` when ``(host, port)`` cannot be bound, before anything is started. The
+    socket is opened as uvicorn opens its own (``SO_REUSEADDR``), so this fails exactly when uvicorn would."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family=family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be used ({e.strerror})"
+            raise MiniLLMError(
+                f"port {port} on {host} {why}; stop what is listening there or pick another one with --port <other>"
+            ) from None
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -38,7 +38,8 @@ from minillm_lightning.data.common import ReadStats, expand_paths, iter_jsonl_li
 from minillm_lightning.errors import DataError
 from minillm_lightning.tokenizer import Tokenizer
 
-CACHE_VERSION = 1  # bump when the layout or what an item's fields mean changes
+CACHE_VERSION = 2  # bump when the layout, what an item's fields mean, or how content is encoded changes
+# 2: a literal <|im_start|>/<|im_end|> inside message content is encoded as text, not as the control tokens
 CHUNK_BYTES = 4 << 20
 """Bytes of JSONL one task reads, parses and tokenizes (a worker holds about 10x this while it works)."""
 SCAN_BLOCK = 16 << 20

@@ -183,15 +183,14 @@ def _record_text(task: Task, lineno: int, rec: Any, counts: dict) -> str | None:
     field_ = task.text_field
     value = rec.get(field_) if isinstance(rec, dict) else None
     if not isinstance(value, str):
-        problem = "is missing" if value is None else f"is {type_name(value)}, not a string"
+        missing = not isinstance(rec, dict) or field_ not in rec
+        problem = "is missing" if missing else "is null" if value is None else f"is {type_name(value)}, not a string"
         if task.skip_bad:
-            _count(counts, f"field {field_!r} {'missing' if value is None else problem}")
+            _count(counts, f"field {field_!r} {'missing' if missing else problem}")
             return None
         keys = sorted(rec)[:8] if isinstance(rec, dict) else []
-        raise DataError(
-            f"{task.path}:{lineno}: field {field_!r} {problem}; set text_field to the field that holds the text "
-            f"(keys here: {keys}) or skip_bad_records: true"
-        )
+        fix = f"set text_field to the field that holds the text (keys here: {keys})" if missing else "fix the record"
+        raise DataError(f"{task.path}:{lineno}: field {field_!r} {problem}; {fix} or skip_bad_records: true")
     if not value.strip():
         _count(counts, "empty text")
         return None
@@ -423,7 +422,7 @@ def write_split(
         # installed: a later Ctrl+C during training would end the run silently, with no checkpoint
         on_int = signal.getsignal(signal.SIGINT)
     try:
-        with started, contextlib.redirect_stdout(sys.stderr):  # LitData's chatter must not pollute stdout
+        with started, contextlib.redirect_stdout(sys.stderr), _ctrl_c_raises():  # LitData's chatter: not on stdout
             optimize(
                 fn=partial(tokenize_task, job=job),
                 inputs=tasks,
@@ -451,6 +450,31 @@ def write_split(
     err = Path(job.work_dir) / "error.txt"
     if err.is_file():
         raise DataError(err.read_text())
+
+
+@contextlib.contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """Ctrl+C during ``optimize`` raises KeyboardInterrupt, as anywhere else, instead of LitData's handler.
+
+    LitData's handler (``DataProcessor._signal_handler``, installed by ``optimize`` itself) puts to its workers'
+    queues from inside the signal handler, which can deadlock (the process then ignores further Ctrl+C), and ends
+    with ``os._exit(0)``: exit status 0 for an interrupted run, no ``finally`` (the half-written folder stays).
+    Raising instead unwinds through :func:`write_split`, which kills the workers, and the caller's cleanup.
+    """
+    from litdata.processing.data_processor import DataProcessor
+
+    def raise_interrupt(self: Any, signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    original = DataProcessor.__dict__.get("_signal_handler")
+    if original is None:  # moved in a LitData release: its own handling stays
+        yield
+        return
+    DataProcessor._signal_handler = raise_interrupt  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DataProcessor._signal_handler = original  # type: ignore[method-assign]
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
