@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,19 @@ def atomic_write_text(path: Path, text: str) -> Path:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def check_writable_dir(folder: Path, option: str) -> None:
+    """Raise a MiniLLMError naming ``option`` unless files can be created in ``folder`` (made if missing): checked
+    before a long job, so that its result is not lost to an unwritable path at the end."""
+    from minillm_lightning.errors import MiniLLMError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise MiniLLMError(f"{option}: cannot write in {folder} ({e.strerror}); choose a writable path") from None
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 
 from minillm_lightning.checkpoint import checkpoint_meta, load_backbone
 from minillm_lightning.errors import CheckpointError, MiniLLMError
+from minillm_lightning.fileio import check_writable_dir
 from minillm_lightning.model.gpt import MiniGPT
 from minillm_lightning.model.hf_convert import to_hf_config, to_hf_state_dict
 from minillm_lightning.tokenizer import EOS, IM_END, IM_START, PAD, UNK, Tokenizer
@@ -211,6 +213,13 @@ def export_checkpoint(
             raise MiniLLMError(f"--output {out} is not empty; pass --overwrite to replace its contents")
         shutil.rmtree(out)
     model, tokenizer, stage = load_for_export(checkpoint)
+    check_writable_dir(out, "--output")
+    if stage == "reward":
+        warnings.warn(
+            f"{checkpoint} is a reward model: its scalar head (head.weight, head.bias) has no place in a "
+            f"LlamaForCausalLM and is not exported; the directory holds its backbone and language-model head only",
+            stacklevel=2,
+        )
     return export_hf(model, tokenizer, out, stage, getattr(torch, dtype))
 
 

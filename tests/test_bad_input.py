@@ -309,6 +309,13 @@ def test_eval_text_and_data_dir_faults(tmp_path: Path, tiny_pretrain_ckpt: Path,
         assert phrase in user_error([*ck, "--tasks", "", "--text", str(tmp_path / name)], capfd)
     line = user_error([*ck, "--tasks", "lambada", "--data-dir", str(tmp_path / "empty.txt")], capfd)
     assert "--data-dir" in line and "is a file" in line
+    # an --output that cannot be written is refused before the scoring, not after it (the results were lost)
+    bad_out = tmp_path / "empty.txt" / "results.json"
+    (tmp_path / "good.txt").write_text("The cat sat on the mat.\n")
+    text = ["--tasks", "", "--text", str(tmp_path / "good.txt")]
+    line = user_error([*ck, *text, "--output", str(bad_out)], capfd)
+    assert line.startswith(f"error: --output: cannot write in {bad_out.parent}")
+    assert "is a directory" in user_error([*ck, *text, "--output", str(tmp_path / "folder")], capfd)
 
 
 @pytest.mark.parametrize(

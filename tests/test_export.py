@@ -168,6 +168,25 @@ def test_export_command(tiny_pretrain_ckpt: Path, tmp_path: Path, capsys) -> Non
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_reward_checkpoint_warns_and_unwritable_output_is_one_line(tiny_pretrain_ckpt: Path, tmp_path: Path, capfd):
+    """A reward model's scalar head was dropped without a word; an output path that cannot be created ended in a
+    FileNotFoundError traceback."""
+    from minillm_lightning.hf_export import export_checkpoint
+
+    ckpt = torch.load(tiny_pretrain_ckpt, weights_only=False)
+    ckpt[META_KEY] = {**ckpt[META_KEY], "stage": "reward"}
+    reward = tmp_path / "reward.ckpt"
+    torch.save(ckpt, reward)
+    with pytest.warns(UserWarning, match=r"is a reward model: its scalar head .* is not exported"):
+        export_checkpoint(reward, tmp_path / "hf")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--checkpoint", str(tiny_pretrain_ckpt), "--output", str(tmp_path / "afile" / "hf")])
+    err = capfd.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: --output: cannot write in {tmp_path / 'afile' / 'hf'}")
+
+
 def test_clear_errors(tiny_pretrain_ckpt: Path, tokenizer: Tokenizer, tmp_path: Path, monkeypatch) -> None:
     shared = MiniGPT(MiniGPTConfig(**MICRO_ARCH, vocab_size=tokenizer.vocab_size, n_experts=2, n_shared_experts=1))
     with pytest.raises(MiniLLMError, match="shared experts"):

@@ -105,6 +105,26 @@ def test_arch_overridden_by_init_from_is_named_in_one_warning(tiny_pretrain_ckpt
         SFTModule(init_from=ckpt, arch={"n_layer": 2, "dim": 64, "gradient_checkpointing": True})
 
 
+def test_a_reward_model_as_policy_init_from_warns(tmp_path, tiny_pretrain_ckpt):
+    """PPO started from a reward checkpoint trained a broken policy without a word; now a warning says what
+    init_from should be. Continuing a reward model from one stays quiet."""
+    from minillm_lightning.checkpoint import META_KEY
+
+    ckpt = torch.load(tiny_pretrain_ckpt, weights_only=False)
+    ckpt[META_KEY] = {**ckpt[META_KEY], "stage": "reward"}
+    reward = tmp_path / "reward.ckpt"
+    torch.save(ckpt, reward)
+    expected = rf"^init_from={re.escape(str(reward))} is a reward model: .* ppo normally starts from the SFT checkpoint"
+    with pytest.warns(UserWarning, match=expected):
+        PPOModule(init_from=str(reward), reward_fn=EQUALS)
+    with pytest.warns(UserWarning, match="dpo normally starts from the SFT model"):
+        DPOModule(init_from=str(reward))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is a reward model")
+        RewardModule(init_from=str(reward))
+        SFTModule(init_from=str(tiny_pretrain_ckpt))
+
+
 def test_ppo_optimizer_defaults(tiny_pretrain_ckpt):
     module = PPOModule(init_from=str(tiny_pretrain_ckpt), reward_fn=EQUALS)
     assert module.optim == OptimConfig(learning_rate=1e-5, weight_decay=0.0, warmup=0.05, min_lr_ratio=1.0)

@@ -97,7 +97,19 @@ def run_test(module: L.LightningModule, dm, root: Path) -> dict[str, float]:
     trainer.test(module, datamodule=dm, verbose=False)
     written = json.loads(report.written.read_text())
     assert written["examples"] == dm.test_summary()["examples"] and written["checkpoint"] is None
+    assert written["batches_scored"] == sum(trainer.num_test_batches) and "partial" not in written
     return written["metrics"]
+
+
+def test_report_says_when_limit_test_batches_scored_part_of_the_test_set(tmp_path, tiny_pretrain_ckpt, splits):
+    """test.json said 1000 examples while --trainer.limit_test_batches 3 had scored 24 of them."""
+    dm = make_dm("sft", tiny_pretrain_ckpt, splits["sft"]["train"], test_sources=[str(splits["sft"]["test"])])
+    module = SFTModule(init_from=str(tiny_pretrain_ckpt), vocab_size=dm.vocab_size)
+    report = TestReport()
+    micro_trainer(tmp_path, callbacks=[report], limit_test_batches=1).test(module, datamodule=dm, verbose=False)
+    written = json.loads(report.written.read_text())
+    assert written["batches_scored"] == 1 and written["examples"] == dm.test_summary()["examples"] > 1
+    assert written["partial"].startswith("limit_test_batches=1: the metrics come from 1 of ")
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,33 @@ def report_path(ckpt_path: str | os.PathLike | None, run_dir: str | os.PathLike)
 def _examples(trainer: L.Trainer) -> int | None:
     """Items in the test loaders, for data modules without ``test_summary``; None when a loader has no length."""
     try:
-        return sum(len(loader.dataset) for loader in trainer.test_dataloaders or [])
+        return sum(len(loader.dataset) for loader in _loaders(trainer.test_dataloaders))
     except (TypeError, AttributeError):
         return None
+
+
+def _loaders(loaders: Any) -> list[Any]:
+    """``trainer.test_dataloaders`` as a list: one loader, or a list/tuple of them."""
+    if loaders is None:
+        return []
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+def _batches(trainer: L.Trainer) -> dict[str, Any]:
+    """The test batches scored; when ``limit_test_batches`` cut the loaders short, a note that the counts describe
+    the whole test set while the metrics come from part of it."""
+    scored = [n for n in trainer.num_test_batches if not math.isinf(n)]
+    out: dict[str, Any] = {"batches_scored": int(sum(scored)) if scored else None}
+    try:
+        total = sum(len(loader) for loader in _loaders(trainer.test_dataloaders))
+    except TypeError:  # a loader without a length
+        return out
+    if scored and sum(scored) < total:
+        out["partial"] = (
+            f"limit_test_batches={trainer.limit_test_batches}: the metrics come from {int(sum(scored))} of {total} "
+            f"batches; the counts describe the whole test set"
+        )
+    return out
 
 
 def test_report(trainer: L.Trainer) -> dict[str, Any]:
@@ -46,6 +71,7 @@ def test_report(trainer: L.Trainer) -> dict[str, Any]:
     }
     summary = getattr(dm, "test_summary", None)
     data = summary() if callable(summary) else {"examples": _examples(trainer)}
+    data.update(_batches(trainer))
     return {
         "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
         "init_from": getattr(module, "init_from", None),

@@ -22,7 +22,7 @@ from minillm_lightning.checkpoint import checkpoint_meta, load_backbone
 from minillm_lightning.commands import CommandParser
 from minillm_lightning.errors import CheckpointError, DataError, MiniLLMError
 from minillm_lightning.eval import TASKS, LogLikelihoodScorer, harness_lm, results_table, run_tasks
-from minillm_lightning.fileio import write_json
+from minillm_lightning.fileio import check_writable_dir, write_json
 from minillm_lightning.tokenizer import Tokenizer
 
 # --harness: our task names -> lm-evaluation-harness task names
@@ -151,7 +151,10 @@ def eval_main(argv: list[str]) -> None:
     if args.data_dir.exists() and not args.data_dir.is_dir():
         raise MiniLLMError(f"--data-dir {args.data_dir} is a file; give the directory holding the task files")
     ckpt_path = Path(args.checkpoint)
+    if args.output is not None and args.output.is_dir():
+        raise MiniLLMError(f"--output {args.output} is a directory; give the results file's path")
     model, ckpt = load_backbone(ckpt_path)
+    check_writable_dir(args.output.parent if args.output else ckpt_path.parent, "--output")  # before the scoring
     try:
         tokenizer = Tokenizer.from_checkpoint(ckpt, str(ckpt_path))
     except ValueError as e:

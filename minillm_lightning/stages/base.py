@@ -251,6 +251,11 @@ class StageModule(L.LightningModule):
             if given is not None:
                 self._warn_ignored_arch(given, arch, init_from)
             self.tokenizer = Tokenizer.from_checkpoint(ckpt, init_from)
+            if meta.get("stage") == "reward" and self.stage_name != "reward":
+                self.warn_once(
+                    f"init_from={init_from} is a reward model: its backbone was trained to score answers, not to "
+                    f"write them. {self.stage_name} normally starts from {self.starts_from}"
+                )
             if vocab_size is not None and vocab_size != arch.vocab_size:
                 raise CheckpointError(
                     f"init_from={init_from} has vocabulary {arch.vocab_size} but the data module's tokenizer has "
