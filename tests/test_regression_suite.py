@@ -256,6 +256,19 @@ def test_state_survives_resume(tmp_path, dm):
     assert [h["step"] for h in summary["history"]] == [4, 8]
 
 
+def test_training_summary_counts_the_steps_of_a_resumed_run(tmp_path, dm):
+    """After a resume at step 4 of 10 the summary said "10 steps in <this process's time>"; it now counts the 6
+    steps this process ran and says where it resumed."""
+    trainer = fit(tmp_path, dm, [TrainingSummary()], max_steps=4)
+    ckpt = tmp_path / "step4.ckpt"
+    trainer.save_checkpoint(ckpt)
+    fit(tmp_path, dm, [TrainingSummary()], max_steps=10, ckpt_path=ckpt)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["global_step"], summary["steps_this_run"], summary["resumed_at_step"]) == (10, 6, 4)
+    assert TrainingSummary.render(summary).startswith("training summary (pretrain): 6 steps in ")
+    assert "(resumed at step 4, now at step 10)" in TrainingSummary.render(summary)
+
+
 # ---- throughput ----
 def test_flops_per_token_hand_count():
     """MICRO_ARCH with a 100-token vocabulary: d=64, 4 heads of 16, 2 kv heads (dkv=32), SwiGLU width

@@ -58,6 +58,7 @@ class TrainingSummary(StatefulCallback):
         self.monitor, self.mode, self.filename = monitor, mode, filename
         self._run_dir: Path | None = None
         self._t0 = 0.0
+        self._first_step = 0  # global_step when this process's training started (after a resume: where it resumed)
         self._showwarning: Any = None
         # state kept in checkpoints
         self.final: float | None = None
@@ -73,6 +74,9 @@ class TrainingSummary(StatefulCallback):
         self._t0 = time.perf_counter()
         self._showwarning = warnings.showwarning
         warnings.showwarning = self._record_warning  # shows it as before, and counts it
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step = trainer.global_step  # restored by now (on_fit_start runs before the loops are)
 
     def _record_warning(self, message: Any, category: type, filename: str, lineno: int, *args: Any) -> None:
         self.warning_count += 1
@@ -107,6 +111,8 @@ class TrainingSummary(StatefulCallback):
         out: dict[str, Any] = {
             "stage": getattr(module, "stage_name", type(module).__name__),
             "global_step": trainer.global_step,
+            "steps_this_run": trainer.global_step - self._first_step,
+            "resumed_at_step": self._first_step or None,
             "epoch": trainer.current_epoch,
             "stopped_early": bool(trainer.should_stop),
             "fit_time_s": round(elapsed, 2),
@@ -157,7 +163,13 @@ class TrainingSummary(StatefulCallback):
         """The summary as a few lines of text."""
         v, tp = summary["validation"], summary.get("throughput", {})
         lines = [
-            f"training summary ({summary['stage']}): {summary['global_step']} steps in {summary['fit_time_s']:.1f}s"
+            f"training summary ({summary['stage']}): {summary.get('steps_this_run', summary['global_step'])} steps in "
+            f"{summary['fit_time_s']:.1f}s"
+            + (
+                f" (resumed at step {summary['resumed_at_step']}, now at step {summary['global_step']})"
+                if summary.get("resumed_at_step")
+                else ""
+            )
             + (" (stopped early)" if summary["stopped_early"] else ""),
             f"  {v['monitor']}: final {_fmt(v['final'])} (step {v['final_step']}), best {_fmt(v['best'])} "
             f"(step {v['best_step']})",
