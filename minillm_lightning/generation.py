@@ -16,7 +16,7 @@ Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -303,10 +303,18 @@ class TextGenerator:
         stops = self._stops(config or GenerationConfig())
         return [self._tokenizer().decode([t for t in row if t not in stops]) for row in ids]
 
-    def stream_text(self, prompt: Sequence[int], config: GenerationConfig | None = None) -> Iterator[str]:
-        """Yield printable text pieces of one prompt's continuation; multi-byte characters are never split."""
+    def stream_text(
+        self,
+        prompt: Sequence[int],
+        config: GenerationConfig | None = None,
+        on_token: Callable[[int], object] | None = None,
+    ) -> Iterator[str]:
+        """Yield printable text pieces of one prompt's continuation; multi-byte characters are never split.
+        ``on_token`` sees every new token id (stop tokens included), e.g. ``list.append`` to count them."""
         decoder = IncrementalDecoder(self._tokenizer(), skip_ids=self._stops(config or GenerationConfig()))
         for t in self.stream(prompt, config):
+            if on_token is not None:
+                on_token(t)
             piece = decoder.push(t)
             if piece:
                 yield piece

@@ -249,6 +249,9 @@ def test_text_helpers(tiny_pretrain_ckpt, tiny_tokenizer) -> None:
     texts = gen.generate_text(["The cat", "Once"], cfg)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert "".join(gen.stream_text(gen.encode_prompt("The cat"), cfg)) == texts[0]
+    seen: list[int] = []  # on_token sees every generated id, what `minillm generate` counts for its tokens/s
+    "".join(gen.stream_text(gen.encode_prompt("The cat"), cfg, on_token=seen.append))
+    assert seen == gen.generate([gen.encode_prompt("The cat")], cfg)[0]
 
 
 @pytest.fixture(scope="module")

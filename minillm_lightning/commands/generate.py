@@ -16,7 +16,7 @@ import torch
 from minillm_lightning.checkpoint import checkpoint_meta, load_backbone
 from minillm_lightning.commands import CommandParser
 from minillm_lightning.errors import CheckpointError, MiniLLMError
-from minillm_lightning.generation import ContextLengthError, GenerationConfig, IncrementalDecoder, TextGenerator
+from minillm_lightning.generation import ContextLengthError, GenerationConfig, TextGenerator
 from minillm_lightning.tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW = 256  # when --max_new_tokens is not given: this many, or what the context leaves
@@ -102,16 +102,13 @@ def _safe_stdout() -> None:
 
 def _stream(gen: TextGenerator, ids: list[int], cfg: GenerationConfig) -> tuple[str, int]:
     """Print the continuation of ``ids`` as it is generated; return its text and its number of tokens."""
-    decoder = IncrementalDecoder(gen.tokenizer, skip_ids=gen.stop_tokens)
-    pieces, n = [], 0
-    for token in gen.stream(ids, cfg):
-        n += 1
-        pieces.append(decoder.push(token))
-        sys.stdout.write(pieces[-1])
+    pieces: list[str] = []
+    tokens: list[int] = []
+    for piece in gen.stream_text(ids, cfg, on_token=tokens.append):
+        pieces.append(piece)
+        sys.stdout.write(piece)
         sys.stdout.flush()
-    pieces.append(decoder.flush())
-    sys.stdout.write(pieces[-1])
-    return "".join(pieces), n
+    return "".join(pieces), len(tokens)
 
 
 def generate_main(argv: list[str]) -> None:
