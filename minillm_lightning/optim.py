@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -22,26 +23,46 @@ from torch import Tensor, nn
 # quintic Newton-Schulz coefficients tuned for fast convergence of the singular values towards ~1 (Keller Jordan)
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
+NSDtype = Literal["auto", "float32", "bfloat16"]
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX-512 BF16, e.g. a Sapphire Rapids Xeon);
+    elsewhere (AVX2 hosts such as AMD EPYC Zen 3) a bfloat16 matmul is emulated and slower than float32."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(check is not None and bool(check()) for check in checks)
+
+
+def resolve_ns_dtype(choice: NSDtype, device: torch.device) -> torch.dtype:
+    """The dtype Newton-Schulz runs in. ``auto``: bfloat16 where matmuls are faster in it (CUDA, as in Keller
+    Jordan's Muon; CPUs with :func:`cpu_has_bf16_matmul`), float32 elsewhere."""
+    if choice == "auto":
+        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul())
+        return torch.bfloat16 if fast else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
+
 
 def _fma(x: Tensor):
     """``beta * input + alpha * (m1 @ m2)`` in one call (fewer passes over memory), batched or not."""
     return torch.baddbmm if x.dim() == 3 else torch.addmm
 
 
-def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> Tensor:
     """Approximate ``U @ V^T`` of the SVD ``g = U S V^T`` for a (..., m, n) batch of matrices; the singular values
     of the result lie roughly in [0.7, 1.2] (enough for Muon; exactness is not the goal).
 
-    Each iteration is ``x <- a x + (b A + c A^2) x`` with ``A = x x^T`` (x oriented wide, m <= n). For matrices at
-    least 1.5x wider than tall the same polynomial is evaluated through the small Gram matrix instead
-    (:func:`_gram_newton_schulz`), which needs ~1/3 fewer FLOPs at aspect 3 (the SwiGLU projections)."""
+    Each iteration is ``x <- a x + (b A + c A^2) x`` with ``A = x x^T`` (x oriented wide, m <= n), in ``dtype``
+    (float32 or bfloat16; the normalisation is in float32). In float32, matrices at least 1.5x wider than tall
+    evaluate the same polynomial through the small Gram matrix instead (:func:`_gram_newton_schulz`), which needs
+    ~1/3 fewer FLOPs at aspect 3 (the SwiGLU projections); in bfloat16 that path loses nearly rank-deficient
+    updates (``tests/test_optim.py``), so bfloat16 always takes the plain iteration."""
     a, b, c = NS_COEFFS
     x = g.float()
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    x = (x / (x.norm(dim=(-2, -1), keepdim=True) + eps)).to(dtype)  # spectral norm <= Frobenius norm <= 1
     wide = x.size(-2) <= x.size(-1)
     if not wide:
         x = x.mT
-    if 2 * x.size(-1) >= 3 * x.size(-2):
+    if dtype == torch.float32 and 2 * x.size(-1) >= 3 * x.size(-2):
         x = _gram_newton_schulz(x, steps)
     else:
         fma = _fma(x)
@@ -122,6 +143,8 @@ class MuonAdamW(torch.optim.Optimizer):
         betas, eps, weight_decay: AdamW settings; ``weight_decay`` also decays Muon matrices (``p *= 1 - lr*wd``).
         momentum: Muon momentum (Nesterov).
         ns_steps: Newton-Schulz iterations.
+        ns_dtype: dtype of the Newton-Schulz iterations (see :func:`resolve_ns_dtype`; ``auto``: bfloat16 on CUDA and on
+            CPUs with bfloat16 matmul hardware, float32 elsewhere).
     """
 
     def __init__(
@@ -133,12 +156,14 @@ class MuonAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.95,
         ns_steps: int = 5,
+        ns_dtype: NSDtype = "auto",
     ) -> None:
         if lr <= 0 or not 0 <= momentum < 1 or ns_steps < 1:
             raise ValueError(f"MuonAdamW: need lr > 0, 0 <= momentum < 1, ns_steps >= 1; got {lr, momentum, ns_steps}")
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps, use_muon=False
-        )
+        if ns_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"MuonAdamW: ns_dtype must be 'auto', 'float32' or 'bfloat16', got {ns_dtype!r}")
+        muon = dict(momentum=momentum, ns_steps=ns_steps, ns_dtype=ns_dtype)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, use_muon=False, **muon)
         super().__init__(params, defaults)
         for g in self.param_groups:
             if g["use_muon"] and any(p.dim() != 2 for p in g["params"]):
@@ -174,7 +199,9 @@ class MuonAdamW(torch.optim.Optimizer):
             torch._foreach_add_(bufs, grads)
             updates = torch._foreach_add(grads, bufs, alpha=mom)  # Nesterov: g + mom * buf
             tall = [p.size(0) > p.size(1) for p in ps]
-            ortho = orthogonalize(torch.stack([u.mT if t else u for u, t in zip(updates, tall)]), group["ns_steps"])
+            stacked = torch.stack([u.mT if t else u for u, t in zip(updates, tall)])
+            dtype = resolve_ns_dtype(group.get("ns_dtype", "auto"), stacked.device)
+            ortho = orthogonalize(stacked, group["ns_steps"], dtype=dtype)
             updates = [o.mT if t else o for o, t in zip(ortho.unbind(0), tall)]
             # keep the update's RMS independent of the aspect: sqrt(rows / cols) for tall matrices
             torch._foreach_mul_(updates, [-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))) for p in ps])

@@ -10,10 +10,10 @@ import torch
 from conftest import MICRO_ARCH, micro_trainer
 from torch import nn
 
-from minillm_lightning import MiniGPTConfig, PretrainModule
+from minillm_lightning import MiniGPTConfig, PretrainModule, optim
 from minillm_lightning.errors import ConfigError
 from minillm_lightning.model import MiniGPT
-from minillm_lightning.optim import MuonAdamW, muon_param_groups, orthogonalize
+from minillm_lightning.optim import MuonAdamW, muon_param_groups, orthogonalize, resolve_ns_dtype
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (16, 48), (48, 16)])
@@ -60,6 +60,49 @@ def test_orthogonalize_in_float32_stays_near_the_plain_iteration_in_float64(shap
         assert orthogonalize(g, steps).dtype == torch.float32
 
 
+@pytest.mark.parametrize("shape", [(16, 64, 64), (6, 64, 192)])
+def test_orthogonalize_in_bfloat16_takes_the_plain_iteration_and_stays_near_float64(shape) -> None:
+    """bfloat16 (Muon's dtype on a GPU): near the float64 iteration on a full-rank update, and bounded on a nearly
+    rank-deficient one, where the Gram path's bfloat16 error grows to ~100 (so bfloat16 must not take it)."""
+    torch.manual_seed(0)
+    full = torch.randn(*shape)
+    o = orthogonalize(full, 5, dtype=torch.bfloat16)
+    assert o.dtype == torch.float32
+    ref = _plain_newton_schulz_f64(full, 5)
+    cos = (o.double() * ref).sum(dim=(-2, -1)) / (o.double().norm(dim=(-2, -1)) * ref.norm(dim=(-2, -1)))
+    assert cos.min() > 0.999, cos
+    low_rank = torch.randn(shape[0], shape[1], 3) @ torch.randn(shape[0], 3, shape[2]) + 1e-3 * full
+    s = torch.linalg.svdvals(orthogonalize(low_rank, 5, dtype=torch.bfloat16))
+    assert s.max() < 1.5, s.max()
+    x = low_rank / low_rank.norm(dim=(-2, -1), keepdim=True)
+    if shape[2] >= 1.5 * shape[1]:  # the reason: the Gram path on the same input in bfloat16
+        assert torch.linalg.svdvals(optim._gram_newton_schulz(x.bfloat16(), 5).float()).max() > 10
+
+
+def test_ns_dtype_auto_is_bfloat16_on_cuda_and_on_cpus_with_bfloat16_matmuls(monkeypatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(optim, "cpu_has_bf16_matmul", lambda: False)  # an AVX2 host (AMD EPYC Zen 3)
+    assert resolve_ns_dtype("auto", cpu) == torch.float32
+    assert resolve_ns_dtype("auto", cuda) == torch.bfloat16
+    assert resolve_ns_dtype("auto", torch.device("mps")) == torch.float32
+    assert resolve_ns_dtype("bfloat16", cpu) == torch.bfloat16
+    monkeypatch.setattr(optim, "cpu_has_bf16_matmul", lambda: True)  # AMX / AVX-512 BF16 Xeon
+    assert resolve_ns_dtype("auto", cpu) == torch.bfloat16
+    assert resolve_ns_dtype("float32", cpu) == torch.float32
+    seen: list[torch.dtype] = []
+    real = optim.orthogonalize
+    monkeypatch.setattr(
+        optim, "orthogonalize", lambda g, steps, dtype: seen.append(dtype) or real(g, steps, dtype=dtype)
+    )
+    p = nn.Parameter(torch.randn(8, 8))
+    for choice, expected in (("auto", torch.bfloat16), ("float32", torch.float32)):
+        p.grad = torch.randn(8, 8)
+        MuonAdamW([{"params": [p], "use_muon": True}], ns_dtype=choice).step()
+        assert seen[-1] == expected
+    with pytest.raises(ValueError, match="ns_dtype"):
+        MuonAdamW([p], ns_dtype="float16")
+
+
 def _adam_params(seed: int) -> list[nn.Parameter]:
     torch.manual_seed(seed)
     return [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
@@ -92,7 +135,7 @@ def test_muon_step_matches_a_per_matrix_reimplementation() -> None:
     ours = [nn.Parameter(torch.randn(*s)) for s in shapes]
     ref = [p.detach().clone() for p in ours]
     lr, mom, wd = 0.05, 0.9, 0.1
-    opt = MuonAdamW([{"params": ours, "use_muon": True, "weight_decay": wd}], lr=lr, momentum=mom)
+    opt = MuonAdamW([{"params": ours, "use_muon": True, "weight_decay": wd}], lr=lr, momentum=mom, ns_dtype="float32")
     bufs = [torch.zeros_like(p) for p in ref]
     a, b, c = 3.4445, -4.7750, 2.0315
     for _step in range(3):
@@ -142,6 +185,7 @@ def test_muon_trains_under_lightning_and_refuses_sharded_strategies(tmp_path, pr
         optimizer="muon",
         learning_rate=3e-3,
         muon_ns_steps=3,
+        muon_ns_dtype="bfloat16",
     )
     losses: list[float] = []
 
@@ -154,6 +198,7 @@ def test_muon_trains_under_lightning_and_refuses_sharded_strategies(tmp_path, pr
     opt = trainer.optimizers[0]
     assert isinstance(opt, MuonAdamW) and any(g["use_muon"] for g in opt.param_groups)
     assert {g["ns_steps"] for g in opt.param_groups} == {3}  # model.init_args.muon_ns_steps reaches the optimizer
+    assert {g["ns_dtype"] for g in opt.param_groups} == {"bfloat16"}  # and so does muon_ns_dtype
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
     model.trainer = SimpleNamespace(strategy=FSDPStrategy(), max_steps=10, precision="32-true")
     with pytest.raises(ConfigError, match="model.optimizer=adamw"):
@@ -162,6 +207,8 @@ def test_muon_trains_under_lightning_and_refuses_sharded_strategies(tmp_path, pr
         PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, optimizer="sgd")
     with pytest.raises(ValueError, match="muon_ns_steps must be >= 1"):
         PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, muon_ns_steps=0)
+    with pytest.raises(ValueError, match="muon_ns_dtype must be"):
+        PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size, muon_ns_dtype="fp8")
 
 
 def test_stage_adamw_is_fused_on_a_cpu_and_updates_as_the_unfused_one() -> None:
