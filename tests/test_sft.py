@@ -134,6 +134,23 @@ def test_malformed_record_error_names_file_and_line(tmp_path, char_tok, reason):
     assert f"{path}:{line}:" in str(err.value) and reason in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("record", "words"),
+    [
+        ({"instruction": "hi"}, "field 'output' is missing"),
+        ({"instruction": "hi", "output": None}, "field 'output' is null"),
+        ({"conversations": [{"role": "user", "content": None}, {"role": "assistant", "content": "y"}]}, "is null"),
+        ({"conversations": [{"role": "user"}, {"role": "assistant", "content": "y"}]}, "turn 1 'content' is missing"),
+    ],
+)
+def test_null_and_absent_fields_are_told_apart(tmp_path, char_tok, record, words):
+    first = {"instruction": "a", "output": "b"} if "instruction" in record else {"conversations": msgs("hi", "yo")}
+    path = write_jsonl(tmp_path / "d.jsonl", [first, record])
+    with pytest.raises(DataError, match="missing field") as err:
+        make_dm(char_tok, path).read()
+    assert f"{path}:2:" in str(err.value) and words in str(err.value), str(err.value)
+
+
 def test_malformed_json_array_item_reports_its_line(tmp_path, char_tok):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"instruction": "hi", "output": "yo"}, {"instruction": "hi", "output": ""}], indent=2))

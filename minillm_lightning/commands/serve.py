@@ -94,10 +94,12 @@ class ChatRequest(ChatCompletionRequest):
 
     @field_validator(*NUMBER_FIELDS, mode="before")
     @classmethod
-    def _no_bools(cls, value: Any) -> Any:
-        """pydantic takes ``true`` for 1 in int and float fields; JSON booleans are not numbers here."""
-        if isinstance(value, bool):
-            raise PydanticCustomError("number_type", "Input should be a number, not a boolean")
+    def _numbers_only(cls, value: Any) -> Any:
+        """pydantic takes ``true`` for 1 and ``"0.5"`` for 0.5 in int and float fields; as in OpenAI's API, JSON
+        booleans and strings are not numbers here."""
+        for kind, name in ((bool, "a boolean"), (str, "a string")):
+            if isinstance(value, kind):
+                raise PydanticCustomError("number_type", f"Input should be a number, not {name}")
         return value
 
 

@@ -85,9 +85,12 @@ def detect_format(rec: dict[str, Any], fields: SFTFields) -> str | None:
     return None
 
 
+_MISSING = object()  # ``rec.get(key, _MISSING)``: a key that is absent, told apart from a JSON null
+
+
 def _text(value: Any, what: str) -> str:
-    if value is None:
-        raise BadRecord("missing field", f"{what} is missing")
+    if value is _MISSING or value is None:
+        raise BadRecord("missing field", f"{what} is {'missing' if value is _MISSING else 'null'}")
     if not isinstance(value, str):
         raise BadRecord("missing field", f"{what} is {type_name(value)}, not a string")
     if not value.strip():
@@ -107,13 +110,13 @@ def to_messages(rec: dict[str, Any], fmt: str, fields: SFTFields) -> list[Messag
                 {"role": "user", "content": _text(q, f"{fields.history}[{i}] instruction")},
                 {"role": "assistant", "content": _text(a, f"{fields.history}[{i}] reply")},
             ]
-        prompt = _text(rec.get(fields.instruction), f"field {fields.instruction!r}")
+        prompt = _text(rec.get(fields.instruction, _MISSING), f"field {fields.instruction!r}")
         extra = rec.get(fields.input)
         if isinstance(extra, str) and extra.strip():
             prompt = f"{prompt}\n{extra}"
         messages += [
             {"role": "user", "content": prompt},
-            {"role": "assistant", "content": _text(rec.get(fields.output), f"field {fields.output!r}")},
+            {"role": "assistant", "content": _text(rec.get(fields.output, _MISSING), f"field {fields.output!r}")},
         ]
     else:
         turns = _turn_list(rec, fields)
@@ -131,7 +134,8 @@ def to_messages(rec: dict[str, Any], fmt: str, fields: SFTFields) -> list[Messag
                     "unknown role",
                     f"turn {i} has role {turn[role_key]!r}; expected one of {', '.join(ROLE_ALIASES)}",
                 )
-            messages.append({"role": role, "content": _text(turn.get(content_key), f"turn {i} {content_key!r}")})
+            content = _text(turn.get(content_key, _MISSING), f"turn {i} {content_key!r}")
+            messages.append({"role": role, "content": content})
     system = rec.get(fields.system)
     if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
