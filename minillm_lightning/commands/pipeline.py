@@ -317,17 +317,14 @@ def prepare_real_data(data_dir: Path, output: Path, size: str) -> dict[str, Any]
             val_share=plan["val_share"],
             test_share=plan["test_share"],
             budget_bytes=plan["budget"][role],
+            made_from=made_from,  # in split.json, written last: a split interrupted before it is redone
         )
         print(
             f"[pipeline] data: {role}: {rep.read_bytes / 1e6:.1f} MB read, kept {rep.keep_share:.0%}: "
             f"{rep.records} records in {time.perf_counter() - t0:.1f}s",
             flush=True,
         )
-        report = {**finished_split(out), "made_from": made_from}
-        tmp = out / "split.json.partial"
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out / "split.json")  # a split interrupted before this line has no made_from: redone
-        reports[role] = report
+        reports[role] = finished_split(out)
     stale = sorted(p.parent.name for p in output.glob(f"*_{size}/DONE.json"))
     if resplit and stale:
         print(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from minillm_lightning.data.common import expand_paths
 from minillm_lightning.errors import DataError
+from minillm_lightning.fileio import write_json
 
 SPLITS = ("train", "val", "test")
 _BUCKETS = 1_000_000
@@ -47,6 +48,7 @@ def split_jsonl(
     val_share: float = 0.01,
     test_share: float = 0.01,
     budget_bytes: int | None = None,
+    made_from: dict | None = None,
 ) -> SplitReport:
     """Write ``out_dir/{train,val,test}.jsonl`` from the JSONL files matching ``pattern``.
 
@@ -57,6 +59,7 @@ def split_jsonl(
         val_share: share of the kept records that go to ``val.jsonl``.
         test_share: share of the kept records that go to ``test.jsonl``.
         budget_bytes: keep about this many bytes of the corpus (a hash-chosen slice); ``None`` keeps all.
+        made_from: recorded as is under ``made_from`` in ``split.json`` (the pipeline's record of its inputs).
     """
     if not 0 <= val_share < 1 or not 0 <= test_share < 1 or val_share + test_share >= 1:
         raise DataError(f"val_share={val_share} and test_share={test_share} must be in [0, 1) and sum below 1")
@@ -96,7 +99,7 @@ def split_jsonl(
             h.close()
     for s in SPLITS:
         os.replace(out / f"{s}.jsonl.partial", out / f"{s}.jsonl")
-    (out / "split.json").write_text(json.dumps(asdict(report), indent=2))
+    write_json(out / "split.json", asdict(report) | ({"made_from": made_from} if made_from is not None else {}))
     return report
 
 
