@@ -12,6 +12,7 @@ model this halves the optimizer's cost compared with one matrix at a time.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -26,8 +27,9 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NSDtype = Literal["auto", "float32", "bfloat16"]
 
 
+@functools.cache
 def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX-512 BF16, e.g. a Sapphire Rapids Xeon);
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX-512 BF16: recent Xeons); asked once;
     elsewhere (AVX2 hosts such as AMD EPYC Zen 3) a bfloat16 matmul is emulated and slower than float32."""
     checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
     return any(check is not None and bool(check()) for check in checks)
