@@ -25,6 +25,7 @@ from torch import Tensor, nn
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 NSDtype = Literal["auto", "float32", "bfloat16"]
+NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the choices besides "auto"
 
 
 @functools.cache
@@ -41,7 +42,7 @@ def resolve_ns_dtype(choice: NSDtype, device: torch.device) -> torch.dtype:
     if choice == "auto":
         fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul())
         return torch.bfloat16 if fast else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
+    return NS_DTYPES[choice]
 
 
 def _fma(x: Tensor):
@@ -162,7 +163,7 @@ class MuonAdamW(torch.optim.Optimizer):
     ) -> None:
         if lr <= 0 or not 0 <= momentum < 1 or ns_steps < 1:
             raise ValueError(f"MuonAdamW: need lr > 0, 0 <= momentum < 1, ns_steps >= 1; got {lr, momentum, ns_steps}")
-        if ns_dtype not in ("auto", "float32", "bfloat16"):
+        if ns_dtype != "auto" and ns_dtype not in NS_DTYPES:
             raise ValueError(f"MuonAdamW: ns_dtype must be 'auto', 'float32' or 'bfloat16', got {ns_dtype!r}")
         muon = dict(momentum=momentum, ns_steps=ns_steps, ns_dtype=ns_dtype)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, use_muon=False, **muon)

@@ -59,7 +59,8 @@ def split_jsonl(
         val_share: share of the kept records that go to ``val.jsonl``.
         test_share: share of the kept records that go to ``test.jsonl``.
         budget_bytes: keep about this many bytes of the corpus (a hash-chosen slice); ``None`` keeps all.
-        made_from: recorded as is under ``made_from`` in ``split.json`` (the pipeline's record of its inputs).
+        made_from: recorded as is under ``made_from`` in ``split.json`` (the pipeline's record of its inputs; a
+            split without one is made again by the pipeline).
     """
     if not 0 <= val_share < 1 or not 0 <= test_share < 1 or val_share + test_share >= 1:
         raise DataError(f"val_share={val_share} and test_share={test_share} must be in [0, 1) and sum below 1")
@@ -99,7 +100,7 @@ def split_jsonl(
             h.close()
     for s in SPLITS:
         os.replace(out / f"{s}.jsonl.partial", out / f"{s}.jsonl")
-    write_json(out / "split.json", asdict(report) | ({"made_from": made_from} if made_from is not None else {}))
+    write_json(out / "split.json", {**asdict(report), "made_from": made_from})
     return report
 
 

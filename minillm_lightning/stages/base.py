@@ -31,7 +31,7 @@ from minillm_lightning.checkpoint import (
 )
 from minillm_lightning.errors import ConfigError
 from minillm_lightning.model import PRESETS, GPTOutput, MiniGPT, MiniGPTConfig
-from minillm_lightning.optim import MuonAdamW, grad_norms, muon_param_groups
+from minillm_lightning.optim import NS_DTYPES, MuonAdamW, NSDtype, grad_norms, muon_param_groups
 from minillm_lightning.tokenizer import Tokenizer
 
 
@@ -84,7 +84,7 @@ class OptimConfig:
     muon_ns_steps: int = 5
     """Newton-Schulz iterations per Muon update: 3 costs ~40% less optimizer time on a small model for a slightly
     less orthogonal update (docs/performance.md)."""
-    muon_ns_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    muon_ns_dtype: NSDtype = "auto"
     """dtype of the Newton-Schulz iterations. ``auto``: bfloat16 on CUDA and on CPUs that multiply bfloat16 in
     hardware (AMX / AVX-512 BF16 Xeons: ~2x faster there), float32 elsewhere (AVX2 CPUs such as AMD EPYC)."""
     weight_decay: float = 0.1
@@ -105,7 +105,7 @@ class OptimConfig:
             raise ValueError(f"muon_learning_rate must be positive, got {self.muon_learning_rate}")
         if self.muon_ns_steps < 1:
             raise ValueError(f"muon_ns_steps must be >= 1, got {self.muon_ns_steps}")
-        if self.muon_ns_dtype not in ("auto", "float32", "bfloat16"):
+        if self.muon_ns_dtype != "auto" and self.muon_ns_dtype not in NS_DTYPES:
             raise ValueError(f"muon_ns_dtype must be 'auto', 'float32' or 'bfloat16', got {self.muon_ns_dtype!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
