@@ -200,27 +200,56 @@ def load_for_export(checkpoint: str | os.PathLike) -> tuple[MiniGPT, Tokenizer, 
     return model, tokenizer, checkpoint_meta(ckpt, str(checkpoint)).get("stage", "pretrain")
 
 
+def _refuse_to_replace(out: Path, checkpoint: Path) -> None:
+    """Refuse to delete ``out`` when it holds what must survive: the checkpoint being exported, the current
+    directory, or any other checkpoint (a run directory, not an earlier export)."""
+    here, inside = out.resolve(), checkpoint.resolve()
+    if here in inside.parents or here == Path.cwd().resolve() or here in Path.cwd().resolve().parents:
+        what = f"the checkpoint {checkpoint}" if here in inside.parents else "the current directory"
+        raise MiniLLMError(f"--output {out} holds {what}; --overwrite would delete it. Choose another --output")
+    ckpts = sorted(str(c.relative_to(out)) for c in out.rglob("*.ckpt"))
+    if ckpts:
+        raise MiniLLMError(
+            f"--output {out} holds checkpoints ({', '.join(ckpts[:3])}{', ...' if len(ckpts) > 3 else ''}), "
+            f"not an earlier export; --overwrite only replaces export directories. Choose another --output"
+        )
+
+
 def export_checkpoint(
     checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32", overwrite: bool = False
 ) -> Path:
     """Export a minillm checkpoint of any stage (see :func:`export_hf`); refuses a non-empty ``out_dir`` unless
-    ``overwrite``."""
+    ``overwrite``. The export is written beside ``out_dir`` and swapped in when complete, so a bad checkpoint or
+    a failure half-way leaves an earlier export where it was."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MiniLLMError(f"--output {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise MiniLLMError(f"--output {out} is not empty; pass --overwrite to replace its contents")
-        shutil.rmtree(out)
+    replace = out.is_dir() and any(out.iterdir())
+    if replace and not overwrite:
+        raise MiniLLMError(f"--output {out} is not empty; pass --overwrite to replace its contents")
     model, tokenizer, stage = load_for_export(checkpoint)
-    check_writable_dir(out, "--output")
+    if replace:
+        _refuse_to_replace(out, Path(checkpoint))
+    target = out.resolve()
+    check_writable_dir(target, "--output")
     if stage == "reward":
         warnings.warn(
             f"{checkpoint} is a reward model: its scalar head (head.weight, head.bias) has no place in a "
             f"LlamaForCausalLM and is not exported; the directory holds its backbone and language-model head only",
             stacklevel=2,
         )
-    return export_hf(model, tokenizer, out, stage, getattr(torch, dtype))
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        export_hf(model, tokenizer, staging, stage, getattr(torch, dtype))
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        if target.exists():
+            target.rename(old)  # an empty directory, or the export being replaced
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 @torch.inference_mode()

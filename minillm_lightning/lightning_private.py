@@ -46,3 +46,22 @@ def mark_last_saved(trainer: L.Trainer) -> None:
 def last_saved_step(trainer: L.Trainer) -> int:
     """The global step of the checkpoint callback's most recent save (-1 when none or unknown)."""
     return int(getattr(trainer.checkpoint_callback, "_last_global_step_saved", -1))
+
+
+def forget_unfinished_batch(checkpoint: dict) -> None:
+    """In a checkpoint taken after Ctrl+C landed mid-step, count the interrupted batch as never fetched.
+
+    Lightning's batch progress then reads e.g. ready=started=11, processed=completed=10. On resume it rolls its
+    per-epoch counters back to ``completed`` but not the run-wide ``total`` ones, which decide when validation runs
+    (``val_check_interval`` with ``check_val_every_n_epoch: null``): every later validation, best-checkpoint choice
+    and RegressionSuite round came one step early. Here ``ready`` and ``started`` go back to ``processed`` (the
+    batches whose optimizer step ran; the data loader resumes after those, see :func:`batches_done_in_epoch`).
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    progress = loop.get("epoch_loop.batch_progress")
+    if not isinstance(progress, dict):
+        return
+    for part in ("total", "current"):
+        counts = progress.get(part)
+        if isinstance(counts, dict) and counts.get("ready", 0) > counts.get("processed", 0):
+            counts["ready"] = counts["started"] = counts["processed"]

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from minillm_lightning.callbacks import InterruptCheckpoint
 from minillm_lightning.callbacks.test_report import TestReport
 from minillm_lightning.checkpoint import META_KEY, load_checkpoint, newest_intact_checkpoint
+from minillm_lightning.checkpoint_io import AtomicCheckpointIO
 from minillm_lightning.cli import wants_help
 from minillm_lightning.errors import CheckpointError
 from minillm_lightning.stages.base import StageModule
@@ -252,7 +253,8 @@ def run_lightning(args: list[str] | None = None, **cli_kwargs) -> MiniLLMCLI:
         parser_kwargs={"default_env": True, "env_prefix": "MINILLM"},
         parser_class=MiniLLMArgumentParser,
         save_config_kwargs={"overwrite": True},
-        # TestReport: `minillm test` writes <checkpoint stem>.test.json next to the checkpoint
-        trainer_defaults={"callbacks": [InterruptCheckpoint(), TestReport()]},
+        # TestReport: `minillm test` writes <checkpoint stem>.test.json next to the checkpoint; AtomicCheckpointIO:
+        # checkpoints are staged in their own folder, not in $TMPDIR (which may be another filesystem)
+        trainer_defaults={"callbacks": [InterruptCheckpoint(), TestReport()], "plugins": [AtomicCheckpointIO()]},
     )
     return MiniLLMCLI(StageModule, LightningDataModule, **{**settings, **cli_kwargs})

@@ -13,7 +13,7 @@ from conftest import FIXTURES, MICRO_ARCH
 
 from minillm_lightning.checkpoint import META_KEY, load_backbone
 from minillm_lightning.cli import main
-from minillm_lightning.errors import MiniLLMError
+from minillm_lightning.errors import CheckpointError, MiniLLMError
 from minillm_lightning.generation import GenerationConfig, TextGenerator
 from minillm_lightning.hf_export import export_checkpoint, export_hf
 from minillm_lightning.model import MiniGPT, MiniGPTConfig
@@ -166,6 +166,28 @@ def test_export_command(tiny_pretrain_ckpt: Path, tmp_path: Path, capsys) -> Non
         ["export", "--checkpoint", str(tiny_pretrain_ckpt), "--output", str(out), "--overwrite", "--dtype", "bfloat16"]
     )
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_overwrite_keeps_what_must_survive(tiny_pretrain_ckpt: Path, tmp_path: Path) -> None:
+    """``--overwrite`` deleted the output directory before reading the checkpoint: a damaged checkpoint cost the
+    earlier export, and an output holding the checkpoint itself (a run directory) lost the checkpoint."""
+    out = export_checkpoint(tiny_pretrain_ckpt, tmp_path / "hf")
+    before = (out / "model.safetensors").read_bytes()
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(tiny_pretrain_ckpt.read_bytes()[:5000])
+    with pytest.raises(CheckpointError):
+        export_checkpoint(bad, out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    run = tmp_path / "run"
+    run.mkdir()
+    inside = run / "last.ckpt"
+    inside.write_bytes(tiny_pretrain_ckpt.read_bytes())
+    with pytest.raises(MiniLLMError, match=r"holds the checkpoint .*last.ckpt; --overwrite would delete it"):
+        export_checkpoint(inside, run, overwrite=True)
+    with pytest.raises(MiniLLMError, match=r"holds checkpoints \(last.ckpt\), not an earlier export"):
+        export_checkpoint(tiny_pretrain_ckpt, run, overwrite=True)
+    assert inside.read_bytes() == tiny_pretrain_ckpt.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
 
 
 def test_reward_checkpoint_warns_and_unwritable_output_is_one_line(tiny_pretrain_ckpt: Path, tmp_path: Path, capfd):

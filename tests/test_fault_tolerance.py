@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import MICRO_ARCH, micro_trainer
@@ -20,28 +21,47 @@ from minillm_lightning.errors import CheckpointError
 
 SAVER = """
 import sys, torch
-from lightning.fabric.utilities.cloud_io import _atomic_save
+from minillm_lightning.checkpoint_io import AtomicCheckpointIO
 blob = {"state_dict": {"w": torch.randn(4_000_000)}}
 i = 0
 while True:
     blob["i"] = i
-    _atomic_save(blob, sys.argv[1])
+    AtomicCheckpointIO().save_checkpoint(blob, sys.argv[1])
     i += 1
     print(i, flush=True)
 """
 
 
-def test_kill_during_save_never_leaves_a_truncated_file(tmp_path: Path) -> None:
-    """SIGKILL a process that keeps rewriting a 16 MB checkpoint: the file is always complete."""
+def test_kill_during_save_never_leaves_a_truncated_file(tmp_path: Path, tmp_path_factory) -> None:
+    """SIGKILL a process that keeps rewriting a 16 MB checkpoint: the file is always complete. $TMPDIR is another
+    filesystem where the machine has /dev/shm: Lightning's own writer staged the file there and then copied it,
+    which a kill could cut short. A killed writer's temporary file is removed by the next save."""
+    from minillm_lightning.checkpoint_io import AtomicCheckpointIO
+
     target = tmp_path / "last.ckpt"
+    scratch = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path_factory.mktemp("scratch")
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    before = set(scratch.iterdir())
     for delay in (0.6, 1.1, 1.7):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target)], stdout=subprocess.PIPE, text=True, env=env)
         proc.stdout.readline()  # at least one save finished
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert is_intact(target)
         assert load_checkpoint(target)["state_dict"]["w"].numel() == 4_000_000
+    assert set(scratch.iterdir()) == before  # nothing staged in $TMPDIR
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "i": -1}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"] and load_checkpoint(target)["i"] == -1
+
+
+def test_the_cli_trainer_writes_checkpoints_atomically(workdir: Path, monkeypatch) -> None:  # noqa: F811
+    from minillm_lightning.checkpoint_io import AtomicCheckpointIO
+    from minillm_lightning.trainer_cli import run_lightning
+
+    monkeypatch.chdir(workdir)
+    cli = run_lightning(["--config", CONFIG, *FAST], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_failing_writer_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch, pretrain_dm_factory) -> None:
@@ -258,3 +278,68 @@ def test_incompatible_init_from_and_too_long_sequences(tmp_path: Path, tiny_pret
     model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
     with pytest.raises(ConfigError, match="exceeds the model context block_size=128"):
         micro_trainer(tmp_path, max_steps=1).fit(model, datamodule=dm)
+
+
+class _Interrupt(L.Callback):
+    """Ctrl+C inside the training step of optimizer step ``at + 1`` (after the backward, before the update), or
+    before the first batch with ``at=None``; records the global step of every validation."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at, self.val_steps = at, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.at is None:
+            raise KeyboardInterrupt
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.at:
+            raise KeyboardInterrupt
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.val_steps.append(trainer.global_step)
+
+
+def _interruptible_fit(root: Path, dm, at: int | None, ckpt_path: str | None = None) -> tuple[_Interrupt, Path]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from minillm_lightning.callbacks import InterruptCheckpoint
+
+    torch.manual_seed(0)
+    model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
+    probe = _Interrupt(at)
+    saver = ModelCheckpoint(dirpath=root, save_last=True, save_on_train_epoch_end=False)
+    trainer = micro_trainer(
+        root,
+        max_steps=10,
+        val_check_interval=4,
+        check_val_every_n_epoch=None,
+        enable_checkpointing=True,
+        callbacks=[saver, InterruptCheckpoint(), probe],
+    )
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    except SystemExit:  # how Lightning ends a run after Ctrl+C
+        pass
+    return probe, root / "last.ckpt"
+
+
+def test_ctrl_c_mid_step_resumes_on_the_same_validation_schedule(tmp_path: Path, pretrain_dm_factory) -> None:
+    """A Ctrl+C checkpoint taken mid-step counted the interrupted batch as fetched: after the resume every
+    validation (and so best.ckpt and RegressionSuite rounds) came one step early, at 7 instead of 8."""
+    dm = pretrain_dm_factory()
+    straight, _ = _interruptible_fit(tmp_path / "straight", dm, at=-1)
+    first, last = _interruptible_fit(tmp_path / "stopped", dm, at=5)
+    assert load_checkpoint(last)["global_step"] == 5 and first.val_steps == [4]
+    resumed, _ = _interruptible_fit(tmp_path / "stopped", dm, at=-1, ckpt_path=str(last))
+    assert straight.val_steps == [4, 8] and first.val_steps + resumed.val_steps == [4, 8]
+
+
+def test_ctrl_c_before_the_first_step_keeps_last_ckpt(tmp_path: Path, pretrain_dm_factory, capsys) -> None:
+    """A new run stopped before its first step (say, the user forgot --ckpt_path last) replaced the previous run's
+    last.ckpt with a step-0 checkpoint."""
+    dm = pretrain_dm_factory()
+    _, last = _interruptible_fit(tmp_path, dm, at=-1)
+    before = last.read_bytes()
+    _interruptible_fit(tmp_path, dm, at=None)
+    assert last.read_bytes() == before and load_checkpoint(last)["global_step"] == 10

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from minillm_lightning.errors import worker_crash_report
-from minillm_lightning.lightning_private import last_saved_step, mark_last_saved
+from minillm_lightning.lightning_private import forget_unfinished_batch, last_saved_step, mark_last_saved
 
 
 def resume_command(argv: list[str] | None = None) -> str:
@@ -72,7 +72,10 @@ class InterruptCheckpoint(Callback):
     """Keep ``last.ckpt`` resumable: write it on Ctrl+C or SIGTERM, and at the end of fit.
 
     Lightning turns SIGTERM into an exception raised between batches, so that checkpoint is exact;
-    Ctrl+C can land mid-step, in which case the run resumes from the last completed step. At the end
+    Ctrl+C can land mid-step, in which case the run resumes from the last completed step (the interrupted batch is
+    counted as never fetched, :func:`~minillm_lightning.lightning_private.forget_unfinished_batch`). A stop before
+    the run's first training step saves nothing: the ``last.ckpt`` there (of this run being resumed, or of an
+    earlier run the user may have meant to resume) is left as it was. At the end
     of fit ``last.ckpt`` is refreshed when training moved on since ModelCheckpoint last wrote it
     (ModelCheckpoint only saves on its own schedule, e.g. after validation).
 
@@ -88,6 +91,18 @@ class InterruptCheckpoint(Callback):
     def __init__(self, save_on_train_end: bool = True) -> None:
         self.save_on_train_end = save_on_train_end
         self._saved_step = -1
+        self._first_step: int | None = None  # global_step when this fit's training began; None before that
+        self._saving_interrupt = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step = trainer.global_step  # after a resume: the restored step
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._saving_interrupt:
+            forget_unfinished_batch(checkpoint)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         # the last step of a max_steps run: save while the loops still say "mid-epoch", so that a later
@@ -123,7 +138,13 @@ class InterruptCheckpoint(Callback):
         if not (isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or worker_died):
             return
         path = last_checkpoint_path(trainer)
+        kind = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl+C"
+        kind = "A DataLoader worker died" if worker_died else kind
+        if self._first_step is None or trainer.global_step == self._first_step:
+            rank_zero_info(f"\n{kind} before this run's first training step: nothing saved ({path} left as it was)\n")
+            return
         for attempt in range(3):
+            self._saving_interrupt = True
             try:
                 # written atomically: an interrupted save leaves no file
                 trainer.save_checkpoint(path, weights_only=False)
@@ -134,6 +155,7 @@ class InterruptCheckpoint(Callback):
                 if attempt == 2 or not is_worker_crash(report):
                     raise
                 worker_died = True
-        kind = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl+C"
-        kind = "A DataLoader worker died" if worker_died else kind
+                kind = "A DataLoader worker died"
+            finally:
+                self._saving_interrupt = False
         rank_zero_info(f"\n{kind}: saved {path} at step {trainer.global_step}. Resume with:\n  {resume_command()}\n")
