@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from minillm_lightning.errors import MiniLLMError, worker_crash_report
+from minillm_lightning.fileio import read_yaml_config
 
 LIGHTNING_VERBS = {"fit", "validate", "test", "predict"}
 # exit code of a run stopped by SIGTERM (the shell's convention, 128 + signal number), so `minillm fit ... && next`
@@ -92,6 +93,12 @@ def join_negative_numbers(argv: list[str]) -> list[str]:
     return out
 
 
+def config_files(argv: list[str]) -> list[str]:
+    """The files given with ``--config``/``-c`` (or ``--config=``) in ``argv``."""
+    given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    return given + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
 def wants_help(argv: list[str]) -> bool:
     """Whether ``argv`` asks for help text: ``-h``, ``--help`` or jsonargparse's ``--<group>.help CLASS``."""
     return any(a in ("-h", "--help") or a.split("=", 1)[0].endswith(".help") for a in argv)
@@ -135,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
             getattr(__import__(module, fromlist=[func]), func)(argv[1:])
         elif verb in LIGHTNING_VERBS or verb.startswith("-") and verb not in ("-h", "--help"):
             with_env = join_negative_numbers(env_overrides(argv))
+            for config in config_files(with_env):
+                if Path(config).exists():  # a broken file: one line naming it (jsonargparse names no file)
+                    read_yaml_config(config)
             if from_shell:  # keep sys.argv truthful: DDP's launcher re-runs it for the other ranks
                 sys.argv = sys.argv[:1] + with_env
             from minillm_lightning.trainer_cli import run_lightning
@@ -145,9 +155,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             extra = "".join(f"  {name:<10} {VERB_HELP.get(name, '')}".rstrip() + "\n" for name in EXTRA_VERBS)
             usage = USAGE.format(extra=("\nOther commands (`minillm <command> --help` for options):\n" + extra))
-            if verb in ("", "-h", "--help"):
+            if verb in ("-h", "--help"):
                 print(usage)
                 sys.exit(0)
+            if not verb:  # no command: the usage, and a failure for scripts that forgot one
+                print(f"{usage}\nerror: no command given; choose one of the commands above", file=sys.stderr)
+                sys.exit(2)
             print(f"{usage}\nerror: unknown command {verb!r}; choose one of the commands above", file=sys.stderr)
             sys.exit(2)
     except KeyboardInterrupt:  # a verb's own work (Lightning's loops handle Ctrl+C themselves and exit 1)

@@ -58,3 +58,34 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_yaml_config(path: str | os.PathLike, option: str = "--config") -> dict[str, Any]:
+    """A YAML config file as a dict (empty for an empty file), or a ConfigError naming ``option``, the file and,
+    for a syntax error, its line and column: jsonargparse reports those as "<unicode string>", line N, which
+    says nothing about which of several ``--config`` files is broken."""
+    import yaml
+
+    from minillm_lightning.errors import ConfigError, type_name
+
+    where = f"{option} {path}"
+    if Path(path).is_dir():
+        raise ConfigError(f"{where} is a directory; give a YAML file such as configs/pretrain_tiny.yaml")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} holds {type_name(data)}, not a mapping of settings (e.g. `trainer:`, `model:`)")
+    return data

@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 from jsonargparse import set_parsing_settings
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
+import minillm_lightning
 from minillm_lightning.callbacks import InterruptCheckpoint
 from minillm_lightning.callbacks.test_report import TestReport
 from minillm_lightning.checkpoint import META_KEY, load_checkpoint, newest_intact_checkpoint
@@ -142,12 +144,46 @@ class MiniLLMArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
+LISTED_IN_HELP = (
+    "PretrainModule",
+    "SFTModule",
+    "RewardModule",
+    "DPOModule",
+    "PPOModule",
+    "PretrainDataModule",
+    "SFTDataModule",
+    "PreferenceDataModule",
+    "PromptDataModule",
+)
+CKPT_PATH_HELP = (
+    "Resume this run from a checkpoint (fit), or evaluate one (validate/test/predict): a .ckpt file; `last`, the "
+    "newest intact checkpoint in the ModelCheckpoint folder (damaged files are skipped, and fit starts fresh when "
+    "there is none); or `best`, <dirpath>/<filename>.ckpt of the ModelCheckpoint that monitors a metric. Weights, "
+    "optimizer, schedule, loop counters, RNG and data position are restored. To start a NEW stage from an earlier "
+    "stage's weights use --model.init_args.init_from instead."
+)
+
+
 class MiniLLMCLI(LightningCLI):
     """LightningCLI with the links every stage needs and checks on ``--ckpt_path``."""
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # Lightning's text for ckpt_path advertises `hpc` and `registry` and an in-process `best`
+        subparsers = [a.choices for a in self.parser._actions if isinstance(getattr(a, "choices", None), dict)]
+        for parser in [self.parser, *(p for choices in subparsers for p in choices.values())]:
+            for action in parser._actions:
+                if action.dest == "ckpt_path":
+                    action.help = CKPT_PATH_HELP
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         use_minillm_rich_bar(self.trainer)
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default; a plugin given by
+            # the user is kept. Checkpoints are staged beside the target, not in $TMPDIR (maybe another filesystem)
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the model's vocabulary is whatever tokenizer the data module trained or loaded
@@ -173,9 +209,18 @@ class MiniLLMCLI(LightningCLI):
         if not sub:
             return
         ckpt_path = self.config[sub].get("ckpt_path")
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
-            raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file")
-        if ckpt_path and Path(ckpt_path).is_file():
+        if ckpt_path in ("hpc", "registry") or (ckpt_path or "").startswith("registry:"):
+            raise CheckpointError(
+                f"--ckpt_path {ckpt_path}: not supported by minillm; give last, best or a checkpoint file"
+            )
+        if ckpt_path and ckpt_path not in ("last", "best"):
+            if Path(ckpt_path).is_dir():
+                example = Path(ckpt_path) / "last.ckpt"
+                raise CheckpointError(
+                    f"--ckpt_path {ckpt_path} is a directory; pass a .ckpt file in it (e.g. {example})"
+                )
+            if not Path(ckpt_path).is_file():
+                raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file")
             ckpt = load_checkpoint(ckpt_path)
             stage = ckpt.get(META_KEY, {}).get("stage")
             model_cfg = self.config[sub].get("model")
@@ -189,8 +234,38 @@ class MiniLLMCLI(LightningCLI):
                 )
 
     def before_fit(self) -> None:
-        self._resolve_last()
+        self._resolve_named_checkpoint()
         self._quiet_own_checkpoint_dirs()
+
+    def before_validate(self) -> None:
+        self._resolve_named_checkpoint()
+
+    def before_test(self) -> None:
+        self._resolve_named_checkpoint()
+
+    def before_predict(self) -> None:
+        self._resolve_named_checkpoint()
+
+    def _resolve_named_checkpoint(self) -> None:
+        """``--ckpt_path last`` or ``best`` as a file: Lightning knows the best checkpoint only within the process
+        that wrote it (``best`` in a new process was refused as "not configured to save the best model")."""
+        self._resolve_last()
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("ckpt_path") != "best":
+            return
+        found = [
+            Path(cb.dirpath) / f"{cb.filename}{cb.FILE_EXTENSION}"
+            for cb in self.trainer.checkpoint_callbacks
+            if getattr(cb, "monitor", None) and cb.dirpath and cb.filename and "{" not in cb.filename
+        ]
+        found = [f for f in found if f.is_file()]
+        if not found:
+            raise CheckpointError(
+                "--ckpt_path best: no best checkpoint found (a ModelCheckpoint with a monitor and a fixed filename, "
+                "as in the shipped configs, writes <dirpath>/<filename>.ckpt); give the checkpoint file instead"
+            )
+        load_checkpoint(found[0])  # a damaged file: one line naming it
+        cfg["ckpt_path"] = str(found[0])
 
     def _quiet_own_checkpoint_dirs(self) -> None:
         """Drop Lightning's "Checkpoint directory ... exists and is not empty" where nothing is at stake: a first
@@ -242,7 +317,11 @@ def run_lightning(args: list[str] | None = None, **cli_kwargs) -> MiniLLMCLI:
     e.g. ``run=False`` to instantiate without running; then ``args`` carry no subcommand)."""
     # attribute docstrings (the OptimConfig fields' help) cost ~1.5 s to parse; only help text shows them
     argv = sys.argv[1:] if args is None else args
-    set_parsing_settings(docstring_parse_attribute_docstrings=isinstance(argv, list) and wants_help(argv))
+    help_wanted = isinstance(argv, list) and wants_help(argv)
+    set_parsing_settings(docstring_parse_attribute_docstrings=help_wanted)
+    if help_wanted:  # --help lists them as the known subclasses of --model and --data (loaded lazily otherwise)
+        for name in LISTED_IN_HELP:
+            getattr(minillm_lightning, name)
     quiet_lightning_notices()
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
@@ -250,11 +329,19 @@ def run_lightning(args: list[str] | None = None, **cli_kwargs) -> MiniLLMCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
-        parser_kwargs={"default_env": True, "env_prefix": "MINILLM"},
+        # allow_abbrev off: argparse took `--trainer.max_step 3` for `--trainer.max_steps 3` without a word
+        parser_kwargs={
+            "default_env": True,
+            "env_prefix": "MINILLM",
+            "allow_abbrev": False,
+            **{verb: {"allow_abbrev": False} for verb in ("fit", "validate", "test", "predict")},
+        },
         parser_class=MiniLLMArgumentParser,
         save_config_kwargs={"overwrite": True},
-        # TestReport: `minillm test` writes <checkpoint stem>.test.json next to the checkpoint; AtomicCheckpointIO:
-        # checkpoints are staged in their own folder, not in $TMPDIR (which may be another filesystem)
-        trainer_defaults={"callbacks": [InterruptCheckpoint(), TestReport()], "plugins": [AtomicCheckpointIO()]},
+        # no --optimizer/--lr_scheduler: each stage builds its optimizer and schedule from its own options (warmup,
+        # decay, Muon); Lightning's flags replaced them all, with only a warning to say so
+        auto_configure_optimizers=False,
+        # TestReport: `minillm test` writes <checkpoint stem>.test.json next to the checkpoint
+        trainer_defaults={"callbacks": [InterruptCheckpoint(), TestReport()]},
     )
     return MiniLLMCLI(StageModule, LightningDataModule, **{**settings, **cli_kwargs})

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from minillm_lightning.cli import env_overrides, wants_help
+from minillm_lightning.cli import env_overrides, main, wants_help
 
 CONFIG = "configs/pretrain_tiny.yaml"
 # a fast variant of the tiny recipe: micro model, short blocks
@@ -310,6 +310,10 @@ def test_light_verbs_start_without_lightning() -> None:
             ["--trainer.max_stepz", "3"],
             "error: unrecognized arguments: --trainer.max_stepz 3 (all options: minillm fit --help)",
         ),
+        (  # argparse took a prefix of an option for the option, without a word
+            ["--trainer.max_step", "3"],
+            "error: unrecognized arguments: --trainer.max_step 3 (all options: minillm fit --help)",
+        ),
     ],
 )
 def test_config_errors_are_one_line(
@@ -324,6 +328,50 @@ def test_config_errors_are_one_line(
         run_lightning(["fit", "--config", str(ROOT / CONFIG), *args])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and err.splitlines() == [line], err
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        (b"trainer:\n  max_steps: 3\n  bad: [1,\n", "not valid YAML at line 4, column 1: expected the node content"),
+        (b"trainer: {max_steps: 3}\n\xff\n", "not UTF-8 text (byte 24); save it as UTF-8"),
+        (b"- fit\n- 3\n", "holds a list, not a mapping of settings"),
+    ],
+)
+def test_broken_config_file_is_named(text: bytes, line: str, tmp_path: Path, capsys) -> None:
+    """jsonargparse said `in "<unicode string>", line 4` for a YAML error (which of two --config files?), and a
+    file that is not UTF-8 or not a mapping ended in a traceback."""
+    bad = tmp_path / "mine.yaml"
+    bad.write_bytes(text)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(ROOT / CONFIG), "--config", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith(f"error: --config {bad}") and line in err, err
+
+
+def test_fit_help_lists_the_stages_and_explains_ckpt_path(capsys, monkeypatch) -> None:
+    """--model listed only StageModule (the stages load lazily), --ckpt_path carried Lightning's text (with `hpc`
+    and `registry`, which minillm refuses), and --optimizer/--lr_scheduler silently replaced a stage's optimizer."""
+    from minillm_lightning.trainer_cli import run_lightning
+
+    monkeypatch.setattr(sys, "argv", ["minillm"])
+    with pytest.raises(SystemExit) as exc:
+        run_lightning(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exc.value.code == 0
+    for name in ("PretrainModule", "SFTModule", "RewardModule", "DPOModule", "PPOModule", "PromptDataModule"):
+        assert f"minillm_lightning.{name}" in out
+    assert "To start a NEW stage from an earlier stage's weights use --model.init_args.init_from" in out
+    assert "hpc" not in out and "--optimizer" not in out and "--lr_scheduler" not in out
+
+
+def test_no_command_is_an_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2 and "error: no command given" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "usage: minillm <command>" in capsys.readouterr().out
 
 
 def test_verb_options_answer_to_both_spellings(capsys: pytest.CaptureFixture[str]) -> None:

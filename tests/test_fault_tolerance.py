@@ -125,6 +125,20 @@ def test_resume_last_falls_back_to_newest_intact(workdir: Path) -> None:  # noqa
     assert torch.load(last, weights_only=True)["global_step"] == 10
     explicit = minillm([*args, "--ckpt_path", str(run / "garbage.ckpt")], workdir)
     assert explicit.returncode == 2 and "no such file" in explicit.stderr
+    folder = minillm([*args, "--ckpt_path", str(run)], workdir)
+    assert folder.returncode == 2 and f"--ckpt_path {run} is a directory; pass a .ckpt file in it" in folder.stderr
+    hpc = minillm([*args, "--ckpt_path", "hpc"], workdir)
+    assert hpc.returncode == 2 and "--ckpt_path hpc: not supported by minillm" in hpc.stderr
+
+    # validate/test resolve `last` (skipping a damaged file) and `best` as fit does; `best` was refused as "not
+    # configured to save the best model" in any process but the one that wrote it
+    last.write_bytes(last.read_bytes()[:4096])
+    check = ["validate", "--config", CONFIG, *FAST]
+    validated = minillm([*check, "--ckpt_path", "last"], workdir)
+    assert validated.returncode == 0 and "last.ckpt is truncated or corrupted; skipping it" in validated.stderr
+    (run / "intact.ckpt").rename(run / "best.ckpt")
+    best = minillm([*check, "--ckpt_path", "best"], workdir)
+    assert best.returncode == 0 and str(run / "best.ckpt") in best.stdout + best.stderr
 
 
 def test_dataloader_worker_crash_is_an_error_with_a_checkpoint(
@@ -343,3 +357,24 @@ def test_ctrl_c_before_the_first_step_keeps_last_ckpt(tmp_path: Path, pretrain_d
     before = last.read_bytes()
     _interruptible_fit(tmp_path, dm, at=None)
     assert last.read_bytes() == before and load_checkpoint(last)["global_step"] == 10
+
+
+def test_resume_with_another_model_shape_names_the_settings(tmp_path: Path, pretrain_dm_factory) -> None:
+    """--ckpt_path with a changed n_layer or vocabulary ended in torch's list of every mismatched tensor."""
+    dm = pretrain_dm_factory()
+    trainer = micro_trainer(tmp_path, max_steps=1)
+    trainer.fit(PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size), datamodule=dm)
+    path = tmp_path / "step1.ckpt"
+    trainer.save_checkpoint(path)
+    deeper = MiniGPTConfig(**{**MICRO_ARCH, "n_layer": MICRO_ARCH["n_layer"] + 1})
+    with pytest.raises(CheckpointError) as err:
+        micro_trainer(tmp_path, max_steps=2).fit(
+            PretrainModule(arch=deeper, vocab_size=dm.vocab_size), datamodule=dm, ckpt_path=str(path)
+        )
+    n = MICRO_ARCH["n_layer"]
+    assert str(err.value).startswith(
+        f"{path}: its weights do not fit this run's model (n_layer: {n} there, {n + 1} here)"
+    )
+    assert "--model.init_from" in str(err.value)
+    same = PretrainModule(arch=MiniGPTConfig(**{**MICRO_ARCH, "dropout": 0.1}), vocab_size=dm.vocab_size)
+    micro_trainer(tmp_path, max_steps=2).fit(same, datamodule=dm, ckpt_path=str(path))  # fits: resumes

@@ -368,10 +368,32 @@ class StageModule(L.LightningModule):
                 f"this is a {meta['stage']} checkpoint but the run is a {self.stage_name} stage; to start "
                 f"{self.stage_name} from it use --model.init_from, --ckpt_path only resumes the same stage"
             )
+        self._check_backbone_fits(checkpoint, meta.get("arch"))
         if "tokenizer" in checkpoint and self.tokenizer is None:
             self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+
+    def _check_backbone_fits(self, checkpoint: dict[str, Any], saved_arch: dict[str, Any] | None) -> None:
+        """Refuse, in one line naming the settings that differ, a checkpoint whose backbone weights do not fit this
+        run's (resumed with another ``arch`` or tokenizer vocabulary); torch's own message lists every tensor."""
+        theirs = {k: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
+        ours = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        misfit = sorted(set(theirs) ^ set(ours)) + [k for k in theirs if k in ours and theirs[k].shape != ours[k].shape]
+        if not misfit:
+            return
+        saved = saved_arch or {}
+        changed = [
+            f"{k}: {saved[k]!r} there, {v!r} here"
+            for k, v in self.model.config.to_dict().items()
+            if k in saved and saved[k] != v
+        ]
+        source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        raise CheckpointError(
+            f"{source}: its weights do not fit this run's model ({'; '.join(changed) or f'e.g. {misfit[0]}'}). "
+            f"--ckpt_path resumes a run with the same model settings and tokenizer; to start a new run from these "
+            f"weights use --model.init_from"
+        )
 
     # ---- prediction (`minillm predict`): completions of a PromptDataModule's prompts ----
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
