@@ -15,7 +15,7 @@ from test_cli import minillm, workdir  # noqa: F401  (fixture re-used)
 from minillm_lightning import PretrainDataModule
 from minillm_lightning.data import shards
 from minillm_lightning.data.common import ResumableSampler
-from minillm_lightning.errors import DataError, MiniLLMError
+from minillm_lightning.errors import ConfigError, DataError, MiniLLMError
 from minillm_lightning.tokenizer import MAX_SENTENCE_BYTES, Tokenizer, split_long
 
 
@@ -488,3 +488,164 @@ def test_sampler_shards_without_overlap_and_resumes_across_world_sizes() -> None
         s.start = 10
         rest += list(s)
     assert not set(rest) & set(seen) and len(rest) == 30
+
+
+# ---------------------------------------------------------------- bad input: one clear error, never a silent result
+
+
+@pytest.mark.parametrize("content", ["", '{"text": "hi"}\n'], ids=["empty", "too-short"])
+def test_test_sources_too_small_is_an_error_not_the_validation_split(tmp_path, content) -> None:
+    """`test` with test_sources holding fewer than seq_len+1 tokens scored the validation split with a warning."""
+    held_out = tmp_path / "t.jsonl"
+    held_out.write_text(content)
+    dm = _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}], test_sources=[{"path": str(held_out)}])
+    dm.setup("test")
+    assert dm.val_set is not None and dm.test_set is None
+    with pytest.raises(DataError, match=r"test_sources \[.*t\.jsonl'\] hold \d+ tokens, fewer than seq_len\+1=33"):
+        dm.test_dataloader()
+
+
+def test_damaged_prepared_dir_is_one_error(tmp_path) -> None:
+    """LitData raised deep in its reader (a missing index) or hung (a missing chunk file); json a decode error."""
+    import shutil
+
+    good = tmp_path / "ds"
+    _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}], dataset_dir=str(good)).prepare_data()
+    damage = {
+        "train/chunk-0-0.bin": r"is missing train/chunk-0-0\.bin: the prepared dataset is incomplete; delete",
+        "train/index.json": r"is missing train/index\.json: the prepared dataset is incomplete; delete",
+        "meta.json": r"meta\.json is not valid JSON \(.*\): the prepared dataset is damaged; delete .* prepare it",
+    }
+    for i, (name, message) in enumerate(damage.items()):
+        broken = tmp_path / f"broken{i}"
+        shutil.copytree(good, broken)
+        if name == "meta.json":
+            (broken / name).write_text('{"format": 1,')
+        else:
+            (broken / name).unlink()
+        with pytest.raises(DataError, match=rf"broken{i}.*{message}"):
+            _dm(tmp_path, [], dataset_dir=str(broken)).setup("fit")
+        with pytest.raises(DataError, match=message):  # `minillm prepare` says so too, not "already prepared"
+            _dm(tmp_path, [], dataset_dir=str(broken)).prepare_data()
+
+
+def test_remote_dataset_dir_without_its_filesystem_package(tmp_path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # not installed
+    dm = _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}], dataset_dir="s3://bucket/minillm/tiny")
+    with pytest.raises(
+        DataError, match=r"s3://bucket/minillm/tiny/meta\.json: cannot read s3:// URLs .*pip install s3fs"
+    ):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"text": "one record"}', r"bad\.json: a \.json file must hold an array of records, got dict"),
+        (b'[{"text": "truncated"', r"bad\.json:1: invalid JSON \(.*\); a \.json file must hold one array"),
+        (b'[{"text": "\xc4\xe3\xba\xc3"}]', r"bad\.json:1: not valid UTF-8"),
+        (b"", r"bad\.json: the \.json file is empty"),
+    ],
+    ids=["object", "truncated", "gbk", "empty"],
+)
+def test_bad_json_source_is_an_error_not_dropped(tmp_path, content, message) -> None:
+    """scan_file counted such a file as 0 documents: it was dropped with only a "contributes NOTHING" warning."""
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    dm = _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}, {"path": str(bad)}])
+    with pytest.raises(DataError, match=message):
+        dm.prepare_data()
+
+
+def test_source_with_every_record_skipped_warns_loudly(tmp_path) -> None:
+    import warnings
+
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"txt": f"the wrong field {i}"} for i in range(500)])
+    dm = _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}, {"path": str(bad)}], skip_bad_records=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.prepare_data()  # `minillm prepare` shows them
+        dm.setup("fit")  # ... and a fit that prepares shows them once
+    messages = [str(w.message) for w in caught if "bad.jsonl" in str(w.message)]
+    assert len(messages) == 2, messages
+    assert messages[0].endswith("bad.jsonl: skipped 500 unusable records: {\"field 'text' missing\": 500}")
+    assert messages[1].startswith(f"!!! {bad} contributes NOTHING: every record it was to use was skipped")
+    reused = _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}, {"path": str(bad)}], skip_bad_records=True)
+    with pytest.warns(UserWarning, match="contributes NOTHING"):  # also when the prepared dataset is reused
+        reused.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("missing", "does not exist"), ("directory", "is a directory"), ("text", "is not a SentencePiece model")],
+)
+def test_bad_tokenizer_option_is_one_error(tmp_path, kind, message) -> None:
+    path = tmp_path / "tok.model"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "text":
+        path.write_text("not a tokenizer\n")
+    dm = _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}], tokenizer=str(path))
+    expected = rf"^data\.init_args\.tokenizer=.*tok\.model {message}; set it to a SentencePiece \.model file"
+    with pytest.raises(DataError, match=expected):
+        _ = dm.tokenizer
+    with pytest.raises(DataError, match=expected):  # the prepared directory's key needs it first
+        dm.prepare_data()
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"character_coverage": 2.0}, r"character_coverage must be in \[0\.98, 1\] \(SentencePiece's range\), got 2"),
+        ({"character_coverage": 0}, r"character_coverage must be in \[0\.98, 1\]"),
+        ({"num_workers": -1}, r"PretrainDataModule\.num_workers must be >= 0, got -1"),
+        ({"val_share": 1.0}, r"PretrainDataModule\.val_share must be in \[0, 1\) .*got 1\.0"),
+        ({"sample_ratio": 1.5}, r"PretrainDataModule\.sample_ratio must be in \[0, 1\] .*got 1\.5"),
+        ({"s": {"sample_ratio": -0.5}}, r"sources\[0\]\.sample_ratio \(.*pretrain\.jsonl\) must be in \[0, 1\]"),
+        ({"s": {"sample_ratio": 3}}, r"sources\[0\]\.sample_ratio \(.*\) must be in \[0, 1\] .*got 3"),
+        ({"s": {"val_share": -0.2}}, r"sources\[0\]\.val_share \(.*\) must be in \[0, 1\) .*got -0\.2"),
+        ({"s": {"val_share": 1.5}}, r"sources\[0\]\.val_share \(.*\) must be in \[0, 1\) .*got 1\.5"),
+    ],
+)
+def test_out_of_range_options_are_refused(tmp_path, kw, message) -> None:
+    source = {"path": str(SAMPLE / "pretrain.jsonl"), **kw.pop("s", {})}
+    with pytest.raises(ConfigError, match=message):
+        _dm(tmp_path, [source], **kw)
+
+
+def test_dataset_dir_that_is_a_file_is_refused(tmp_path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    with pytest.raises(ConfigError, match=r"dataset_dir=.*notes\.txt is a file, not a folder; set it to a prepared"):
+        _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}], dataset_dir=str(notes))
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--data.init_args.num_workers=-1", "error: PretrainDataModule.num_workers must be >= 0, got -1"),
+        (
+            "--data.init_args.sources=[{path: data/sample/pretrain.jsonl, val_share: 1.5}]",
+            "error: PretrainDataModule.sources[0].val_share (data/sample/pretrain.jsonl) must be in [0, 1)",
+        ),
+        ("--data.init_args.tokenizer=data", "error: data.init_args.tokenizer=data is a directory"),
+    ],
+)
+def test_bad_options_are_one_line_in_the_cli(option, message, workdir, capfd, monkeypatch) -> None:  # noqa: F811
+    from test_bad_input import user_error
+
+    monkeypatch.chdir(workdir)
+    assert user_error(["fit", "--config", "configs/pretrain_tiny.yaml", option], capfd).startswith(message)
+
+
+def test_bom_opening_a_txt_file_is_dropped(tmp_path) -> None:
+    """Notepad's UTF-8 byte-order mark stayed in the training text ('\\ufeffhello'); the .jsonl reader drops it."""
+    text = "hello from a Windows editor\n" * 50
+    path = tmp_path / "notepad.txt"
+    path.write_bytes(("\ufeff" + text).encode())
+    dm = _dm(tmp_path, [{"path": str(path)}], val_share=0.0)
+    assert "".join(t for _, t in dm.iter_documents("train")) == text
+    assert dm.plan()[0].scan.docs == len(text)

@@ -44,6 +44,7 @@ from minillm_lightning.data.shards import (
     scan_file,
     write_split,
 )
+from minillm_lightning.errors import ConfigError, MiniLLMError
 from minillm_lightning.fileio import atomic_write_text, file_lock
 from minillm_lightning.lightning_private import batches_done_in_epoch
 from minillm_lightning.tokenizer import ModelType, Tokenizer, TokenizerSettings, train_or_load
@@ -149,17 +150,30 @@ class PretrainDataModule(L.LightningDataModule):
         ]:
             if value <= 0:
                 raise ValueError(f"PretrainDataModule.{name} must be positive, got {value}")
-        for name, value in [("sample_ratio", sample_ratio), ("val_share", val_share)]:
-            if not 0 <= value <= 1:
-                raise ValueError(f"PretrainDataModule.{name} must be in [0, 1], got {value}")
+        _check_shares("PretrainDataModule", sample_ratio, val_share)
+        if not 0.98 <= character_coverage <= 1:
+            raise ConfigError(
+                f"PretrainDataModule.character_coverage must be in [0.98, 1] (SentencePiece's range), got "
+                f"{character_coverage}"
+            )
+        if num_workers < 0:
+            raise ConfigError(f"PretrainDataModule.num_workers must be >= 0, got {num_workers}")
+        if dataset_dir and not is_remote(dataset_dir) and Path(dataset_dir).exists() and not Path(dataset_dir).is_dir():
+            raise ConfigError(
+                f"PretrainDataModule.dataset_dir={dataset_dir} is a file, not a folder; set it to a prepared dataset "
+                f"folder (or to a new folder to prepare into)"
+            )
 
-        def as_sources(items: list | None) -> list[PretrainSource]:
-            return [s if isinstance(s, PretrainSource) else PretrainSource(**s) for s in items or []]
+        def as_sources(name: str, items: list | None) -> list[PretrainSource]:
+            out = [s if isinstance(s, PretrainSource) else PretrainSource(**s) for s in items or []]
+            for i, src in enumerate(out):
+                _check_shares(f"PretrainDataModule.{name}[{i}]", src.sample_ratio, src.val_share, f" ({src.path})")
+            return out
 
         self.sources, self.val_sources, self.test_sources = (
-            as_sources(sources),
-            as_sources(val_sources),
-            as_sources(test_sources),
+            as_sources("sources", sources),
+            as_sources("val_sources", val_sources),
+            as_sources("test_sources", test_sources),
         )
         self.block_stride = block_stride
         self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
@@ -174,6 +188,7 @@ class PretrainDataModule(L.LightningDataModule):
         self._labels: dict[int, np.ndarray] = {}
         self._path: str | None = None
         self.meta: dict[str, Any] | None = None
+        self._sources_warned = False
         self.train_set: TokenBlocks | None = None
         self.val_set: TokenBlocks | None = None
         self.test_set: TokenBlocks | None = None
@@ -246,6 +261,56 @@ class PretrainDataModule(L.LightningDataModule):
     def is_prepared(self) -> bool:
         """Whether the prepared directory is complete (its meta.json is written last)."""
         return _exists(f"{self.dataset_path.rstrip('/')}/{COMPLETE}")
+
+    def _prepared_meta(self) -> dict[str, Any]:
+        """The prepared directory's meta.json once the folder is checked intact (for a local one: each split's
+        index.json and the chunk files it lists); a one-line DataError otherwise, where LitData would fail deep in
+        its reader or wait forever for a missing chunk file."""
+        root = self.dataset_path.rstrip("/")
+        fix = f"delete {root} and prepare it again (`minillm prepare --config <config>`, or the same `minillm fit`)"
+        try:
+            meta = json.loads(_read_bytes(f"{root}/{COMPLETE}"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(
+                f"{root}/{COMPLETE} is not valid JSON ({e}): the prepared dataset is damaged; {fix}"
+            ) from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict):
+            raise DataError(f"{root}/{COMPLETE} holds no `splits`: not a prepared dataset of minillm; {fix}")
+        if not is_remote(root):
+            needed = ["tokenizer.model"]
+            for split, stats in meta["splits"].items():
+                if stats.get("tokens"):
+                    index = Path(root, split, "index.json")
+                    try:
+                        chunks = json.loads(index.read_text())["chunks"]
+                        needed += [f"{split}/index.json", *(f"{split}/{c['filename']}" for c in chunks)]
+                    except FileNotFoundError:
+                        needed.append(f"{split}/index.json")
+                    except (ValueError, KeyError, TypeError) as e:
+                        raise DataError(
+                            f"{index} is not a LitData index ({e}): the prepared dataset is damaged; {fix}"
+                        ) from None
+            missing = [name for name in needed if not Path(root, name).is_file()]
+            if missing:
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                raise DataError(f"{root} is missing {missing[0]}{more}: the prepared dataset is incomplete; {fix}")
+        return meta
+
+    def _warn_sources(self, meta: dict[str, Any]) -> None:
+        """Warn (once) about each source's skipped records, loudly when all the records it was to use were."""
+        if self._sources_warned:
+            return
+        self._sources_warned = True
+        for path, source in meta.get("sources", {}).items():
+            skipped = source.get("skipped") or {}
+            if not skipped:
+                continue
+            rank_zero_warn(f"{path}: skipped {sum(skipped.values())} unusable records: {skipped}")
+            if source.get("sampled") == 0:
+                rank_zero_warn(
+                    f"!!! {path} contributes NOTHING: every record it was to use was skipped ({skipped}); check its "
+                    f"text_field and schema"
+                )
 
     # ---- reading documents (streamed) ----
     def _tasks(self, split: int, files: list[_File], labels_dir: Path) -> list[Task]:
@@ -324,14 +389,30 @@ class PretrainDataModule(L.LightningDataModule):
 
     # ---- tokenizer ----
     def _given_tokenizer(self) -> Tokenizer:
+        """The tokenizer ``data.tokenizer`` names, or a one-line DataError naming the option, the file and the fix."""
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_file(self.tokenizer_path)
+            file = Path(self.tokenizer_path or "")
+            what = f"data.init_args.tokenizer={file}"
+            fix = "set it to a SentencePiece .model file or a minillm .ckpt, or unset it to train a tokenizer"
+            if file.is_dir():
+                raise DataError(f"{what} is a directory; {fix}")
+            if not file.is_file():
+                raise DataError(f"{what} does not exist; {fix}")
+            try:
+                self._tokenizer = Tokenizer.from_file(file)
+            except MiniLLMError:
+                raise
+            except RuntimeError:  # SentencePiece cannot parse it
+                raise DataError(f"{what} is not a SentencePiece model; {fix}") from None
+            except (ValueError, OSError) as e:  # a model without the chat tokens, a .ckpt without a tokenizer
+                raise DataError(f"{what}: {e}; {fix}") from None
         return self._tokenizer
 
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             if self.dataset_dir and self.is_prepared():  # a pinned prepared directory carries its tokenizer
+                self._prepared_meta()  # an intact one
                 self._tokenizer = Tokenizer(_read_bytes(f"{self.dataset_dir.rstrip('/')}/tokenizer.model"))
             elif self.tokenizer_path:
                 self._tokenizer = self._given_tokenizer()
@@ -386,6 +467,7 @@ class PretrainDataModule(L.LightningDataModule):
         concurrent runs of the same corpus wait for one preparation instead of repeating it.
         """
         if self.is_prepared():
+            self._prepared_meta()  # complete, but intact?
             return
         final = self.dataset_path
         if is_remote(final):
@@ -431,6 +513,7 @@ class PretrainDataModule(L.LightningDataModule):
         meta["prepare_workers"] = workers
         meta["input_bytes"] = in_bytes
         atomic_write_text(out / COMPLETE, json.dumps(meta, indent=2))  # last: marks the directory complete
+        self._warn_sources(meta)
         try:
             os.rename(out, final_dir)
         except OSError:
@@ -492,7 +575,8 @@ class PretrainDataModule(L.LightningDataModule):
         if not self.is_prepared():  # prepare_data is skipped when the module is used outside a Trainer
             self.prepare_data()
         root = self.dataset_path.rstrip("/")
-        self.meta = meta = json.loads(_read_bytes(f"{root}/{COMPLETE}"))
+        self.meta = meta = self._prepared_meta()
+        self._warn_sources(meta)
         if meta.get("tokenizer_sha256") != self.tokenizer.sha256:
             raise DataError(
                 f"{root} was prepared with another tokenizer ({meta.get('tokenizer_sha256', '?')[:12]} vs "
@@ -589,6 +673,12 @@ class PretrainDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         if self.test_set is not None:
             return self._eval_loader(self.test_set)
+        if self.test_sources:
+            tokens = (self.meta or {}).get("splits", {}).get("test", {}).get("tokens", 0)
+            raise DataError(
+                f"test_sources {[s.path for s in self.test_sources]} hold {tokens:,} tokens, fewer than "
+                f"seq_len+1={self.seq_len + 1}: nothing to score; add held-out text to them or lower seq_len"
+            )
         if self.val_set is None:
             raise DataError(
                 "no test split: set data.init_args.test_sources to held-out files (with at least seq_len+1 tokens)"
@@ -612,21 +702,44 @@ class PretrainDataModule(L.LightningDataModule):
             )
 
 
+def _check_shares(owner: str, sample_ratio: float | None, val_share: float | None, where: str = "") -> None:
+    """A ConfigError naming the field, the allowed range and (``where``) the source for an out-of-range share."""
+    if sample_ratio is not None and not 0 <= sample_ratio <= 1:
+        raise ConfigError(
+            f"{owner}.sample_ratio{where} must be in [0, 1] (a share of the documents), got {sample_ratio}"
+        )
+    if val_share is not None and not 0 <= val_share < 1:
+        raise ConfigError(
+            f"{owner}.val_share{where} must be in [0, 1) (a share held out for validation; training needs the rest), "
+            f"got {val_share}"
+        )
+
+
+def _remote_fs(uri: str) -> tuple[Any, str]:
+    """fsspec's filesystem and path for ``uri``; a DataError when its protocol is unknown or its package missing."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as e:  # "Install s3fs to access S3", "Protocol not known: xyz"
+        raise DataError(
+            f"{uri}: cannot read {uri.split('://')[0]}:// URLs ({e}); install the filesystem package they need "
+            f"(e.g. pip install s3fs for s3://) or set data.init_args.dataset_dir to a local folder"
+        ) from None
+
+
 def _exists(uri: str) -> bool:
     if not is_remote(uri):
         return Path(uri).is_file()
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = _remote_fs(uri)
     return fs.exists(path)
 
 
 def _read_bytes(uri: str) -> bytes:
     if not is_remote(uri):
         return Path(uri).read_bytes()
-    import fsspec
-
-    with fsspec.open(uri, "rb") as fh:
+    fs, path = _remote_fs(uri)
+    with fs.open(path, "rb") as fh:
         return fh.read()
 
 

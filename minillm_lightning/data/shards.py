@@ -97,8 +97,8 @@ def scan_file(path: Path, cache_dir: Path, range_bytes: int = 16 << 20) -> FileS
     h = hashlib.sha256()
     ranges: list[tuple[int, int, int, int]] = []
     docs = 0
-    if path.suffix == ".txt":
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    if path.suffix == ".txt":  # "utf-8-sig": a byte-order mark opening the file is no character (as in _iter_txt)
+        decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
@@ -107,11 +107,7 @@ def scan_file(path: Path, cache_dir: Path, range_bytes: int = 16 << 20) -> FileS
     elif path.suffix == ".json":  # an array cannot be streamed with the standard library: count its records
         raw = path.read_bytes()
         h.update(raw)
-        try:
-            data = json.loads(raw)
-            docs = len(data) if isinstance(data, list) else 0
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            docs = 0  # the tokenizing pass reports the error with its position
+        docs = _json_array_length(path, raw)
         del raw
     else:
         start, first, first_line, offset = 0, 0, 1, 0
@@ -133,6 +129,28 @@ def scan_file(path: Path, cache_dir: Path, range_bytes: int = 16 << 20) -> FileS
         memo[version] = asdict(scan)
         atomic_write_text(memo_file, json.dumps(memo))
     return scan
+
+
+def _json_array_length(path: Path, raw: bytes) -> int:
+    """Records in a .json source, or a DataError naming the file and what is wrong with it (never a silent 0)."""
+    from minillm_lightning.data.common import _decode
+
+    text = _decode(path, raw, 1)  # not UTF-8: a DataError; a byte-order mark is dropped
+    if not text.strip():
+        raise DataError(f"{path}: the .json file is empty; write an array of records into it or remove it from sources")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}:{e.lineno}: invalid JSON ({e.msg}); a .json file must hold one array of records (complete it, "
+            f"or use .jsonl for one record per line)"
+        ) from None
+    if not isinstance(data, list):
+        raise DataError(
+            f"{path}: a .json file must hold an array of records, got {type(data).__name__}; put the records in "
+            f"a top-level [...] array (or use .jsonl, one record per line)"
+        )
+    return len(data)
 
 
 def draw_labels(n: int, ratio: float, val_share: float, seed: int, split: int | None = None) -> np.ndarray:
@@ -270,7 +288,7 @@ def _iter_txt(path: Path, lo: int, hi: int, piece_chars: int = 1 << 20) -> Itera
     """Characters [lo, hi) of a UTF-8 text file as pieces of about ``piece_chars`` that end at a newline."""
     from minillm_lightning.data.common import DataError
 
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # drops a byte-order mark opening the file (Notepad)
     pos, pending = 0, ""
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
