@@ -19,13 +19,28 @@ from typing import Literal
 
 import sentencepiece as spm
 
-from minillm_lightning.errors import MiniLLMError
+from minillm_lightning.errors import DataError, MiniLLMError
 from minillm_lightning.fileio import file_lock
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 ModelType = Literal["bpe", "unigram", "char"]
 ROLES = ("system", "user", "assistant")
+
+
+def invalid_utf8(text: str) -> str | None:
+    """Where ``text`` holds what UTF-8 cannot encode ("byte 0xff at character 3"), or None when it is valid.
+
+    Python decodes command-line arguments (and stdin under a C or UTF-8 locale) with surrogateescape: a byte that is not
+    UTF-8 becomes a lone surrogate, which SentencePiece refuses with an obscure cast error.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        return f"{what} at character {e.start + 1}"
+    return None
 
 
 class Tokenizer:
@@ -67,7 +82,7 @@ class Tokenizer:
         return {"model_bytes": self.model_bytes, "sha256": self.sha256, "vocab_size": self.vocab_size}
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.sp.encode(text)
+        ids = self._sp_encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_content(self, text: str) -> list[int]:
@@ -79,13 +94,23 @@ class Tokenizer:
         from the template. The symbols are hard boundaries for SentencePiece, so the text around them encodes exactly
         as :meth:`encode` would, and text without them encodes bit-identically to :meth:`encode`.
         """
-        ids = self.sp.encode(text)
+        ids = self._sp_encode(text)
         if self.im_start_id not in ids and self.im_end_id not in ids:
             return ids
         out: list[int] = []
         for i in ids:
             out += self._literal_ids.get(i, (i,))
         return out
+
+    def _sp_encode(self, text: str) -> list[int]:
+        """SentencePiece's ids of ``text``; text that UTF-8 cannot encode is a DataError saying so, not a cast error."""
+        try:
+            return self.sp.encode(text)
+        except RuntimeError:
+            problem = invalid_utf8(text) if isinstance(text, str) else None
+            if problem is None:
+                raise
+            raise DataError(f"the text {text[:40]!r} is not valid UTF-8 ({problem}); give UTF-8 text") from None
 
     def _text_pieces(self, text: str) -> list[int]:
         """``text`` as one ordinary piece per character, or its UTF-8 byte pieces where the character has none."""
@@ -200,7 +225,9 @@ def train_or_load(
         (out_dir / "settings.json").write_text(
             json.dumps({**settings.__dict__, "files": [str(f) for f in files], "key": key}, indent=2)
         )
-        log(f"trained {settings.model_type} tokenizer (vocab {settings.vocab_size}) in {time.perf_counter() - t0:.1f}s")
+        vocab = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()  # below vocab_size on a small corpus
+        size = f"vocab {vocab}" + (f" of {settings.vocab_size} requested" if vocab != settings.vocab_size else "")
+        log(f"trained {settings.model_type} tokenizer ({size}) in {time.perf_counter() - t0:.1f}s")
         return model_path, False
 
 

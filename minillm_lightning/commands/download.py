@@ -7,6 +7,7 @@ conversions are tested.
 from __future__ import annotations
 
 import argparse
+import codecs
 import gzip
 import json
 import os
@@ -17,9 +18,10 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 from minillm_lightning.commands import CommandParser
-from minillm_lightning.errors import DataError, MiniLLMError
+from minillm_lightning.errors import DataError, MiniLLMError, type_name
 
 HF = "https://huggingface.co/datasets"
 
@@ -30,6 +32,8 @@ class Corpus:
     output: str
     about: str
     convert: str = "copy"  # "copy" or "hh" (Anthropic HH-RLHF -> minimind preference schema)
+    fields: tuple[tuple[str, type], ...] = ()
+    """Fields (and their JSON types) every record of a copied JSON(L) corpus has; checked on a sample of ``--from``."""
 
 
 CORPORA: dict[str, Corpus] = {
@@ -42,21 +46,25 @@ CORPORA: dict[str, Corpus] = {
         f"{HF}/jingyaogong/minimind_dataset/resolve/main/pretrain_hq.jsonl",
         "data/real/pretrain/minimind_pretrain_hq.jsonl",
         'minimind pretraining corpus, {"text"} lines, ~1.6 GB (Chinese)',
+        fields=(("text", str),),
     ),
     "minimind-sft": Corpus(
         f"{HF}/jingyaogong/minimind_dataset/resolve/main/sft_mini_512.jsonl",
         "data/real/sft/minimind_sft_mini_512.jsonl",
         'minimind SFT conversations, {"conversations": [{"role","content"}]}, ~1.2 GB',
+        fields=(("conversations", list),),
     ),
     "minimind-dpo": Corpus(
         f"{HF}/jingyaogong/minimind_dataset/resolve/main/dpo.jsonl",
         "data/real/preference/minimind_dpo.jsonl",
         'minimind preference pairs, {"chosen": [msgs], "rejected": [msgs]}',
+        fields=(("chosen", list), ("rejected", list)),
     ),
     "alpaca": Corpus(
         "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json",
         "data/alpaca/alpaca_data.json",
         'Stanford Alpaca, 52k {"instruction","input","output"} (SFT, read as-is)',
+        fields=(("instruction", str), ("output", str)),
     ),
     "hh-rlhf": Corpus(
         f"{HF}/Anthropic/hh-rlhf/resolve/main/helpful-base/train.jsonl.gz",
@@ -84,7 +92,8 @@ def convert_hh(lines: Iterator[str], write: Callable[[str], object], source: str
     """HH-RLHF {"chosen": text, "rejected": text} lines -> {"chosen": [msgs], "rejected": [msgs]}.
 
     Raises:
-        DataError: a line that is not a JSON object (naming ``source`` and the line): not an HH-RLHF file.
+        DataError: a line that is not a JSON object with string fields chosen and rejected (naming ``source`` and the
+            line): not an HH-RLHF file.
     """
     kept = skipped = 0
     for lineno, line in enumerate(lines, start=1):
@@ -99,9 +108,16 @@ def convert_hh(lines: Iterator[str], write: Callable[[str], object], source: str
         if not isinstance(rec, dict):
             what = type(rec).__name__
             raise DataError(f"{source}:{lineno}: expected a JSON object with chosen/rejected, got {what}")
+        for key in ("chosen", "rejected"):
+            if not isinstance(rec.get(key), str):
+                what = "missing" if key not in rec else "null" if rec[key] is None else type_name(rec[key])
+                raise DataError(
+                    f"{source}:{lineno}: field {key!r} is {what}, not a transcript string; expected HH-RLHF's "
+                    f"train.jsonl(.gz)"
+                )
         try:
             chosen, rejected = parse_hh_dialogue(rec["chosen"]), parse_hh_dialogue(rec["rejected"])
-        except (ValueError, KeyError):
+        except ValueError:
             skipped += 1
             continue
         if chosen == rejected or chosen[:-1] != rejected[:-1] or any(not m["content"] for m in chosen + rejected):
@@ -128,6 +144,8 @@ def fetch(name: str, output: Path | None = None, source: Path | None = None, log
         raise DataError(f"--output {out} is a directory; give a file path, e.g. {out / Path(corpus.output).name}")
     if source is not None:
         _check_source(Path(source))
+        if corpus.convert == "copy":
+            _check_sample(Path(source), corpus)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if source is None:
@@ -180,6 +198,63 @@ def _check_source(path: Path) -> None:
         raise DataError(f"--from {path}: no such file")
     if path.stat().st_size == 0:
         raise DataError(f"--from {path} is empty (0 bytes); download it again")
+
+
+SAMPLE_BYTES = 1 << 20
+SAMPLE_RECORDS = 5
+_KINDS = {str: "a string", list: "a list"}
+
+
+def _check_sample(path: Path, corpus: Corpus) -> None:
+    """``--from`` of a copied corpus: its start is UTF-8 text and, for JSON(L) corpora, its first records are objects
+    with the corpus's fields. Only the first MB is read: the corpora run to gigabytes."""
+    with open(path, "rb") as f:
+        head = f.read(SAMPLE_BYTES)
+        whole = not f.read(1)
+
+    def bad(lineno: int, problem: str) -> NoReturn:
+        raise DataError(f"--from {path}:{lineno}: {problem}; expected {corpus.about}")
+
+    try:
+        text = codecs.getincrementaldecoder("utf-8-sig")().decode(head, final=whole)
+    except UnicodeDecodeError as e:
+        bad(head.count(b"\n", 0, e.start) + 1, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+    records: list[tuple[int, Any]] = []
+    if corpus.fields and corpus.output.endswith(".jsonl"):
+        lines = text.split("\n") if whole else text.split("\n")[:-1]  # the last line of a sample may be cut
+        for lineno, line in ((n, line) for n, line in enumerate(lines, 1) if line.strip()):
+            try:
+                records.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                bad(lineno, f"not a JSON line ({e.msg})")
+            if len(records) == SAMPLE_RECORDS:
+                break
+    elif corpus.fields:  # a JSON array: its first items
+        decoder, at = json.JSONDecoder(), len(text) - len(text.lstrip())
+        if not text.startswith("[", at):
+            bad(text.count("\n", 0, at) + 1, "not a JSON array of records")
+        at += 1
+        while len(records) < SAMPLE_RECORDS:
+            at = len(text) - len(text[at:].lstrip())
+            if at == len(text) or text[at] == "]":
+                break
+            try:
+                item, end = decoder.raw_decode(text, at)
+            except json.JSONDecodeError as e:
+                if not whole and records:
+                    break  # the sample may end inside this item
+                bad(e.lineno, f"invalid JSON ({e.msg})")
+            records.append((text.count("\n", 0, at) + 1, item))
+            at = len(text) - len(text[end:].lstrip())
+            at += text.startswith(",", at)
+    for lineno, rec in records:
+        if not isinstance(rec, dict):
+            bad(lineno, f"a record is {type_name(rec)}, not a JSON object")
+        for key, kind in corpus.fields:
+            value = rec.get(key)
+            if not isinstance(value, kind):
+                what = "missing" if key not in rec else "null" if value is None else type_name(value)
+                bad(lineno, f"field {key!r} is {what}, not {_KINDS[kind]}")
 
 
 def download_main(argv: list[str]) -> None:

@@ -17,7 +17,7 @@ from minillm_lightning.checkpoint import checkpoint_meta, load_backbone
 from minillm_lightning.commands import CommandParser
 from minillm_lightning.errors import CheckpointError, MiniLLMError
 from minillm_lightning.generation import ContextLengthError, GenerationConfig, TextGenerator
-from minillm_lightning.tokenizer import Tokenizer
+from minillm_lightning.tokenizer import Tokenizer, invalid_utf8
 
 DEFAULT_MAX_NEW = 256  # when --max_new_tokens is not given: this many, or what the context leaves
 
@@ -100,6 +100,12 @@ def _safe_stdout() -> None:
         sys.stdout.reconfigure(errors="replace")
 
 
+def _check_utf8(text: str, what: str) -> None:
+    """``text`` from the command line is UTF-8 (Python keeps other bytes as surrogates SentencePiece cannot take)."""
+    if problem := invalid_utf8(text):
+        raise MiniLLMError(f"{what} is not valid UTF-8 ({problem}); give UTF-8 text (check the terminal's encoding)")
+
+
 def _stream(gen: TextGenerator, ids: list[int], cfg: GenerationConfig) -> tuple[str, int]:
     """Print the continuation of ``ids`` as it is generated; return its text and its number of tokens."""
     pieces: list[str] = []
@@ -128,6 +134,9 @@ def generate_main(argv: list[str]) -> None:
     p.add_argument("--no_stream", action="store_true", help="generate all prompts as one batch, print at the end")
     args = p.parse_args(argv)
     _config(args, 0, block_size=1 << 30, default_max=1)  # the decoding options, checked before the (slow) load
+    for i, text in enumerate(args.prompt, 1):
+        _check_utf8(text, f"--prompt {i}" if len(args.prompt) > 1 else "--prompt")
+    _check_utf8(args.system or "", "--system")
     _safe_stdout()
     gen, stage = _load(args)
     use_chat = args.chat if args.chat is not None else stage != "pretrain"
@@ -179,7 +188,10 @@ def chat_main(argv: list[str]) -> None:
     p.add_argument("--system", default=None, help="system message placed before the conversation")
     args = p.parse_args(argv)
     _config(args, 0, block_size=1 << 30, default_max=1)  # the decoding options, checked before the (slow) load
+    _check_utf8(args.system or "", "--system")
     _safe_stdout()
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is reported, not fatal to the whole chat
+        sys.stdin.reconfigure(errors="surrogateescape")
     gen, stage = _load(args)
     block = gen.model.config.block_size
     budget = min(DEFAULT_MAX_NEW, block // 2) if args.max_new_tokens is None else args.max_new_tokens
@@ -208,6 +220,9 @@ def chat_main(argv: list[str]) -> None:
             continue
         if text.startswith("/"):
             print(f"unknown command {text}; use /reset or /exit", file=sys.stderr)
+            continue
+        if problem := invalid_utf8(text):
+            print(f"error: the message is not valid UTF-8 ({problem}); send UTF-8 text", file=sys.stderr)
             continue
         fitted = _fit_history(gen, system, history + [{"role": "user", "content": text}], budget)
         if fitted is None:

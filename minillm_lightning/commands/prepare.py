@@ -12,10 +12,9 @@ import json
 import time
 from pathlib import Path
 
-import yaml
-
 from minillm_lightning.commands import CommandParser
 from minillm_lightning.errors import ConfigError
+from minillm_lightning.fileio import read_yaml_config
 
 
 def prepare_main(argv: list[str]) -> None:
@@ -53,9 +52,7 @@ def build_datamodule(config: Path, overrides: list[str]):
     from jsonargparse import ArgumentParser
     from lightning.pytorch import LightningDataModule
 
-    if not config.is_file():
-        raise ConfigError(f"--config {config}: no such file")
-    section = (yaml.safe_load(config.read_text()) or {}).get("data")
+    section = read_yaml_config(config).get("data")  # a missing or broken file: one ConfigError naming it
     if not section:
         raise ConfigError(f"{config} has no `data` section to prepare")
     parser = ArgumentParser(prog="minillm prepare", exit_on_error=False)

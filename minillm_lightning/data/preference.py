@@ -38,6 +38,7 @@ from minillm_lightning.data.sft import (
     SFTFields,
     detect_format,
     file_stats,
+    optional_text,
     read_chat_files,
     to_messages,
 )
@@ -107,31 +108,36 @@ def _conversation(turns: Any, system: Any, fields: PreferenceFields, what: str) 
         raise BadRecord(e.reason, f"{what}: {e}") from None
 
 
-def _as_turns(value: Any, role: str, fields: PreferenceFields) -> list:
-    """TRL allows plain strings for the prompt (a user turn) and the replies (an assistant turn)."""
+def _as_turns(rec: dict[str, Any], key: str, role: str, fields: PreferenceFields) -> list:
+    """Field ``key`` as a list of turns: TRL allows plain strings for the prompt (a user turn) and the replies (an
+    assistant turn); anything but a string, a turn or a list of turns is a :class:`BadRecord`."""
+    value = rec.get(key)
     if isinstance(value, str):
         return [{fields.role or "role": role, fields.content or "content": value}]
     if isinstance(value, dict):
         return [value]
-    return value
+    if isinstance(value, list):
+        return value
+    got = "missing" if key not in rec else "null" if value is None else type(value).__name__
+    raise BadRecord("missing field", f"{key!r} must be a string or a list of turns, got {got}")
 
 
 def to_pair(rec: dict[str, Any], fmt: str, fields: PreferenceFields) -> Pair:
     """Normalise one record of schema ``fmt`` to a :class:`Pair`; a record that is not a usable pair
     (malformed turns, prompts that differ, identical replies) raises :class:`BadRecord`."""
-    chosen, rejected, system = rec.get(fields.chosen), rec.get(fields.rejected), rec.get(fields.system)
+    chosen, rejected, system = rec.get(fields.chosen), rec.get(fields.rejected), optional_text(rec, fields.system)
     if fmt == "minimind":  # the prompt is implied: both lists share every turn but the last
         full = [_conversation(reply, system, fields, side) for side, reply in zip(SIDES, (chosen, rejected))]
     elif fmt == "trl":
-        prompt = _as_turns(rec.get(fields.prompt), "user", fields)
-        if not isinstance(prompt, list) or not prompt:
-            raise BadRecord("missing field", f"{fields.prompt!r} must be a string or a list of turns")
-        full = [
-            _conversation(prompt + _as_turns(reply, "assistant", fields), system, fields, side)
-            for side, reply in zip(SIDES, (chosen, rejected))
-        ]
+        prompt = _as_turns(rec, fields.prompt, "user", fields)
+        if not prompt:
+            raise BadRecord("missing field", f"{fields.prompt!r} must be a string or a list of turns, got []")
+        replies = [_as_turns(rec, key, "assistant", fields) for key in (fields.chosen, fields.rejected)]
+        full = [_conversation(prompt + reply, system, fields, side) for side, reply in zip(SIDES, replies)]
     elif fmt == "sharegpt":
         turns = rec.get(fields.conversations)
+        if not isinstance(turns, list):
+            raise BadRecord("missing field", f"{fields.conversations!r} must be a list of turns")
         for side, reply in zip(SIDES, (chosen, rejected)):
             if not isinstance(reply, dict):
                 raise BadRecord("missing field", f"{side} must be one turn object like {{'from': 'gpt', 'value'}}")

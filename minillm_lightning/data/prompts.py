@@ -26,6 +26,7 @@ from minillm_lightning.data.sft import (
     SFTFields,
     detect_format,
     file_stats,
+    optional_text,
     read_chat_files,
     to_messages,
 )
@@ -61,6 +62,8 @@ def detect_prompt_format(rec: dict[str, Any], fields: PromptFields) -> str | Non
     fmt = detect_format(rec, fields)
     if fmt is None and fields.instruction in rec:  # an Alpaca record without output is a prompt
         return "alpaca"
+    if fmt is None and fields.prompt in rec:  # a prompt that is not a string: to_prompt_messages names the fault
+        return "prompt"
     return fmt
 
 
@@ -75,13 +78,14 @@ def to_prompt_messages(
     if fmt == "prompt":
         value = rec.get(fields.prompt)
         if not isinstance(value, str):
-            what = "missing" if value is None else f"{type_name(value)}, not a string"
+            missing = fields.prompt not in rec
+            what = "missing" if missing else "null" if value is None else f"{type_name(value)}, not a string"
             raise BadRecord("missing field", f"field {fields.prompt!r} is {what} (keys here: {sorted(rec)[:8]})")
         if not value.strip():
             raise BadRecord("empty content", f"field {fields.prompt!r} is empty")
         messages = [{"role": "user", "content": value}]
-        system = rec.get(fields.system)
-        if isinstance(system, str) and system.strip():
+        system = optional_text(rec, fields.system)
+        if system is not None:
             messages.insert(0, {"role": "system", "content": system})
         return messages, False
     if fmt == "alpaca":

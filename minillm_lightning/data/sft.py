@@ -98,6 +98,17 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+def optional_text(rec: dict[str, Any], key: str) -> str | None:
+    """The optional string field ``key`` (system prompt, Alpaca input): its text, or None when it is absent, null or
+    blank; any other type is a :class:`BadRecord` (never silently dropped)."""
+    value = rec.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRecord("missing field", f"field {key!r} is {type_name(value)}, not a string")
+    return value if value.strip() else None
+
+
 def to_messages(rec: dict[str, Any], fmt: str, fields: SFTFields) -> list[Message]:
     """Normalise one record of schema ``fmt`` to ``[{"role", "content"}, ...]`` and validate the turn order."""
     messages: list[Message] = []
@@ -111,8 +122,8 @@ def to_messages(rec: dict[str, Any], fmt: str, fields: SFTFields) -> list[Messag
                 {"role": "assistant", "content": _text(a, f"{fields.history}[{i}] reply")},
             ]
         prompt = _text(rec.get(fields.instruction, _MISSING), f"field {fields.instruction!r}")
-        extra = rec.get(fields.input)
-        if isinstance(extra, str) and extra.strip():
+        extra = optional_text(rec, fields.input)
+        if extra is not None:
             prompt = f"{prompt}\n{extra}"
         messages += [
             {"role": "user", "content": prompt},
@@ -136,8 +147,8 @@ def to_messages(rec: dict[str, Any], fmt: str, fields: SFTFields) -> list[Messag
                 )
             content = _text(turn.get(content_key, _MISSING), f"turn {i} {content_key!r}")
             messages.append({"role": role, "content": content})
-    system = rec.get(fields.system)
-    if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
+    system = optional_text(rec, fields.system)
+    if system is not None and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
     check_turns(messages)
     return messages

@@ -87,7 +87,9 @@ def split_jsonl(
                     if not line or (keep < 1.0 and _bucket(line, b"keep") >= keep):
                         continue
                     try:
-                        json.loads(line)
+                        rec = json.loads(line)
+                        if not isinstance(rec, dict):
+                            raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
                     except ValueError as e:
                         raise DataError(f"{path}:{lineno}: malformed JSON line ({e}); fix or remove it") from None
                     u = _bucket(line, b"split")

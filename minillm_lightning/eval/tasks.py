@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from minillm_lightning.errors import DataError, MiniLLMError
+from minillm_lightning.errors import DataError, MiniLLMError, type_name
 
 TaskKind = Literal["perplexity", "choice", "lambada"]
 
@@ -50,23 +50,71 @@ class LambadaDoc:
 # ---------------------------------------------------------------- loaders of the local files
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+class _BadRecord(Exception):
+    """A record of a task file that is not in the expected format: where (file:line), what is wrong and, as ``tag``,
+    the kind of error (e.g. "KeyError: 'text'"); :func:`load_task` makes it a one-line DataError."""
+
+    def __init__(self, where: str, problem: str, tag: str) -> None:
+        super().__init__(f"{where} is not in the expected format ({tag}): {problem}")
+
+
+_KINDS = {str: "a string", list: "a list", int: "an integer"}
+
+
+def _field(where: str, row: Any, key: str, kind: type | tuple[type, ...] = str) -> Any:
+    """``row[key]`` when ``row`` is an object whose field ``key`` is a ``kind``; else a :class:`_BadRecord`."""
+    if not isinstance(row, dict):
+        raise _BadRecord(where, f"the record is {type_name(row)}, not a JSON object", "TypeError")
+    if key not in row:
+        raise _BadRecord(where, f"field {key!r} is missing", f"KeyError: {key!r}")
+    value = row[key]
+    if not isinstance(value, kind):
+        expected = " or ".join(_KINDS[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
+        what = "null" if value is None else type_name(value)
+        raise _BadRecord(where, f"field {key!r} is {what}, not {expected}", "TypeError")
+    return value
+
+
+def _strings(where: str, row: Any, key: str) -> list[str]:
+    """Field ``key`` of ``row``: a list of strings."""
+    value = _field(where, row, key, list)
+    if not all(isinstance(v, str) for v in value):
+        raise _BadRecord(where, f"field {key!r} is not a list of strings", "TypeError")
+    return value
+
+
+def _number(where: str, row: Any, key: str, prefix: str = "") -> int:
+    """Field ``key`` of ``row`` as an integer: a JSON number or a string of digits after ``prefix``."""
+    value = _field(where, row, key, (int, str))
+    try:
+        return int(value.removeprefix(prefix) if isinstance(value, str) else value)
+    except ValueError:
+        expected = f"{prefix}<number>" if prefix else "a number"
+        raise _BadRecord(where, f"field {key!r} is {value!r}, not {expected}", "ValueError") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
+    """(``file:line``, record) of the lines of a JSONL file (a UTF-8 byte-order mark is dropped)."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for n, line in enumerate(fh, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((f"{path}:{n}", json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
     return rows
 
 
-def _read_json(path: Path) -> list[dict[str, Any]]:
+def _read_json(path: Path) -> list[tuple[str, Any]]:
+    """(``file record N``, record) of the array a JSON file holds (a UTF-8 byte-order mark is dropped)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records, got {type_name(data)}")
+    return [(f"{path} record {i}", row) for i, row in enumerate(data, 1)]
 
 
 def wikitext_detokenize(text: str) -> str:
@@ -127,8 +175,11 @@ def load_text_file(path: Path) -> list[TextDoc]:
 def load_lambada(data_dir: Path) -> list[LambadaDoc]:
     """LAMBADA (OpenAI): the passage without its last word, and ``" " + last word``."""
     docs = []
-    for row in _read_jsonl(data_dir / "lambada" / "lambada_test.jsonl"):
-        context, last = row["text"].rsplit(" ", 1)
+    for where, row in _read_jsonl(data_dir / "lambada" / "lambada_test.jsonl"):
+        text = _field(where, row, "text")
+        if " " not in text:
+            raise _BadRecord(where, "field 'text' has no space before a last word", "ValueError")
+        context, last = text.rsplit(" ", 1)
         docs.append(LambadaDoc(context, " " + last))
     return docs
 
@@ -162,11 +213,15 @@ def load_hellaswag(data_dir: Path) -> list[ChoiceDoc]:
     d = data_dir / "hellaswag"
     path = d / "hellaswag_val_1000.jsonl" if (d / "hellaswag_val_1000.jsonl").is_file() else d / "hellaswag_val.jsonl"
     docs = []
-    for row in _read_jsonl(path):
-        ctx_a, ctx_b = (row["ctx_a"], row["ctx_b"]) if "ctx_a" in row else _split_hellaswag_ctx(row["ctx"])
+    for w, row in _read_jsonl(path):
+        if isinstance(row, dict) and "ctx_a" in row:
+            ctx_a, ctx_b = _field(w, row, "ctx_a"), _field(w, row, "ctx_b")
+        else:
+            ctx_a, ctx_b = _split_hellaswag_ctx(_field(w, row, "ctx"))
         ctx = ctx_a + " " + ctx_b.capitalize()
-        query = _hellaswag_preprocess(row["activity_label"] + ": " + ctx)
-        docs.append(_choice(query, [_hellaswag_preprocess(e) for e in row["endings"]], int(row["label"])))
+        query = _hellaswag_preprocess(_field(w, row, "activity_label") + ": " + ctx)
+        endings = [_hellaswag_preprocess(e) for e in _strings(w, row, "endings")]
+        docs.append(_choice(query, endings, _number(w, row, "label")))
     return docs
 
 
@@ -177,7 +232,10 @@ def load_piqa(data_dir: Path) -> list[ChoiceDoc]:
     labels = [int(x) for x in (d / "valid-labels.lst").read_text().split()]
     if len(labels) != len(rows):
         raise DataError(f"{d}: {len(rows)} questions but {len(labels)} labels in valid-labels.lst")
-    return [_choice(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], y) for r, y in zip(rows, labels)]
+    return [
+        _choice(f"Question: {_field(w, r, 'goal')}\nAnswer:", [_field(w, r, "sol1"), _field(w, r, "sol2")], y)
+        for (w, r), y in zip(rows, labels)
+    ]
 
 
 _ARC_Q = re.compile(r"question: (.*?)\n\n(Answer1: .*?)\n\nAnswer format", re.S)
@@ -186,12 +244,12 @@ _ARC_Q = re.compile(r"question: (.*?)\n\n(Answer1: .*?)\n\nAnswer format", re.S)
 def _load_arc(path: Path) -> list[ChoiceDoc]:
     """ARC from instruction-formatted records: question and ``AnswerN: text`` options parsed out."""
     docs = []
-    for i, row in enumerate(_read_json(path)):
-        m = _ARC_Q.search(row["instruction"])
+    for where, row in _read_json(path):
+        m = _ARC_Q.search(_field(where, row, "instruction"))
         if not m:
-            raise DataError(f"{path}: record {i}: no question/options in the instruction")
+            raise _BadRecord(where, "field 'instruction' holds no question and options", "ValueError")
         options = [o.strip() for o in re.split(r"Answer\d+: ", m[2]) if o.strip()]
-        gold = int(row["answer"].removeprefix("answer")) - 1
+        gold = _number(where, row, "answer", "answer") - 1
         docs.append(_choice(f"Question: {m[1].strip()}\nAnswer:", options, gold))
     return docs
 
@@ -211,14 +269,15 @@ def load_winogrande(data_dir: Path) -> list[ChoiceDoc]:
     """WinoGrande dev, partial scoring: the text after the blank given each option-filled prefix."""
     path = data_dir / "winogrande" / "winogrande_dev.json"
     docs = []
-    for i, row in enumerate(_read_json(path)):
-        m = _WINO.search(row["instruction"])
+    for where, row in _read_json(path):
+        m = _WINO.search(_field(where, row, "instruction"))
         if not m or "_" not in m[1]:
-            raise DataError(f"{path}: record {i}: no sentence with a blank and two options in the instruction")
+            problem = "field 'instruction' holds no sentence with a blank and two options"
+            raise _BadRecord(where, problem, "ValueError")
         sentence, options = m[1].strip(), [m[2].strip(), m[3].strip()]
         cut = sentence.index("_")
         target = " " + sentence[cut + 1 :].strip()
-        gold = int(row["answer"].removeprefix("option")) - 1
+        gold = _number(where, row, "answer", "option") - 1
         docs.append(ChoiceDoc([sentence[:cut] + o for o in options], [target, target], gold, [1, 1]))
     return docs
 
@@ -229,10 +288,11 @@ def load_boolq(data_dir: Path) -> list[ChoiceDoc]:
     Only the 32 FewGLUE training items carry their passages; the 3,270 local validation items lack them, so
     this scores those 32 (a smoke test, not a benchmark number).
     """
-    rows = _read_jsonl(data_dir / "boolq" / "boolq_train32.jsonl")
-    return [
-        _choice(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], int(r["label"])) for r in rows
-    ]
+    docs = []
+    for w, r in _read_jsonl(data_dir / "boolq" / "boolq_train32.jsonl"):
+        context = f"{_field(w, r, 'passage')}\nQuestion: {_field(w, r, 'question')}?\nAnswer:"
+        docs.append(_choice(context, ["no", "yes"], _number(w, r, "label")))
+    return docs
 
 
 @dataclass(frozen=True)
@@ -300,6 +360,8 @@ def ensure_files(task: str, data_dir: Path, download: bool = True) -> None:
             continue
         if path.is_file():
             continue
+        if path.is_dir():
+            raise DataError(f"task {task}: {path} is a directory, not the task's file; remove or rename it")
         url = DOWNLOADS[rel]
         if not download:
             raise DataError(f"task {task}: {path} is missing (--no-download); fetch it from {url}")
@@ -320,6 +382,8 @@ def load_task(task: str, data_dir: Path) -> list[Any]:
     files = ", ".join(str(data_dir / f) for f in TASKS[task].files)
     try:
         docs = TASKS[task].load(data_dir)
+    except _BadRecord as e:
+        raise DataError(f"task {task}: {e}; delete the file so that minillm eval downloads it again") from None
     except MiniLLMError:
         raise
     except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:  # UnicodeDecodeError is a ValueError
