@@ -26,7 +26,7 @@ from minillm_lightning.callbacks.test_report import TestReport
 from minillm_lightning.checkpoint import META_KEY, load_checkpoint, newest_intact_checkpoint
 from minillm_lightning.checkpoint_io import AtomicCheckpointIO
 from minillm_lightning.cli import wants_help
-from minillm_lightning.errors import CheckpointError
+from minillm_lightning.errors import CheckpointError, ConfigError
 from minillm_lightning.stages.base import StageModule
 
 
@@ -197,6 +197,15 @@ class MiniLLMCLI(LightningCLI):
         """
         super().parse_arguments(parser, args)
         self._check_ckpt_path()
+        # LightningCLI then merges a checkpoint FILE's hyperparameters over the parsed config, silently undoing the
+        # --model flags given with it, while `last`/`best` (files only later) kept them. Held back until the run
+        # starts, an explicit file behaves as `last` does: the config and command line rule, and a checkpoint whose
+        # weights do not fit the model they describe is refused (StageModule._check_backbone_fits).
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        self._ckpt_file = ckpt_path if ckpt_path not in (None, "last", "best") else None
+        if self._ckpt_file:
+            self.config[sub]["ckpt_path"] = None
 
     def _check_ckpt_path(self) -> None:
         """Refuse a missing or corrupted ``--ckpt_path``, or a checkpoint of another stage, up front.
@@ -244,13 +253,32 @@ class MiniLLMCLI(LightningCLI):
         self._resolve_named_checkpoint()
 
     def before_predict(self) -> None:
+        """Prediction writes a completion per prompt: it needs prompts (a PromptDataModule, as configs/predict.yaml
+        sets) and a writer. A stage's training config failed after loading the weights with Lightning's
+        "predict_dataloader must be implemented", or, with PPO's prompts, generated and dropped every completion."""
+        from minillm_lightning.callbacks import CompletionWriter
+        from minillm_lightning.data.prompts import PromptDataModule
+
+        if not isinstance(self.datamodule, PromptDataModule):
+            raise ConfigError(
+                f"minillm predict writes a completion per prompt: it needs data from a PromptDataModule, not "
+                f"{type(self.datamodule).__name__}; start from configs/predict.yaml (--model.init_args.init_from CKPT "
+                f"--data.init_args.tokenizer CKPT --data.init_args.sources [prompts.jsonl])"
+            )
+        if not any(isinstance(cb, CompletionWriter) for cb in self.trainer.callbacks):
+            raise ConfigError(
+                "minillm predict without a CompletionWriter callback would generate and discard every completion; "
+                "add minillm_lightning.callbacks.CompletionWriter to trainer.callbacks (see configs/predict.yaml)"
+            )
         self._resolve_named_checkpoint()
 
     def _resolve_named_checkpoint(self) -> None:
         """``--ckpt_path last`` or ``best`` as a file: Lightning knows the best checkpoint only within the process
         that wrote it (``best`` in a new process was refused as "not configured to save the best model")."""
-        self._resolve_last()
         cfg = self.config_init[self.subcommand]
+        if getattr(self, "_ckpt_file", None):
+            cfg["ckpt_path"] = self._ckpt_file
+        self._resolve_last()
         if cfg.get("ckpt_path") != "best":
             return
         found = [

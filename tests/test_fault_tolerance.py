@@ -378,3 +378,21 @@ def test_resume_with_another_model_shape_names_the_settings(tmp_path: Path, pret
     assert "--model.init_from" in str(err.value)
     same = PretrainModule(arch=MiniGPTConfig(**{**MICRO_ARCH, "dropout": 0.1}), vocab_size=dm.vocab_size)
     micro_trainer(tmp_path, max_steps=2).fit(same, datamodule=dm, ckpt_path=str(path))  # fits: resumes
+
+
+def test_flags_given_with_a_checkpoint_file_win_as_with_last(workdir: Path) -> None:  # noqa: F811
+    """LightningCLI merged an explicit checkpoint file's hyperparameters over the command line: `--ckpt_path FILE
+    --model.init_args.learning_rate 0.5` trained with the checkpoint's rate, while `--ckpt_path last` used 0.5."""
+    args = ["fit", "--config", CONFIG, *FAST, "--trainer.val_check_interval=2"]
+    first = minillm([*args, "--trainer.max_steps=2"], workdir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    last = workdir / "checkpoints" / "pretrain_tiny" / "last.ckpt"
+    kept = workdir / "step2.ckpt"
+    kept.write_bytes(last.read_bytes())
+    assert load_checkpoint(kept)["hyper_parameters"]["learning_rate"] != 0.5
+    resumed = minillm(
+        [*args, "--trainer.max_steps=4", "--ckpt_path", str(kept), "--model.init_args.learning_rate=0.5"], workdir
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ckpt = load_checkpoint(last)
+    assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["learning_rate"] == 0.5

@@ -426,7 +426,13 @@ def test_bf16_mixed_clips_gradients_with_lightning(tmp_path, tiny_pretrain_ckpt)
 
 def test_manual_optimization_guards_and_argument_checks(tmp_path, tiny_pretrain_ckpt):
     dm = prompt_dm(tiny_pretrain_ckpt, [SAMPLE / "prompts.jsonl"], batch_size=8)
-    for trainer_kw, match in [({"gradient_clip_val": 1.0}, "max_grad_norm"), ({"accumulate_grad_batches": 2}, "")]:
+    refused = [
+        ({"gradient_clip_val": 1.0}, "max_grad_norm"),
+        ({"gradient_clip_val": 0}, "max_grad_norm"),  # 0 passed this check, then Lightning failed after validation
+        ({"gradient_clip_algorithm": "value"}, "max_grad_norm"),
+        ({"accumulate_grad_batches": 2}, ""),
+    ]
+    for trainer_kw, match in refused:
         with pytest.raises(MiniLLMError, match=f"not supported.*{match}"):
             micro_trainer(tmp_path, max_steps=4, **trainer_kw).fit(make_module(tiny_pretrain_ckpt, dm), datamodule=dm)
     with pytest.raises(MiniLLMError, match="exactly one"):

@@ -68,3 +68,19 @@ def test_predict_writes_one_completion_per_prompt(workdir: Path, tiny_pretrain_c
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(5))
     assert rows[2]["prompt"] == "What is 2 plus 1?" and isinstance(rows[2]["completion"], str)
+    assert (workdir / "checkpoints" / "predict" / "config.yaml").is_file()  # not into the working directory
+    assert not (workdir / "config.yaml").exists()
+
+
+def test_predict_with_a_training_config_is_refused_up_front(workdir: Path, tiny_pretrain_ckpt: Path) -> None:  # noqa: F811
+    """A stage's training config failed after loading the weights ("predict_dataloader must be implemented")."""
+    ckpt = str(tiny_pretrain_ckpt)
+    args = [
+        "--config",
+        "configs/sft_tiny.yaml",
+        f"--model.init_args.init_from={ckpt}",
+        f"--data.init_args.tokenizer={ckpt}",
+    ]
+    r = minillm(["predict", *args], workdir)
+    assert r.returncode == 2 and "it needs data from a PromptDataModule, not SFTDataModule" in r.stderr
+    assert "Traceback" not in r.stderr

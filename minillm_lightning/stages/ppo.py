@@ -225,10 +225,12 @@ class PPOModule(RolloutMixin, StageModule):
     def configure_callbacks(self) -> list:
         # the earliest hook that sees the trainer: refuse what manual optimization cannot do, with the fix
         t = self.trainer
-        if t.gradient_clip_val:
+        # any value, 0 included, and any algorithm: Lightning refuses clip_gradients() next to a Trainer setting
+        if t.gradient_clip_val is not None or t.gradient_clip_algorithm is not None:
             raise MiniLLMError(
-                f"trainer.gradient_clip_val={t.gradient_clip_val} is not supported: PPO optimises manually and "
-                f"clips inside each optimizer step; remove it and set model.init_args.max_grad_norm instead"
+                f"trainer.gradient_clip_val={t.gradient_clip_val}, gradient_clip_algorithm="
+                f"{t.gradient_clip_algorithm}: not supported: PPO optimises manually and clips inside each optimizer "
+                f"step (by norm); remove them and set model.init_args.max_grad_norm instead"
             )
         if t.accumulate_grad_batches != 1:
             raise MiniLLMError(
