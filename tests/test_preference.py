@@ -333,6 +333,20 @@ def test_dpo_exact_resume_mid_epoch(tmp_path, tiny_pretrain_ckpt):
         assert torch.equal(v, w), k
 
 
+def test_resume_against_a_replaced_reference_is_refused(tmp_path, tiny_pretrain_ckpt):
+    """The reference is rebuilt from init_from on resume: a file replaced since (another model copied over the SFT
+    checkpoint) trained on against a different reference without a word."""
+    sft = tmp_path / "sft.ckpt"
+    sft.write_bytes(tiny_pretrain_ckpt.read_bytes())
+    run_dpo(tmp_path / "a", sft, steps=3)
+    assert "reference (model.init_from)" in load_checkpoint(tmp_path / "a" / "step=3.ckpt")["minillm"]["frozen"]
+    other = load_checkpoint(sft)
+    other["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in other["state_dict"].items()}
+    torch.save(other, sft)
+    with pytest.raises(CheckpointError, match=r"frozen reference \(model.init_from\) of this run was rebuilt from a "):
+        run_dpo(tmp_path / "b", sft, steps=4, ckpt_path=str(tmp_path / "a" / "step=3.ckpt"))
+
+
 def test_precomputed_reference_logps_match_and_resume(tmp_path, tiny_pretrain_ckpt):
     _, live = run_dpo(tmp_path / "live", tiny_pretrain_ckpt, steps=3)
     model, cached = run_dpo(tmp_path / "a", tiny_pretrain_ckpt, steps=3, precompute_ref_logps=True)

@@ -8,6 +8,7 @@ and ``--print_config`` list every argument, flat: ``model.init_args.learning_rat
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import random
@@ -45,6 +46,16 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     remaining = 1 - progress if decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     return min_ratio + (1 - min_ratio) * remaining
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short SHA-256 of ``module``'s state (names, shapes, dtypes and bytes): which weights a frozen model holds."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def why_not_compile(device: torch.device, strategy: Strategy) -> str | None:
@@ -219,6 +230,9 @@ class StageModule(L.LightningModule):
     starts_from: ClassVar[str] = "a checkpoint"
     """What ``init_from`` normally is, in words, for the messages."""
     requires_init_from: ClassVar[bool] = False
+    # digests of the frozen models a stage rebuilds from files on resume (DPO's reference, PPO's reference and reward
+    # model), by what they are: saved with each checkpoint, compared when one is loaded
+    frozen_digests: dict[str, str] = {}
     """Refuse to start without ``init_from`` (instead of warning that the stage starts from random weights)."""
 
     def __init__(
@@ -357,6 +371,8 @@ class StageModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[META_KEY] = {"stage": self.stage_name, "arch": self.arch.to_dict(), "format": 1}
+        if self.frozen_digests:
+            checkpoint[META_KEY]["frozen"] = dict(self.frozen_digests)
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.state()
         checkpoint["rng_states"] = rng_states()
@@ -369,6 +385,13 @@ class StageModule(L.LightningModule):
                 f"{self.stage_name} from it use --model.init_from, --ckpt_path only resumes the same stage"
             )
         self._check_backbone_fits(checkpoint, meta.get("arch"))
+        for what, digest in (meta.get("frozen") or {}).items():
+            if what in self.frozen_digests and self.frozen_digests[what] != digest:
+                raise CheckpointError(
+                    f"the frozen {what} of this run was rebuilt from a file whose weights differ from those the run "
+                    f"started with (replaced or retrained since): resuming would optimise against another model. "
+                    f"Restore that file, or start a new run"
+                )
         if "tokenizer" in checkpoint and self.tokenizer is None:
             self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
         if "rng_states" in checkpoint:

@@ -26,6 +26,7 @@ from minillm_lightning.checkpoint import load_backbone
 from minillm_lightning.errors import CheckpointError, MiniLLMError
 from minillm_lightning.losses import IGNORE_INDEX, DPOLossType, dpo_loss, lm_loss, sequence_logprobs
 from minillm_lightning.model import MiniGPT
+from minillm_lightning.stages.base import weights_digest
 from minillm_lightning.stages.pairwise import RIGHT_PADDED, PairwiseModule, Split, padded_forward, pair_tensors
 
 __all__ = ["DPOModule", "METRICS", "pair_tensors"]
@@ -101,6 +102,7 @@ class DPOModule(PairwiseModule):
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup=warmup, **kwargs)
         # the frozen reference: the init_from weights, never trained, never checkpointed (see the module docstring)
         self.ref_model: MiniGPT | None = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.frozen_digests = {"reference (model.init_from)": weights_digest(self.ref_model)}
         self._ref_cache: dict[str, Tensor] = {}  # split -> (N, 2) reference log-probs (chosen, rejected)
         self._init_metrics(METRICS + (("nll_loss",) if rpo_alpha else ()))
 

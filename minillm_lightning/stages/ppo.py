@@ -54,7 +54,7 @@ from minillm_lightning.losses import (
 )
 from minillm_lightning.optim import grad_norms
 from minillm_lightning.rewards import RewardFunction, load_reward_function
-from minillm_lightning.stages.base import StageModule
+from minillm_lightning.stages.base import StageModule, weights_digest
 from minillm_lightning.stages.pairwise import SFT_COMMAND
 from minillm_lightning.stages.rollout import (
     RolloutMixin,
@@ -211,6 +211,9 @@ class PPOModule(RolloutMixin, StageModule):
         else:
             self.reward_function = load_reward_function(reward_fn)
         self.eval_reward_function = load_reward_function(eval_reward_fn) if eval_reward_fn is not None else None
+        self.frozen_digests = {"reference policy (model.init_from)": weights_digest(self.ref_policy)}
+        if self.reward_net is not None:
+            self.frozen_digests["reward model (model.reward_model)"] = weights_digest(self.reward_net)
         self.kl_estimator: KLEstimator = kl_estimator or ("k1" if advantage == "ppo" else "k3")
         self.kl_ctl = AdaptiveKLController(kl_coef, kl_target, kl_horizon)
         self.seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
