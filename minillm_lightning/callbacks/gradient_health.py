@@ -4,7 +4,8 @@ Cost per optimizer step: one fused gradient-norm pass (``optim.grad_norms``, on 
 copy to the host, the global norm, which is both the NaN/Inf check and what the clipping share and max norm
 are computed from; plus one host copy of the loss per training batch for the spike detector. That is one
 device sync per step, worth it: a NaN that reaches the weights ruins the run. Per-layer norms, update ratios
-and the snapshot of the weights they need are only computed at logging steps.
+and the snapshot of the weights they need are only computed at logging steps. Under manual optimization (PPO:
+several optimizer updates per training step) the values of a logged step are those of its last update.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from minillm_lightning.callbacks.common import StatefulCallback, log_sparse, will_log
+from minillm_lightning.errors import ConfigError
+from minillm_lightning.lightning_private import logged_step
 from minillm_lightning.optim import grad_norms
 
 NonFiniteAction = Literal["skip", "stop", "warn"]
@@ -50,6 +53,9 @@ class GradientHealthMonitor(StatefulCallback):
       of the logged step (a copy of the weights is taken at log steps only). Measured rather than approximated
       by ``lr * ||g|| / ||w||``, which is wrong for Adam: its update size does not scale with the gradient norm.
 
+    Under manual optimization with several optimizer updates per training step (PPO) every value is written once
+    per logged step, that of the step's last update, and ``layer_every_n_logs`` counts logged steps.
+
     Non-finite gradients (a NaN/Inf loss makes them non-finite too) trigger ``on_nonfinite``:
 
     - ``skip``: the gradients are set to ``None``, so AdamW leaves every parameter untouched for that step (zeroed
@@ -76,9 +82,10 @@ class GradientHealthMonitor(StatefulCallback):
         spike_min_history: losses needed before spikes are detected.
         layer_every_n_logs: log per-group norms and update ratios at every n-th log step (0: never).
         update_ratio: measure update-to-weight ratios at log steps (costs a copy of the weights at those steps).
-        clip_val: clipping threshold used for the clipped share (default: ``trainer.gradient_clip_val``; set it for
-            manual optimization, where the module clips by itself).
-        warn_every_n_steps: minimum steps between two warnings of the same kind (the counts keep counting).
+        clip_val: clipping threshold (> 0) used for the clipped share (default: ``trainer.gradient_clip_val``; set it
+            for manual optimization, where the module clips by itself).
+        warn_every_n_steps: minimum steps between two warnings of the same kind (the counts keep counting; 0: no
+            limit).
     """
 
     def __init__(
@@ -94,9 +101,21 @@ class GradientHealthMonitor(StatefulCallback):
         warn_every_n_steps: int = 50,
     ) -> None:
         if on_nonfinite not in ("skip", "stop", "warn"):
-            raise ValueError(f"GradientHealthMonitor.on_nonfinite must be skip, stop or warn, got {on_nonfinite!r}")
+            raise ConfigError(f"GradientHealthMonitor.on_nonfinite must be skip, stop or warn, got {on_nonfinite!r}")
         if spike_factor <= 1 or spike_window < 1 or not 1 <= spike_min_history <= spike_window:
-            raise ValueError("GradientHealthMonitor: need spike_factor > 1 and 1 <= spike_min_history <= spike_window")
+            raise ConfigError("GradientHealthMonitor: need spike_factor > 1 and 1 <= spike_min_history <= spike_window")
+        counts = {
+            "max_consecutive_skips": (max_consecutive_skips, " (0: never stop)"),
+            "layer_every_n_logs": (layer_every_n_logs, " (0: never)"),
+            "warn_every_n_steps": (warn_every_n_steps, " (0: no limit)"),
+        }
+        for name, (value, meaning) in counts.items():
+            if value < 0:
+                raise ConfigError(f"GradientHealthMonitor.{name} must be >= 0{meaning}, got {value}")
+        if clip_val is not None and not clip_val > 0:
+            raise ConfigError(
+                f"GradientHealthMonitor.clip_val must be > 0 or null (null: trainer.gradient_clip_val), got {clip_val}"
+            )
         self.on_nonfinite, self.max_consecutive_skips = on_nonfinite, max_consecutive_skips
         self.spike_factor, self.spike_min_history = spike_factor, spike_min_history
         self.layer_every_n_logs, self.update_ratio, self.clip_val = layer_every_n_logs, update_ratio, clip_val
@@ -105,7 +124,9 @@ class GradientHealthMonitor(StatefulCallback):
         self._warned: dict[str, int] = {}
         self._snapshot: list[tuple[str, torch.Tensor, torch.Tensor]] | None = None
         self._snapshot_per_group = False
+        self._group_norms_pending: dict[str, float] | None = None  # written once per batch, in on_train_batch_end
         self._log_count = 0
+        self._log_batch = -1  # logged step last counted in _log_count (manual optimization: several updates each)
         self._event_step: int | None = None  # step whose gradients were non-finite (not to count its loss again)
         self._stop_pending = False
         # state kept in checkpoints
@@ -156,7 +177,9 @@ class GradientHealthMonitor(StatefulCallback):
             self.clipped_steps += int(engaged)
         if not will_log(trainer):
             return
-        self._log_count += 1
+        if (batch := logged_step(trainer)) != self._log_batch:  # this logged step's first update
+            self._log_batch = batch
+            self._log_count += 1
         per_group = bool(self.layer_every_n_logs) and self._log_count % self.layer_every_n_logs == 0
         metrics = {
             "grad_health/grad_norm": total,
@@ -165,10 +188,9 @@ class GradientHealthMonitor(StatefulCallback):
             "grad_health/nonfinite_steps": float(self.nonfinite_steps),
             "grad_health/loss_spikes": float(self.loss_spikes),
         }
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-        if per_group:
-            norms = self._group_norms(params, per_param)
-            log_sparse(trainer, {f"grad_health/grad_norm/{k}": v for k, v in norms.items()})
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)  # a later update of the same batch overwrites
+        if per_group:  # likewise: the last update's norms are written, at the end of the batch
+            self._group_norms_pending = self._group_norms(params, per_param)
         if self.update_ratio:
             # the weights before this step; compared with the weights after it in on_train_batch_end
             self._snapshot = [(self._group(p), p, p.detach().clone()) for p in params]
@@ -236,6 +258,9 @@ class GradientHealthMonitor(StatefulCallback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._group_norms_pending is not None:
+            log_sparse(trainer, {f"grad_health/grad_norm/{k}": v for k, v in self._group_norms_pending.items()})
+            self._group_norms_pending = None
         if self._snapshot is not None:
             self._log_update_ratio(trainer, pl_module)
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs

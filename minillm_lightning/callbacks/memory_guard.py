@@ -56,7 +56,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from minillm_lightning.callbacks.common import GIB, MIB, will_log
-from minillm_lightning.errors import ResourceError
+from minillm_lightning.errors import ConfigError, ResourceError
 from minillm_lightning.model import MiniGPTConfig
 
 THRESHOLD_ENV = ("MINILLM_MEMORY_THRESHOLD", "MINIGPT_MEMORY_THRESHOLD")  # ours first, then the seed project's
@@ -245,9 +245,9 @@ class MemoryGuard(Callback):
             ``MINIGPT_MEMORY_THRESHOLD``), else 0.9.
         cooldown_steps: minimum steps between two free-and-warn actions.
         preflight: estimate the memory of the configured run in ``on_fit_start`` and refuse one that cannot fit.
-        leak_warmup_steps: steps ignored before leak sampling starts (allocator and optimizer state warm-up).
+        leak_warmup_steps: steps (>= 0) ignored before leak sampling starts (allocator and optimizer state warm-up).
         leak_window: steps in the window whose least-squares slope is tested; checked every ``leak_window`` steps.
-        leak_threshold_mb: slope (MiB per step) of RSS or CUDA allocated memory reported as a leak (once).
+        leak_threshold_mb: slope (MiB per step, > 0) of RSS or CUDA allocated memory reported as a leak (once).
     """
 
     def __init__(
@@ -261,9 +261,13 @@ class MemoryGuard(Callback):
     ) -> None:
         threshold = _default_threshold() if threshold is None else threshold
         if not 0 < threshold <= 1:
-            raise ValueError(f"MemoryGuard.threshold must be in (0, 1], got {threshold}")
+            raise ConfigError(f"MemoryGuard.threshold must be in (0, 1], got {threshold}")
         if leak_window < 2 or cooldown_steps < 1:
-            raise ValueError("MemoryGuard: leak_window must be >= 2 and cooldown_steps >= 1")
+            raise ConfigError("MemoryGuard: leak_window must be >= 2 and cooldown_steps >= 1")
+        if leak_warmup_steps < 0:
+            raise ConfigError(f"MemoryGuard.leak_warmup_steps must be >= 0, got {leak_warmup_steps}")
+        if not leak_threshold_mb > 0:
+            raise ConfigError(f"MemoryGuard.leak_threshold_mb must be > 0 (MiB per step), got {leak_threshold_mb}")
         self.threshold, self.cooldown_steps, self.preflight = threshold, cooldown_steps, preflight
         self.leak_warmup_steps, self.leak_window = leak_warmup_steps, leak_window
         self.leak_threshold_mb = leak_threshold_mb

@@ -16,8 +16,8 @@ passed prompts / prompts. Check types (``ignore_case`` applies to the four text 
 - ``exact``: the output, stripped, equals ``value``, stripped;
 - ``max_length``: at most ``value`` generated tokens (``"unit": "tokens"``, the default; the stop token is not
   counted) or characters (``"unit": "chars"``);
-- ``no_repetition``: no n-gram of ``n`` generated tokens (default 3) occurs more than ``max_repeats`` times
-  (default 2). Tokens, not words, so it works for Chinese as well.
+- ``no_repetition``: no n-gram of ``n`` generated tokens (default 3, at least 1) occurs more than
+  ``max_repeats`` times (default 2, at least 1). Tokens, not words, so it works for Chinese as well.
 """
 
 from __future__ import annotations
@@ -121,6 +121,10 @@ class RegressionPrompt:
         return self.prompt if self.prompt is not None else self.as_messages()[-1]["content"]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def parse_check(raw: Any, where: str) -> Check:
     """Validate one check object; errors name ``where`` (``file:line``)."""
     if not isinstance(raw, dict) or raw.get("type") not in CHECK_KEYS:
@@ -135,18 +139,26 @@ def parse_check(raw: Any, where: str) -> Check:
     if kind in ("contains", "not_contains", "regex", "exact"):
         if not isinstance(check.value, str) or (kind != "exact" and not check.value):
             raise DataError(f"{where}: {kind} check needs a non-empty string 'value'")
+        if not isinstance(check.ignore_case, bool):
+            raise DataError(f"{where}: {kind} check 'ignore_case' must be true or false, got {check.ignore_case!r}")
         if kind == "regex":
             try:
                 re.compile(check.value)
             except re.error as e:
                 raise DataError(f"{where}: invalid regex {check.value!r}: {e}") from None
     elif kind == "max_length":
-        if not isinstance(check.value, int) or isinstance(check.value, bool) or check.value < 0:
+        if not _is_int(check.value) or check.value < 0:
             raise DataError(f"{where}: max_length check needs an integer 'value' >= 0")
         if check.unit not in ("tokens", "chars"):
             raise DataError(f"{where}: max_length 'unit' must be tokens or chars, got {check.unit!r}")
-    elif not (isinstance(check.n, int) and check.n >= 1 and isinstance(check.max_repeats, int)):
-        raise DataError(f"{where}: no_repetition needs integers n >= 1 and max_repeats")
+    else:
+        if not _is_int(check.n) or check.n < 1:
+            raise DataError(f"{where}: no_repetition check needs an integer 'n' >= 1, got {check.n!r}")
+        if not _is_int(check.max_repeats) or check.max_repeats < 1:
+            raise DataError(
+                f"{where}: no_repetition check needs an integer 'max_repeats' >= 1 (1: no n-gram repeated), "
+                f"got {check.max_repeats!r}"
+            )
     return check
 
 
@@ -216,7 +228,7 @@ def load_prompts(files: Sequence[str | os.PathLike]) -> list[RegressionPrompt]:
     seen: dict[str, str] = {}
     for f in files:
         path = resolve_prompt_file(f)
-        for lineno, rec in iter_records(path, ReadStats()):
+        for lineno, rec in iter_records(path, ReadStats(), fix="fix or delete the line"):
             p = parse_prompt(rec, f"{path}:{lineno}")
             if p.id in seen:
                 raise DataError(f"{p.source}: duplicate prompt id {p.id!r} (first at {seen[p.id]})")

@@ -41,10 +41,10 @@ class TrainingSummary(StatefulCallback):
     summary holds the final and best value of ``monitor`` (tracked at every validation round, kept across
     resumes), the run's average throughput (from the :class:`Throughput` callback, the one place tokens/s is
     measured; without it the summary says so), the latest and best regression pass rate
-    (:class:`RegressionSuite`), the counters of
-    :class:`GradientHealthMonitor` and :class:`MemoryGuard` and the last :class:`SystemMonitor` reading when
-    those callbacks are used, the Python warnings shown during fit (count and the distinct messages), and every
-    scalar in ``trainer.callback_metrics``.
+    (:class:`RegressionSuite`), the counters of :class:`GradientHealthMonitor` and :class:`MemoryGuard` (threshold
+    warnings, whether a leak was reported) and the last :class:`SystemMonitor` reading when those callbacks are
+    used, the Python warnings shown during fit (count and the distinct messages), and every scalar in
+    ``trainer.callback_metrics``.
 
     Args:
         monitor: validation metric whose final and best values are reported.
@@ -148,7 +148,7 @@ class TrainingSummary(StatefulCallback):
             out["memory"] = {
                 "peak_rss_gib": mg.peak_rss / GIB,
                 "peak_cuda_gib": mg.peak_cuda / GIB,
-                "warnings": mg.warnings_issued,
+                "threshold_warnings": mg.warnings_issued,
                 "leak_reported": mg.leak_reported,
             }
         if (sm := find(SystemMonitor)) is not None:
@@ -189,7 +189,10 @@ class TrainingSummary(StatefulCallback):
                 f"{g['loss_spikes']} loss spikes, max norm {g['max_norm']:.4g}"
             )
         if m := summary.get("memory"):
-            lines.append(f"  memory: peak RSS {m['peak_rss_gib']:.2f} GiB, {m['warnings']} warnings")
+            lines.append(
+                f"  memory: peak RSS {m['peak_rss_gib']:.2f} GiB, {m['threshold_warnings']} threshold warnings"
+                + (", leak reported" if m["leak_reported"] else "")
+            )
         w = summary["warnings"]
         lines.append(f"  warnings: {w['count']}" + "".join(f"\n    - {msg}" for msg in w["distinct"][:5]))
         return "\n".join(lines)

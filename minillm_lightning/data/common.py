@@ -45,6 +45,8 @@ class ReadStats:
 
 
 UTF8_BOM = "\ufeff"
+SKIP_BAD_FIX = "fix or delete the line, or set skip_bad_records: true to skip and count such lines"
+"""The fix a malformed-line error suggests to readers of data sources, which have a ``skip_bad_records`` option."""
 
 
 def _decode(path: Path, raw: bytes, lineno: int) -> str:
@@ -63,11 +65,13 @@ def _decode(path: Path, raw: bytes, lineno: int) -> str:
     return text[1:] if lineno == 1 and text.startswith(UTF8_BOM) else text
 
 
-def iter_records(path: Path, stats: ReadStats, skip_bad: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_records(
+    path: Path, stats: ReadStats, skip_bad: bool = False, fix: str = SKIP_BAD_FIX
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, record) from a JSONL file or a JSON array file.
 
-    A malformed line raises :class:`DataError` naming ``file:line``; with ``skip_bad`` it is counted
-    in ``stats`` instead.
+    A malformed line raises :class:`DataError` naming ``file:line`` and ending with ``fix``, the remedy open to
+    the caller's user; with ``skip_bad`` it is counted in ``stats`` instead.
     """
     if path.suffix == ".json":
         text = _decode(path, path.read_bytes(), 1)
@@ -87,14 +91,15 @@ def iter_records(path: Path, stats: ReadStats, skip_bad: bool = False) -> Iterat
                 raise DataError(f"{path}: item {i} is {type(rec).__name__}, expected an object")
         return
     with open(path, "rb") as fh:
-        yield from iter_jsonl_lines(path, fh, 1, stats, skip_bad)
+        yield from iter_jsonl_lines(path, fh, 1, stats, skip_bad, fix)
 
 
 def iter_jsonl_lines(
-    path: Path, lines: Iterable[bytes], first_line: int, stats: ReadStats, skip_bad: bool
+    path: Path, lines: Iterable[bytes], first_line: int, stats: ReadStats, skip_bad: bool, fix: str = SKIP_BAD_FIX
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) of raw JSONL ``lines`` of ``path`` (the first is line ``first_line``), blank lines
-    skipped; a malformed line raises :class:`DataError` naming ``file:line``, or is counted with ``skip_bad``."""
+    skipped; a malformed line raises :class:`DataError` naming ``file:line`` and ending with ``fix``, or is
+    counted with ``skip_bad``."""
     for lineno, raw in enumerate(lines, start=first_line):
         if not raw.strip():
             continue
@@ -108,10 +113,7 @@ def iter_jsonl_lines(
                 continue
             if isinstance(e, DataError):  # not UTF-8: its message already names the line and the fix
                 raise
-            raise DataError(
-                f"{path}:{lineno}: malformed JSON line ({e}); fix or delete the line, or set "
-                f"skip_bad_records: true to skip and count such lines"
-            ) from None
+            raise DataError(f"{path}:{lineno}: malformed JSON line ({e}); {fix}") from None
         stats.records += 1
         yield lineno, rec
 
