@@ -80,6 +80,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         p.error("--warmup, --steps and --repeats must be >= 1")
+    if not args.decode_lengths or min(args.decode_lengths) < 1:
+        p.error(f"--decode-lengths must be new-token counts >= 1, e.g. 128,256; got {args.decode_lengths}")
+    if args.beam_length < 1:
+        p.error(f"--beam-length must be >= 1 (new tokens of the beam search run), got {args.beam_length}")
     bad = set((args.sections or ",".join(SECTIONS)).split(",")) - set(SECTIONS)
     if bad:
         p.error(f"--sections: unknown {sorted(bad)}; choose from {','.join(SECTIONS)}")

@@ -258,14 +258,19 @@ def _check_sample(path: Path, corpus: Corpus) -> None:
 
 
 def download_main(argv: list[str]) -> None:
-    listing = "\n".join(f"  {k:18s} {v.about}" for k, v in CORPORA.items())
+    listing = "\n".join(f"  {k:18s} {v.about}\n  {'':18s} -> {v.output}" for k, v in CORPORA.items())
     parser = CommandParser(
         prog="minillm download",
         description=f"Fetch a public corpus into data/ in a format minillm reads.\n\ncorpora:\n{listing}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=sorted(CORPORA), help="which corpus")
-    parser.add_argument("--output", type=Path, default=None, help="where to write (default: the path listed above)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="where to write (default: the corpus's path after -> in the list above)",
+    )
     parser.add_argument("--from", dest="source", type=Path, default=None, help="convert a local copy, no network")
     args = parser.parse_args(argv)
     fetch(args.name, args.output, args.source)

@@ -9,6 +9,7 @@ minillm eval --checkpoint ckpt.ckpt --tasks wikitext2 --text my_notes.txt     # 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
@@ -112,6 +113,22 @@ def _device(name: str) -> str:
     return "cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu")
 
 
+def _check_harness_tasks(names: list[str], known: list[str], include: Path | None) -> None:
+    """Each of ``names`` must be a task, group or tag lm-eval knows (or a task YAML file); else one MiniLLMError."""
+    for name in names:
+        if name in known or Path(name).is_file():
+            continue
+        close = difflib.get_close_matches(name, known, n=3)
+        if close:
+            hint = f"; did you mean {', '.join(close)}?"
+        elif include:
+            hint = f"; it has {', '.join(known[:10])}{', ...' if len(known) > 10 else ''}" if known else "; it has none"
+        else:
+            hint = ""
+        where = f"the task YAMLs of --harness-include {include}" if include else "lm-eval's tasks"
+        raise MiniLLMError(f"--tasks: unknown lm-eval task {name!r}, not among {where}{hint}")
+
+
 def _run_harness(scorer: LogLikelihoodScorer, tasks: list[str], args: argparse.Namespace) -> dict[str, Any]:
     lm = harness_lm(scorer, stride=args.stride)
     from lm_eval import simple_evaluate
@@ -124,7 +141,16 @@ def _run_harness(scorer: LogLikelihoodScorer, tasks: list[str], args: argparse.N
         )
     else:
         manager = TaskManager()
-    out = simple_evaluate(model=lm, tasks=names, limit=args.limit, task_manager=manager, log_samples=False)
+    _check_harness_tasks(names, manager.all_tasks, args.harness_include)
+    try:
+        out = simple_evaluate(model=lm, tasks=names, limit=args.limit, task_manager=manager, log_samples=False)
+    except OSError as e:  # ConnectionError from the Hub included: lm-eval loads every task's data set first
+        which = f"task {names[0]!r}" if len(names) == 1 else f"one of the tasks {', '.join(map(repr, names))}"
+        raise MiniLLMError(
+            f"--harness: the data of {which} could not be fetched or read ({e}); without network, write task "
+            f"YAMLs that read local copies of the data and pass their folder with --harness-include DIR "
+            f"(docs/inference.md, lm-evaluation-harness)"
+        ) from None
     return {name: {k: v for k, v in metrics.items() if k != "alias"} for name, metrics in out["results"].items()}
 
 
@@ -138,6 +164,15 @@ def eval_main(argv: list[str]) -> None:
     if args.stride is not None and args.stride < 1:
         raise MiniLLMError(f"--stride must be >= 1 (tokens a window advances), got {args.stride}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] + [f"text:{p}" for p in args.text]
+    if not tasks:
+        raise MiniLLMError(f"no tasks to evaluate: give --tasks (among {', '.join(TASKS)}) or --text FILE")
+    if args.harness_include is not None and not args.harness:
+        raise MiniLLMError("--harness-include names task YAMLs for --harness; add --harness or drop it")
+    if args.harness_include is not None and not args.harness_include.is_dir():
+        what = "is a file" if args.harness_include.exists() else "does not exist"
+        raise MiniLLMError(
+            f"--harness-include {args.harness_include} {what}; give the folder of your lm-eval task YAMLs"
+        )
     if args.harness and args.text:
         raise MiniLLMError("--text is scored by the built-in scorer only; drop --harness or --text")
     if not args.harness:

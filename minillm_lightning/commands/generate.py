@@ -20,18 +20,14 @@ from minillm_lightning.generation import ContextLengthError, GenerationConfig, T
 from minillm_lightning.tokenizer import Tokenizer, invalid_utf8
 
 DEFAULT_MAX_NEW = 256  # when --max_new_tokens is not given: this many, or what the context leaves
+MAX_NEW_HELP = f"new tokens per answer (default: {DEFAULT_MAX_NEW} or whatever the model context leaves)"
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _parser(prog: str, description: str, max_new_help: str = MAX_NEW_HELP) -> argparse.ArgumentParser:
     p = CommandParser(prog=prog, description=description)
     p.add_argument("--checkpoint", required=True, help="checkpoint (.ckpt) of any stage; it carries its tokenizer")
     g = p.add_argument_group("decoding")
-    g.add_argument(
-        "--max_new_tokens",
-        type=int,
-        default=None,
-        help=f"new tokens per answer (default: {DEFAULT_MAX_NEW} or whatever the model context leaves)",
-    )
+    g.add_argument("--max_new_tokens", type=int, default=None, help=max_new_help)
     g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 means greedy decoding")
     g.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens only (0: off)")
     g.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling probability mass (1: off)")
@@ -133,6 +129,8 @@ def generate_main(argv: list[str]) -> None:
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--no_stream", action="store_true", help="generate all prompts as one batch, print at the end")
     args = p.parse_args(argv)
+    if args.system is not None and args.chat is False:
+        p.error("--system applies to chat prompts only; drop --no_chat or --system")
     _config(args, 0, block_size=1 << 30, default_max=1)  # the decoding options, checked before the (slow) load
     for i, text in enumerate(args.prompt, 1):
         _check_utf8(text, f"--prompt {i}" if len(args.prompt) > 1 else "--prompt")
@@ -140,6 +138,11 @@ def generate_main(argv: list[str]) -> None:
     _safe_stdout()
     gen, stage = _load(args)
     use_chat = args.chat if args.chat is not None else stage != "pretrain"
+    if args.system is not None and not use_chat:
+        raise MiniLLMError(
+            "--system applies to chat prompts only, and a pretrain checkpoint continues plain text by default; "
+            "add --chat or drop --system"
+        )
     block = gen.model.config.block_size
     prompts = [gen.encode_prompt(text, use_chat, args.system) for text in args.prompt]
     heads = [f"user: {t}\nassistant: " if use_chat else t for t in args.prompt]
@@ -184,7 +187,12 @@ def _fit_history(
 
 def chat_main(argv: list[str]) -> None:
     """``minillm chat``: read user messages line by line from stdin, stream the assistant's replies."""
-    p = _parser("minillm chat", "Chat with a checkpoint. Commands: /reset clears the conversation, /exit quits.")
+    p = _parser(
+        "minillm chat",
+        "Chat with a checkpoint. Commands: /reset clears the conversation, /exit quits.",
+        f"new tokens per reply (default: {DEFAULT_MAX_NEW} or half the model context, whichever is less; the oldest "
+        "turns are dropped to leave room for them)",
+    )
     p.add_argument("--system", default=None, help="system message placed before the conversation")
     args = p.parse_args(argv)
     _config(args, 0, block_size=1 << 30, default_max=1)  # the decoding options, checked before the (slow) load

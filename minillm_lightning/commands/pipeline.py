@@ -416,8 +416,15 @@ def pipeline_main(argv: list[str]) -> None:
         help="override every stage's trainer.max_steps (optimizer updates; PPO makes several per rollout); "
         "each stage then validates once, at its last training batch",
     )
-    parser.add_argument("--prompts", type=int, default=4, help="sample recipe: prompts each stage's model answers")
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=4,
+        help="sample recipe: answers per stage shown in the report (every regression prompt is answered and scored)",
+    )
     args = parser.parse_args(argv)
+    if args.prompts < 1:
+        parser.error(f"--prompts must be >= 1 (answers per stage shown in the report), got {args.prompts}")
     recipe = RECIPES[args.recipe]
     output = args.output or recipe.output
     if output.exists() and not output.is_dir():

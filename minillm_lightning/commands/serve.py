@@ -25,6 +25,7 @@ import asyncio
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -42,7 +43,8 @@ from typing import Any
 import litserve as ls
 import torch
 from fastapi import BackgroundTasks, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 from litserve.specs.openai import (
     ChatCompletionChunk,
@@ -58,6 +60,7 @@ from litserve.specs.openai import (
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 from pydantic import ValidationError, field_validator
 from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minillm_lightning.commands import CommandParser
 from minillm_lightning.commands.generate import DEFAULT_MAX_NEW, _load
@@ -66,6 +69,7 @@ from minillm_lightning.generation import GenerationConfig, IncrementalDecoder, T
 from minillm_lightning.tokenizer import ROLES, Tokenizer
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, what torch.Generator.manual_seed takes
 _MAIN_PID = os.getpid()
 logger = logging.getLogger(__name__)
 
@@ -147,7 +151,15 @@ def prepare(req: ChatRequest, tokenizer: Tokenizer, block_size: int, default_max
                 f"messages[{i}].role",
             )
         messages.append({"role": m.role, "content": _content_text(m.content, i)})
-    if (req.n or 1) != 1:
+    for name in NUMBER_FIELDS:  # Python's json reads NaN, Infinity and -Infinity, which pass the checks below
+        value = getattr(req, name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RequestError(f"{name} must be a finite number, got {json.dumps(value)}", name)
+    if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
+        raise RequestError(f"seed must be a 64-bit signed integer (-2**63 to 2**63-1), got {req.seed}", "seed")
+    if req.n is not None and req.n < 1:
+        raise RequestError(f"n must be >= 1, got {req.n}", "n")
+    if req.n not in (None, 1):
         raise RequestError("n must be 1 (one choice per request)", "n")
     if req.logprobs:
         raise RequestError("logprobs is not supported by this server; leave it out or set it to false", "logprobs")
@@ -291,19 +303,23 @@ def pack(rows: Sequence[_Row], block_size: int) -> list[list[_Row]]:
     return groups
 
 
+def job_config(job: Job, max_new_tokens: int) -> GenerationConfig:
+    """The generator's settings for ``job`` (and the jobs sharing its sampling key); greedy ignores top_p and seed."""
+    greedy = job.temperature == 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=job.temperature,
+        top_p=1.0 if greedy else job.top_p,
+        seed=None if greedy else job.seed,
+    )
+
+
 class _Run:
     """A batch decoding in lockstep: its rows and the generator's step iterator over their contexts."""
 
     def __init__(self, gen: TextGenerator, rows: list[_Row]) -> None:
         self.rows = rows
-        job = rows[0].job
-        greedy = job.temperature == 0
-        cfg = GenerationConfig(
-            max_new_tokens=max(r.left for r in rows),
-            temperature=job.temperature,
-            top_p=1.0 if greedy else job.top_p,
-            seed=None if greedy else job.seed,
-        )
+        cfg = job_config(rows[0].job, max(r.left for r in rows))
         self.steps = gen.stream_batch([r.context for r in rows], cfg)
 
     def live(self) -> list[_Row]:
@@ -332,6 +348,14 @@ class ChatEngine:
     @property
     def active(self) -> int:
         return sum(len(run.live()) for run in self.runs)
+
+    def check(self, job: Job) -> None:
+        """Raise if ``job`` cannot be decoded (its sampling settings, its seed, its length), so that it fails alone
+        when admitted instead of in a batch it shares with other requests (whose failure fails them all)."""
+        cfg = job_config(job, job.max_tokens)
+        if cfg.seed is not None:
+            torch.Generator().manual_seed(cfg.seed)
+        self.gen.check_prompts([job.prompt], cfg)
 
     def add(self, requests: Sequence[tuple[Any, Job]]) -> None:
         """Start decoding ``(uid, job)`` requests; requests arriving together share batches where they can."""
@@ -406,10 +430,12 @@ class ChatLoop(LitLoop):
                 if item == _SENTINEL_VALUE:
                     return
                 queue_id, uid, _, request = item
-                try:
-                    new.append((uid, lit_api.decode_request(request)))
+                try:  # validated by ChatSpec already; a failure here fails this request only
+                    job = lit_api.decode_request(request)
+                    engine.check(job)
+                    new.append((uid, job))
                     active[uid] = queue_id
-                except Exception as e:  # validated by ChatSpec already; a failure here fails this request only
+                except Exception as e:
                     self.put_error_response(transport, queue_id, uid, e, LoopResponseType.STREAMING)
             try:
                 engine.add(new)
@@ -602,6 +628,18 @@ class ChatSpec(OpenAISpec):
         yield "data: [DONE]\n\n"
 
 
+async def unknown_route(request: Request, exc: StarletteHTTPException) -> Response:
+    """OpenAI's error object for a path (or method) under ``/v1/`` that this server does not answer; FastAPI's own
+    answer elsewhere."""
+    if request.url.path.startswith("/v1/") and exc.status_code in (404, 405):
+        message = (
+            f"{request.method} {request.url.path} is not supported; this server answers POST /v1/chat/completions "
+            f"and GET /v1/models"
+        )
+        return JSONResponse(error_body(message), status_code=exc.status_code, headers=exc.headers)
+    return await http_exception_handler(request, exc)
+
+
 def chat_page() -> str:
     """The web chat page (plain HTML + JS, shipped inside the package)."""
     return resources.files("minillm_lightning").joinpath("static/chat.html").read_text(encoding="utf-8")
@@ -639,6 +677,7 @@ def build_server(
     # LitServe answers "/" with "litserve running"; the chat page takes its place
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
     server.app.add_api_route("/", chat_page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
+    server.app.add_exception_handler(StarletteHTTPException, unknown_route)
     return server, stage
 
 
@@ -665,6 +704,8 @@ def serve_main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if not 1024 <= args.port <= 65535:
         p.error(f"--port must be in 1024-65535, got {args.port}")
+    if args.max_tokens < 1:
+        p.error(f"--max_tokens must be >= 1 (the default max_tokens of requests that set none), got {args.max_tokens}")
     server, stage = build_server(
         args.checkpoint,
         args.device,
