@@ -98,3 +98,18 @@ def tiny_pretrain_ckpt(tmp_path_factory, pretrain_dm_factory) -> Path:
 # (and DDP tests run two processes). Subprocesses inherit the variable.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+
+
+def user_error(args: list[str], capfd: pytest.CaptureFixture[str]) -> str:
+    """Run ``minillm <args>`` in-process; assert exit code 2, one ``error:`` line (``minillm <verb>: error:`` from a
+    verb's option parser), last, and no traceback; return that line."""
+    from minillm_lightning.cli import main
+
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capfd.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ") or ": error: " in line]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err[-2000:]
+    return errors[0]

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, MICRO_ARCH
+from conftest import FIXTURES, MICRO_ARCH, user_error
 
 from minillm_lightning import MiniGPTConfig, PreferenceDataModule, PromptDataModule, SFTDataModule
-from minillm_lightning.cli import main
 from minillm_lightning.commands import generate
 from minillm_lightning.data.split import split_jsonl
 from minillm_lightning.errors import DataError
@@ -24,18 +23,6 @@ from minillm_lightning.model.gpt import MiniGPT
 from minillm_lightning.tokenizer import Tokenizer, TokenizerSettings, train_or_load
 
 NOT_UTF8 = "a\udcffb"  # how Python hands over the bytes b"a\xffb" from argv or stdin (surrogateescape)
-
-
-def user_error(args: list[str], capfd: pytest.CaptureFixture[str]) -> str:
-    """Run ``minillm <args>``; assert exit code 2, one ``error:`` line and no traceback; return that line."""
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    err = capfd.readouterr().err
-    assert exc.value.code == 2 and "Traceback" not in err, err[-2000:]
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err[-2000:]
-    return errors[0]
 
 
 def jsonl(path: Path, *records: object) -> Path:

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import MICRO_ARCH, SAMPLE
+from conftest import MICRO_ARCH, SAMPLE, user_error
 
 from minillm_lightning.bench.serve import write_checkpoint
 from minillm_lightning.cli import main
@@ -35,16 +35,6 @@ def model_and_tokenizer() -> tuple[MiniGPT, Tokenizer]:
 @pytest.fixture(scope="module")
 def ckpt(model_and_tokenizer, tmp_path_factory) -> Path:
     return write_checkpoint(*model_and_tokenizer, tmp_path_factory.mktemp("ckpt") / "sft.ckpt")
-
-
-def user_error(args: list[str], capfd: pytest.CaptureFixture[str]) -> str:
-    """Run ``minillm <args>``; assert exit code 2 and no traceback; return the last line (the error)."""
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    err = capfd.readouterr().err
-    assert exc.value.code == 2 and "Traceback" not in err, err[-2000:]
-    return err.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------- serve: requests
