@@ -31,6 +31,15 @@ def type_name(value: object) -> str:
     return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
+def field_state(record: dict, key: str) -> str:
+    """What a record's field ``key`` holds, for messages: "missing", "null" or its type ("an int")."""
+    return "missing" if key not in record else "null" if record[key] is None else type_name(record[key])
+
+
+KIND_NAMES = {str: "a string", list: "a list", dict: "an object", int: "an integer", float: "a number"}
+"""The JSON kinds an expected Python type stands for, for messages: "field 'text' is an int, not a string"."""
+
+
 def worker_crash_report(exception: BaseException | None) -> RuntimeError | None:
     """PyTorch's error for a DataLoader worker that exited unexpectedly (killed, out of memory, segfault).
 

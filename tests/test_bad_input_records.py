@@ -58,7 +58,7 @@ GOOD = {
 @pytest.mark.parametrize(
     "module, bad, message",
     [
-        (PreferenceDataModule, {"prompt": "2+2?", "chosen": 4, "rejected": "5"}, f"'chosen' {TURNS}, got int"),
+        (PreferenceDataModule, {"prompt": "2+2?", "chosen": 4, "rejected": "5"}, f"'chosen' {TURNS}, got an int"),
         (PreferenceDataModule, {"prompt": "2+2?", "chosen": "4", "rejected": None}, f"'rejected' {TURNS}, got null"),
         (PreferenceDataModule, {**GOOD[PreferenceDataModule], "system": 5}, "field 'system' is an int, not a string"),
         (

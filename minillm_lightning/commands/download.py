@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from minillm_lightning.commands import CommandParser
-from minillm_lightning.errors import DataError, MiniLLMError, type_name
+from minillm_lightning.errors import KIND_NAMES, DataError, MiniLLMError, field_state, type_name
 
 HF = "https://huggingface.co/datasets"
 
@@ -110,10 +110,9 @@ def convert_hh(lines: Iterator[str], write: Callable[[str], object], source: str
             raise DataError(f"{source}:{lineno}: expected a JSON object with chosen/rejected, got {what}")
         for key in ("chosen", "rejected"):
             if not isinstance(rec.get(key), str):
-                what = "missing" if key not in rec else "null" if rec[key] is None else type_name(rec[key])
                 raise DataError(
-                    f"{source}:{lineno}: field {key!r} is {what}, not a transcript string; expected HH-RLHF's "
-                    f"train.jsonl(.gz)"
+                    f"{source}:{lineno}: field {key!r} is {field_state(rec, key)}, not a transcript string; expected "
+                    f"HH-RLHF's train.jsonl(.gz)"
                 )
         try:
             chosen, rejected = parse_hh_dialogue(rec["chosen"]), parse_hh_dialogue(rec["rejected"])
@@ -202,7 +201,6 @@ def _check_source(path: Path) -> None:
 
 SAMPLE_BYTES = 1 << 20
 SAMPLE_RECORDS = 5
-_KINDS = {str: "a string", list: "a list"}
 
 
 def _check_sample(path: Path, corpus: Corpus) -> None:
@@ -251,10 +249,8 @@ def _check_sample(path: Path, corpus: Corpus) -> None:
         if not isinstance(rec, dict):
             bad(lineno, f"a record is {type_name(rec)}, not a JSON object")
         for key, kind in corpus.fields:
-            value = rec.get(key)
-            if not isinstance(value, kind):
-                what = "missing" if key not in rec else "null" if value is None else type_name(value)
-                bad(lineno, f"field {key!r} is {what}, not {_KINDS[kind]}")
+            if not isinstance(rec.get(key), kind):
+                bad(lineno, f"field {key!r} is {field_state(rec, key)}, not {KIND_NAMES[kind]}")
 
 
 def download_main(argv: list[str]) -> None:

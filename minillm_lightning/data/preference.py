@@ -42,7 +42,7 @@ from minillm_lightning.data.sft import (
     read_chat_files,
     to_messages,
 )
-from minillm_lightning.errors import DataError
+from minillm_lightning.errors import DataError, field_state
 from minillm_lightning.losses import IGNORE_INDEX
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -118,8 +118,7 @@ def _as_turns(rec: dict[str, Any], key: str, role: str, fields: PreferenceFields
         return [value]
     if isinstance(value, list):
         return value
-    got = "missing" if key not in rec else "null" if value is None else type(value).__name__
-    raise BadRecord("missing field", f"{key!r} must be a string or a list of turns, got {got}")
+    raise BadRecord("missing field", f"{key!r} must be a string or a list of turns, got {field_state(rec, key)}")
 
 
 def to_pair(rec: dict[str, Any], fmt: str, fields: PreferenceFields) -> Pair:

@@ -189,6 +189,7 @@ class PretrainDataModule(L.LightningDataModule):
         self._path: str | None = None
         self.meta: dict[str, Any] | None = None
         self._sources_warned = False
+        self._checked: tuple[str, dict[str, Any]] | None = None  # (folder, its meta.json) once found intact
         self.train_set: TokenBlocks | None = None
         self.val_set: TokenBlocks | None = None
         self.test_set: TokenBlocks | None = None
@@ -267,6 +268,8 @@ class PretrainDataModule(L.LightningDataModule):
         index.json and the chunk files it lists); a one-line DataError otherwise, where LitData would fail deep in
         its reader or wait forever for a missing chunk file."""
         root = self.dataset_path.rstrip("/")
+        if self._checked is not None and self._checked[0] == root:  # prepare_data, the tokenizer and setup all ask
+            return self._checked[1]
         fix = f"delete {root} and prepare it again (`minillm prepare --config <config>`, or the same `minillm fit`)"
         try:
             meta = json.loads(_read_bytes(f"{root}/{COMPLETE}"))
@@ -294,6 +297,7 @@ class PretrainDataModule(L.LightningDataModule):
             if missing:
                 more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
                 raise DataError(f"{root} is missing {missing[0]}{more}: the prepared dataset is incomplete; {fix}")
+        self._checked = (root, meta)
         return meta
 
     def _warn_sources(self, meta: dict[str, Any]) -> None:

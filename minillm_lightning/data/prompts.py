@@ -30,7 +30,7 @@ from minillm_lightning.data.sft import (
     read_chat_files,
     to_messages,
 )
-from minillm_lightning.errors import DataError, type_name
+from minillm_lightning.errors import DataError, field_state
 
 PromptFormat = Literal["auto", "prompt", "messages", "sharegpt", "alpaca"]
 Message = dict[str, str]
@@ -78,8 +78,7 @@ def to_prompt_messages(
     if fmt == "prompt":
         value = rec.get(fields.prompt)
         if not isinstance(value, str):
-            missing = fields.prompt not in rec
-            what = "missing" if missing else "null" if value is None else f"{type_name(value)}, not a string"
+            what = field_state(rec, fields.prompt) + ("" if value is None else ", not a string")
             raise BadRecord("missing field", f"field {fields.prompt!r} is {what} (keys here: {sorted(rec)[:8]})")
         if not value.strip():
             raise BadRecord("empty content", f"field {fields.prompt!r} is empty")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from minillm_lightning.errors import DataError, MiniLLMError, type_name
+from minillm_lightning.errors import KIND_NAMES, DataError, MiniLLMError, field_state, type_name
 
 TaskKind = Literal["perplexity", "choice", "lambada"]
 
@@ -58,9 +58,6 @@ class _BadRecord(Exception):
         super().__init__(f"{where} is not in the expected format ({tag}): {problem}")
 
 
-_KINDS = {str: "a string", list: "a list", int: "an integer"}
-
-
 def _field(where: str, row: Any, key: str, kind: type | tuple[type, ...] = str) -> Any:
     """``row[key]`` when ``row`` is an object whose field ``key`` is a ``kind``; else a :class:`_BadRecord`."""
     if not isinstance(row, dict):
@@ -69,9 +66,8 @@ def _field(where: str, row: Any, key: str, kind: type | tuple[type, ...] = str) 
         raise _BadRecord(where, f"field {key!r} is missing", f"KeyError: {key!r}")
     value = row[key]
     if not isinstance(value, kind):
-        expected = " or ".join(_KINDS[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
-        what = "null" if value is None else type_name(value)
-        raise _BadRecord(where, f"field {key!r} is {what}, not {expected}", "TypeError")
+        expected = " or ".join(KIND_NAMES[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise _BadRecord(where, f"field {key!r} is {field_state(row, key)}, not {expected}", "TypeError")
     return value
 
 
