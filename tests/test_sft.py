@@ -451,3 +451,17 @@ def test_sft_tiny_config_runs_end_to_end(tmp_path, tiny_pretrain_ckpt):
     assert saver["monitor"] == "val/loss" and torch.isfinite(saver["best_model_score"])
     stats = json.loads(next(out.glob("tb/version_*/dataset_stats.json")).read_text())["sft"]
     assert stats["packing"] is True and stats["train_conversations"] == 1140
+
+
+def test_rows_longer_than_the_context_are_refused_before_encoding(tmp_path, tiny_pretrain_ckpt, monkeypatch):
+    """max_length above the model's block_size is named first, not after encoding the corpus, and not hidden
+    behind "fewer than one batch" (a batch larger than the packed rows)."""
+    from minillm_lightning.errors import ConfigError
+
+    dm = make_dm(tiny_pretrain_ckpt, SAMPLE / "sft.jsonl", batch_size=10_000, max_length=4096)
+    encoded = []
+    monkeypatch.setattr(type(dm), "encode_items", lambda self, *a, **k: encoded.append(1))
+    model = SFTModule(init_from=str(tiny_pretrain_ckpt), vocab_size=dm.vocab_size)
+    with pytest.raises(ConfigError, match=r"data sequence length 4096 exceeds the model context block_size=\d+"):
+        micro_trainer(tmp_path, max_steps=1).fit(model, datamodule=dm)
+    assert encoded == []

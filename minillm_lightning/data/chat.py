@@ -186,6 +186,11 @@ class ChatDataModule(L.LightningDataModule):
             self._setup_test()
 
     def _setup_fit(self) -> None:
+        # before encoding anything: a row longer than the model's context would otherwise be reported
+        # only after the whole corpus was encoded, or hidden behind "fewer than one batch"
+        arch = getattr(self.trainer.lightning_module, "arch", None) if self.trainer is not None else None
+        if arch is not None:
+            arch.check_fits(self)
         items, sources = self.load(self.sources)
         order = list(range(len(items)))
         random.Random(self.seed).shuffle(order)

@@ -120,6 +120,15 @@ class MiniGPTConfig:
         if self.n_experts and not 1 <= self.top_k <= self.n_experts:
             raise ConfigError(f"MiniGPTConfig.top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
 
+    def check_fits(self, data) -> None:
+        """Refuse a data module whose rows are longer than the context (its ``seq_len`` or ``max_length``)."""
+        length = getattr(data, "seq_len", None) or getattr(data, "max_length", None)
+        if length is not None and length > self.block_size:
+            raise ConfigError(
+                f"data sequence length {length} exceeds the model context block_size={self.block_size}; "
+                f"lower the data module's length or raise model.arch.block_size"
+            )
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_head

@@ -345,12 +345,8 @@ class StageModule(L.LightningModule):
                     f"tokenizer vocabulary {dm_tok.vocab_size} != model vocab_size {self.arch.vocab_size}"
                 )
             self.tokenizer = dm_tok
-        seq_len = getattr(dm, "seq_len", None) or getattr(dm, "max_length", None)
-        if seq_len is not None and seq_len > self.arch.block_size:
-            raise ConfigError(
-                f"data sequence length {seq_len} exceeds the model context block_size={self.arch.block_size}; "
-                f"lower the data module's length or raise model.arch.block_size"
-            )
+        if dm is not None:
+            self.arch.check_fits(dm)
 
     def on_fit_start(self) -> None:
         n, n_emb = self.model.num_parameters(), self.model.embed_tokens.weight.numel()
