@@ -26,9 +26,9 @@ from minillm_lightning import SFTDataModule, SFTModule  # noqa: E402
 from minillm_lightning.bench.serve import running_server  # noqa: E402
 from minillm_lightning.cli import main  # noqa: E402
 from minillm_lightning.commands.generate import _load  # noqa: E402
-from minillm_lightning.commands.serve import (  # noqa: E402
+from minillm_lightning.commands.serve import ChatRequest  # noqa: E402
+from minillm_lightning.commands.serve_engine import (  # noqa: E402
     ChatEngine,
-    ChatRequest,
     Job,
     RequestError,
     StopStrings,
@@ -348,3 +348,13 @@ def test_a_slow_reader_does_not_stall_others(client) -> None:
     assert other.choices[0].finish_reason in ("stop", "length")
     rest = list(stream)  # the paused stream still delivers its whole answer
     assert rest[-1].choices[0].finish_reason in ("stop", "length") and rest[-1].usage.completion_tokens >= 1
+
+
+def test_a_body_over_the_limit_gets_413_and_the_server_keeps_serving(client) -> None:
+    """The served app (not only the one built in-process) refuses a body over --max_body_mb (default 4 MB)."""
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="x", messages=user("x" * (4 * 2**20)), max_tokens=2)
+    assert e.value.status_code == 413 and e.value.body["type"] == "invalid_request_error", e.value.body
+    assert "limit of 4 MB" in e.value.message and "--max_body_mb" in e.value.message, e.value.message
+    resp = client.chat.completions.create(model="x", messages=user("hi"), max_tokens=2, temperature=0)
+    assert resp.usage.completion_tokens >= 1

@@ -5,9 +5,11 @@ decoding loop fails alone. A bad option is one ``error:`` line with exit code 2,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pickle
 import queue
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -88,7 +90,8 @@ def test_serve_refuses_non_finite_numbers_big_seeds_and_n_below_1(
 
 def test_serve_takes_the_int64_seed_range_and_null_n(model_and_tokenizer) -> None:
     pytest.importorskip("litserve")
-    from minillm_lightning.commands.serve import ChatRequest, prepare
+    from minillm_lightning.commands.serve import ChatRequest
+    from minillm_lightning.commands.serve_engine import prepare
 
     tok = model_and_tokenizer[1]
     for seed in (2**63 - 1, -(2**63), 0):
@@ -107,6 +110,114 @@ def test_serve_answers_unknown_v1_routes_with_openai_errors(client) -> None:
     assert r.status_code == 405 and r.json()["error"]["message"].startswith("GET /v1/chat/completions is not"), r.text
     assert client.get("/elsewhere").json() == {"detail": "Not Found"}  # outside /v1/: FastAPI's own answer
     assert client.get("/v1/models").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def small_body_client(ckpt: Path):
+    """The server's HTTP app with --max_body_mb 0.01 (10485 bytes)."""
+    pytest.importorskip("litserve")
+    from fastapi.testclient import TestClient
+
+    from minillm_lightning.commands.serve import build_server
+
+    server, _ = build_server(str(ckpt), device="cpu", max_body_mb=0.01)
+    c = TestClient(server.app)
+    yield c
+    c.close()
+
+
+def _body_of(size: int) -> bytes:
+    """A chat request of exactly ``size`` bytes, its prompt far longer than the micro model's context."""
+    empty = json.dumps({"messages": [{"role": "user", "content": ""}]}).encode()
+    return json.dumps({"messages": [{"role": "user", "content": "w" * (size - len(empty))}]}).encode()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_serve_answers_a_body_over_max_body_mb_with_413(small_body_client, chunked: bool) -> None:
+    """A huge body used to be read, parsed and tokenized in full. Over the limit: 413 and OpenAI's error object,
+    whether the body declares its Content-Length or comes chunked without one; at the limit: the usual checks."""
+    limit = int(0.01 * 2**20)
+
+    def post(body: bytes):
+        content = (body[i : i + 4096] for i in range(0, len(body), 4096)) if chunked else body
+        r = small_body_client.post(
+            "/v1/chat/completions", content=content, headers={"Content-Type": "application/json"}
+        )
+        assert ("content-length" in r.request.headers) != chunked, r.request.headers
+        return r
+
+    r = post(_body_of(limit + 1))
+    assert r.status_code == 413, r.text
+    assert r.json() == {
+        "error": {
+            "message": "the request body is over this server's limit of 0.01 MB; send a smaller one, or start "
+            "minillm serve with a larger --max_body_mb",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    r = post(_body_of(limit))  # read and checked as before: its prompt is longer than the context
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert "model context is 128 tokens" in r.json()["error"]["message"], r.text
+
+
+def test_serve_body_limit_counts_the_chunks_of_a_body_without_content_length() -> None:
+    """Chunks under the limit each, over it together: refused once the count passes it, before the app sees it all."""
+    pytest.importorskip("litserve")
+    from minillm_lightning.commands.serve import BodyLimit
+
+    async def app(scope, receive, send) -> None:  # reads the whole body, then answers 200 with its length
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(len(body)).encode()})
+
+    def call(chunks: list[bytes]) -> tuple[int, bytes, int]:
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+        sent: list[dict] = []
+        received = 0
+
+        async def receive() -> dict:
+            nonlocal received
+            received += 1
+            return messages[received - 1]
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+        asyncio.run(BodyLimit(app, max_mb=0.01)(scope, receive, send))
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:]), received
+
+    assert call([b"x" * 5000] * 2) == (200, b"10000", 2)
+    status, body, received = call([b"x" * 5000] * 4)
+    assert status == 413 and json.loads(body)["error"]["type"] == "invalid_request_error" and received == 3
+
+
+def test_serve_tokenizes_requests_off_the_event_loop(client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Templating and tokenizing ran inside the async handler, so a prompt of megabytes stalled every other stream
+    for seconds; it runs in a worker thread now, and its RequestError still becomes a 400 naming the field."""
+    seen: list[tuple[threading.Thread, bool]] = []
+    encode_chat = Tokenizer.encode_chat
+
+    def recording(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        seen.append((threading.current_thread(), on_loop))
+        return encode_chat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode_chat", recording)
+    status, err = _post(client, json.dumps({"messages": [{"role": "user", "content": "word " * 20_000}]}))
+    assert status == 400 and err["error"]["param"] == "messages" and "model context" in err["error"]["message"], err
+    assert len(seen) == 1, seen
+    thread, on_loop = seen[0]
+    assert not on_loop, f"the prompt was tokenized on the event loop's thread {thread.name}"
 
 
 class _Transport:
@@ -138,7 +249,7 @@ def test_a_request_the_engine_cannot_decode_fails_alone(model_and_tokenizer) -> 
     """Jobs that got past the request checks but that the generator refuses (NaN temperature, a seed beyond int64)
     used to fail inside the batch shared with others, and the loop then failed every active request."""
     pytest.importorskip("litserve")
-    from minillm_lightning.commands.serve import ChatEngine, ChatLoop, Job
+    from minillm_lightning.commands.serve_engine import ChatEngine, ChatLoop, Job
     from minillm_lightning.generation import TextGenerator
 
     model, tok = model_and_tokenizer
@@ -183,6 +294,24 @@ def test_serve_max_tokens_below_1_is_refused_at_start(
     assert line == (
         "minillm serve: error: --max_tokens must be >= 1 (the default max_tokens of requests that set none), "
         f"got {value}"
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_serve_max_body_mb_not_above_0_is_refused_at_start(
+    ckpt: Path, value: str, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    pytest.importorskip("litserve")
+    from minillm_lightning.commands import serve
+
+    def started(*args: Any) -> None:
+        raise AssertionError("the server was built: --max_body_mb was not checked")
+
+    monkeypatch.setattr(serve, "build_server", started)
+    line = user_error(["serve", "--checkpoint", str(ckpt), "--max_body_mb", value], capfd)
+    assert (
+        line
+        == f"minillm serve: error: --max_body_mb must be a number > 0 (the largest request body in MB), got {value}"
     )
 
 
@@ -314,5 +443,10 @@ def test_help_texts_say_what_the_verbs_do(capsys) -> None:
     assert "new tokens per reply (default: 256 or half the model context, whichever is less;" in chat
     assert "whatever the model context leaves" not in chat
     assert "(default: 256 or whatever the model context leaves)" in _help(["generate"], capsys)
+    serve = _help(["serve"], capsys)
+    assert (
+        "largest request body in MB (2**20 bytes); a larger one gets HTTP 413 before it is parsed (default: 4.0)"
+        in serve
+    )
     pipeline = _help(["pipeline"], capsys)
     assert "answers per stage shown in the report (every regression prompt is answered and scored)" in pipeline

@@ -4,17 +4,14 @@ minillm serve --checkpoint checkpoints/sft_tiny/last.ckpt --port 8000
 curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"messages": [{"role": "user", "content": "What is 3 plus 4?"}], "max_tokens": 32}'
 
-How the pieces fit (LitServe owns the HTTP server, the request queue and the inference worker process):
+This module is the HTTP side; the batching and decoding live in :mod:`.serve_engine`. LitServe owns the HTTP
+server, the request queue and the inference worker process:
 
 - :class:`ChatSpec`, an ``OpenAISpec`` living in the API server process, checks every request against the
   tokenizer and the model context *before* queueing it, so bad input gets an OpenAI-style 400 also when the
   client asked for a stream (a stream's 200 header goes out before the worker sees the request). It ends each
   response as soon as that request is finished.
-- :class:`ChatLoop`, a LitServe loop in the inference worker, takes queued requests whenever there is room (up
-  to ``max_batch_size``), also while others are decoding, and steps a :class:`ChatEngine`: continuous batching
-  on :meth:`TextGenerator.stream_batch` (left padding + KV cache). Newcomers start at once in a batch of their
-  own; every few steps batches that can share a sampling loop are merged into one (a re-prefill of each row's
-  prompt + tokens so far), so concurrent requests end up decoded by one forward per step.
+- :class:`ChatAPI` loads the model in the inference worker, where :class:`~.serve_engine.ChatLoop` decodes.
 - A slow reader never blocks the worker: the worker pushes tokens into per-request buffers of the API server,
   and each HTTP response drains its own buffer at its client's pace.
 """
@@ -24,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
-import logging
 import math
 import os
 import signal
@@ -32,11 +28,9 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
-from queue import Empty
 from types import SimpleNamespace
 from typing import Any
 
@@ -45,7 +39,6 @@ import torch
 from fastapi import BackgroundTasks, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 from litserve.specs.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -57,34 +50,20 @@ from litserve.specs.openai import (
     OpenAISpec,
     UsageInfo,
 )
-from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
+from litserve.utils import LitAPIStatus, ResponseBufferItem
 from pydantic import ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from minillm_lightning.commands import CommandParser
 from minillm_lightning.commands.generate import DEFAULT_MAX_NEW, _load
+from minillm_lightning.commands.serve_engine import NUMBER_FIELDS, ChatEngine, ChatLoop, Job, RequestError, prepare
 from minillm_lightning.errors import MiniLLMError
-from minillm_lightning.generation import GenerationConfig, IncrementalDecoder, TextGenerator
-from minillm_lightning.tokenizer import ROLES, Tokenizer
+from minillm_lightning.tokenizer import Tokenizer
 
-MAX_STOP_STRINGS = 4  # as OpenAI
-SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, what torch.Generator.manual_seed takes
+DEFAULT_MAX_BODY_MB = 4.0
 _MAIN_PID = os.getpid()
-logger = logging.getLogger(__name__)
-
-
-NUMBER_FIELDS = (
-    "max_tokens",
-    "max_completion_tokens",
-    "n",
-    "seed",
-    "temperature",
-    "top_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "top_logprobs",
-)
 
 
 class ChatRequest(ChatCompletionRequest):
@@ -105,375 +84,6 @@ class ChatRequest(ChatCompletionRequest):
             if isinstance(value, kind):
                 raise PydanticCustomError("number_type", f"Input should be a number, not {name}")
         return value
-
-
-class RequestError(MiniLLMError):
-    """A request the server refuses with HTTP 400; ``param`` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass
-class Job:
-    """One validated chat request, ready for the generator."""
-
-    prompt: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-    stream: bool = False
-    """Send text as it comes; otherwise the worker sends one event at the end (one message instead of one per
-    token between the worker and the API server)."""
-
-
-def _content_text(content: Any, i: int) -> str:
-    """A message's text: a string, or OpenAI's list of ``{"type": "text", "text": ...}`` parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(getattr(p, "type", None) == "text" for p in content):
-        return "".join(p.text for p in content)
-    raise RequestError(f"messages[{i}].content must be a string (text only)", f"messages[{i}].content")
-
-
-def prepare(req: ChatRequest, tokenizer: Tokenizer, block_size: int, default_max_tokens: int) -> Job:
-    """Check a request against the model and turn it into a :class:`Job`; raises :class:`RequestError`."""
-    if not req.messages:
-        raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
-    messages = []
-    for i, m in enumerate(req.messages):
-        if m.role not in ROLES:
-            raise RequestError(
-                f"messages[{i}].role is {m.role!r}; this model knows the roles {', '.join(ROLES)}",
-                f"messages[{i}].role",
-            )
-        messages.append({"role": m.role, "content": _content_text(m.content, i)})
-    for name in NUMBER_FIELDS:  # Python's json reads NaN, Infinity and -Infinity, which pass the checks below
-        value = getattr(req, name, None)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise RequestError(f"{name} must be a finite number, got {json.dumps(value)}", name)
-    if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
-        raise RequestError(f"seed must be a 64-bit signed integer (-2**63 to 2**63-1), got {req.seed}", "seed")
-    if req.n is not None and req.n < 1:
-        raise RequestError(f"n must be >= 1, got {req.n}", "n")
-    if req.n not in (None, 1):
-        raise RequestError("n must be 1 (one choice per request)", "n")
-    if req.logprobs:
-        raise RequestError("logprobs is not supported by this server; leave it out or set it to false", "logprobs")
-    if req.top_logprobs:
-        raise RequestError("top_logprobs is not supported by this server (no logprobs); leave it out", "top_logprobs")
-    prompt = tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
-    room = block_size - len(prompt)
-    if room < 1:
-        raise RequestError(
-            f"the prompt is {len(prompt)} tokens but the model context is {block_size} tokens; shorten the messages "
-            f"or drop the oldest ones",
-            "messages",
-        )
-    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    if asked is None:  # as much as the context leaves, up to the default
-        max_tokens = min(default_max_tokens, room)
-    elif asked < 1:
-        raise RequestError(f"max_tokens must be >= 1, got {asked}", "max_tokens")
-    elif asked > room:
-        raise RequestError(
-            f"max_tokens={asked} and the {len(prompt)}-token prompt exceed the model context of {block_size} tokens; "
-            f"ask for at most {room} tokens or shorten the messages",
-            "max_tokens",
-        )
-    else:
-        max_tokens = asked
-    temperature = 1.0 if req.temperature is None else req.temperature
-    top_p = 1.0 if req.top_p is None else req.top_p
-    if temperature < 0:
-        raise RequestError(f"temperature must be >= 0 (0 = greedy), got {temperature}", "temperature")
-    if not 0 < top_p <= 1:
-        raise RequestError(f"top_p must be in (0, 1], got {top_p}", "top_p")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > MAX_STOP_STRINGS:
-        raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
-    return Job(prompt, max_tokens, temperature, top_p, req.seed, tuple(s for s in stop if s), bool(req.stream))
-
-
-# ---- decoding (inference worker) ----
-
-
-class StopStrings:
-    """Cut a text stream at the first of some stop strings, holding back text that may be the start of one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Add text; return (text safe to emit, whether a stop string was hit; the text before it is returned)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
-class _Row:
-    """One request while it is decoded: its tokens so far, its text and its usage."""
-
-    def __init__(self, uid: Any, job: Job, tokenizer: Tokenizer, stop_ids: Sequence[int], key: tuple) -> None:
-        self.uid, self.job, self.key = uid, job, key
-        self.stop_ids = set(stop_ids)
-        self.decoder = IncrementalDecoder(tokenizer, skip_ids=stop_ids)
-        self.stops = StopStrings(job.stop)
-        self.tokens: list[int] = []
-        self.held = ""  # text not sent yet (a request that is not streamed gets it all at the end)
-        self.finished = False
-
-    @property
-    def context(self) -> list[int]:
-        """Prompt + tokens generated so far: what a rebuilt batch prefills to continue this row."""
-        return self.job.prompt + self.tokens
-
-    @property
-    def left(self) -> int:
-        return self.job.max_tokens - len(self.tokens)
-
-    def push(self, token: int) -> dict[str, Any]:
-        """Take the next token; return the event to send ({} when there is nothing new)."""
-        self.tokens.append(token)
-        if token in self.stop_ids:
-            return self.end("stop", self.decoder.flush())
-        piece = self.decoder.push(token)
-        if self.left <= 0:
-            return self.end("length", piece + self.decoder.flush())
-        text, hit = self.stops.push(piece)
-        if hit:
-            return self._final(text, "stop")
-        if not self.job.stream:
-            self.held += text
-            return {}
-        return {"content": text} if text else {}
-
-    def end(self, reason: str, raw: str = "") -> dict[str, Any]:
-        """Finish with ``raw`` (not yet checked for stop strings) as the last text."""
-        text, hit = self.stops.push(raw)
-        return self._final(text if hit else text + self.stops.flush(), "stop" if hit else reason)
-
-    def _final(self, text: str, reason: str) -> dict[str, Any]:
-        self.finished = True
-        n = len(self.tokens)
-        usage = {
-            "prompt_tokens": len(self.job.prompt),
-            "completion_tokens": n,
-            "total_tokens": len(self.job.prompt) + n,
-        }
-        return {"content": self.held + text, "finish_reason": reason, "usage": usage}
-
-
-def sampling_key(job: Job, uid: Any) -> tuple:
-    """Requests with equal keys can share one sampling loop. Greedy ones always can; sampling ones with the same
-    temperature and top_p can; a seeded request never shares, so its output depends on its seed alone."""
-    if job.temperature == 0:
-        return ("greedy",)
-    if job.seed is not None:
-        return ("seed", uid)
-    return ("sample", job.temperature, job.top_p)
-
-
-def pack(rows: Sequence[_Row], block_size: int) -> list[list[_Row]]:
-    """Group rows into batches of one key whose longest context plus largest remaining budget fits the context
-    (the generator's check for a batch); first fit, in order."""
-    groups: list[list[_Row]] = []
-    for row in rows:
-        for group in groups:
-            members = [*group, row]
-            fits = max(len(r.context) for r in members) + max(r.left for r in members) <= block_size
-            if group[0].key == row.key and fits:
-                group.append(row)
-                break
-        else:
-            groups.append([row])
-    return groups
-
-
-def job_config(job: Job, max_new_tokens: int) -> GenerationConfig:
-    """The generator's settings for ``job`` (and the jobs sharing its sampling key); greedy ignores top_p and seed."""
-    greedy = job.temperature == 0
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=job.temperature,
-        top_p=1.0 if greedy else job.top_p,
-        seed=None if greedy else job.seed,
-    )
-
-
-class _Run:
-    """A batch decoding in lockstep: its rows and the generator's step iterator over their contexts."""
-
-    def __init__(self, gen: TextGenerator, rows: list[_Row]) -> None:
-        self.rows = rows
-        cfg = job_config(rows[0].job, max(r.left for r in rows))
-        self.steps = gen.stream_batch([r.context for r in rows], cfg)
-
-    def live(self) -> list[_Row]:
-        return [r for r in self.rows if not r.finished]
-
-
-class ChatEngine:
-    """Continuous batching on top of :meth:`TextGenerator.stream_batch`.
-
-    New requests start decoding at once, as a batch of their own (prefill of their prompts only). Every
-    ``merge_every`` steps, batches of the same sampling key are merged into one and finished rows are dropped:
-    the merged batch prefills each row's prompt + tokens so far (left-padded, KV cache from there), which costs
-    one prefill and then decodes all rows with one forward per step instead of one per batch.
-
-    Args:
-        gen: the generator (model + tokenizer).
-        merge_every: steps between merges; each merge re-prefills the merged rows.
-    """
-
-    def __init__(self, gen: TextGenerator, merge_every: int = 8) -> None:
-        self.gen, self.merge_every = gen, merge_every
-        self.block_size = gen.model.config.block_size
-        self.runs: list[_Run] = []
-        self.steps_done = 0
-
-    @property
-    def active(self) -> int:
-        return sum(len(run.live()) for run in self.runs)
-
-    def check(self, job: Job) -> None:
-        """Raise if ``job`` cannot be decoded (its sampling settings, its seed, its length), so that it fails alone
-        when admitted instead of in a batch it shares with other requests (whose failure fails them all)."""
-        cfg = job_config(job, job.max_tokens)
-        if cfg.seed is not None:
-            torch.Generator().manual_seed(cfg.seed)
-        self.gen.check_prompts([job.prompt], cfg)
-
-    def add(self, requests: Sequence[tuple[Any, Job]]) -> None:
-        """Start decoding ``(uid, job)`` requests; requests arriving together share batches where they can."""
-        rows = [
-            _Row(uid, job, self.gen.tokenizer, self.gen.stop_tokens, sampling_key(job, uid)) for uid, job in requests
-        ]
-        self.runs += [_Run(self.gen, group) for group in pack(rows, self.block_size)]
-
-    def step(self) -> list[tuple[Any, dict[str, Any]]]:
-        """One token for every active request; the (uid, event) pairs with something to send. A request's last
-        event carries ``finish_reason`` ("stop": stop token or string, "length": ``max_tokens``) and ``usage``."""
-        self.steps_done += 1
-        if self.steps_done % self.merge_every == 0:
-            self._merge()
-        events, runs = [], []
-        for run in self.runs:
-            tokens = next(run.steps, None)
-            for pos, row in enumerate(run.rows):
-                if not row.finished:
-                    event = row.end("length") if tokens is None else row.push(tokens[pos])
-                    if event:
-                        events.append((row.uid, event))
-            if run.live():
-                runs.append(run)
-            else:
-                run.steps.close()
-        self.runs = runs
-        return events
-
-    def _merge(self) -> None:
-        """Rebuild the batches of every key that has several of them, or whose finished rows are half or more."""
-        by_key: dict[tuple, list[_Run]] = {}
-        for run in self.runs:
-            by_key.setdefault(run.rows[0].key, []).append(run)
-        runs = []
-        for group in by_key.values():
-            live = [r for run in group for r in run.live()]
-            total = sum(len(run.rows) for run in group)
-            if len(group) == 1 and 2 * len(live) > total:
-                runs += group
-                continue
-            for run in group:
-                run.steps.close()
-            runs += [_Run(self.gen, rows) for rows in pack(live, self.block_size)]
-        self.runs = runs
-
-    def reset(self) -> None:
-        for run in self.runs:
-            run.steps.close()
-        self.runs = []
-
-
-class ChatLoop(LitLoop):
-    """The inference worker's loop: takes requests from LitServe's queue whenever there is room (also while others
-    are decoding), steps the :class:`ChatEngine` and sends each request's events to its response queue."""
-
-    def __call__(
-        self,
-        lit_api: ChatAPI,
-        device: str,
-        worker_id: int,
-        request_queue: Any,
-        transport: Any,
-        workers_setup_status: dict,
-        callback_runner: Any,
-    ) -> None:
-        engine = lit_api.engine
-        active: dict[Any, int] = {}  # uid -> the API server's response queue id
-        while True:
-            new = []
-            for item in self._take(request_queue, lit_api, room=lit_api.max_batch_size - len(active), wait=not active):
-                if item == _SENTINEL_VALUE:
-                    return
-                queue_id, uid, _, request = item
-                try:  # validated by ChatSpec already; a failure here fails this request only
-                    job = lit_api.decode_request(request)
-                    engine.check(job)
-                    new.append((uid, job))
-                    active[uid] = queue_id
-                except Exception as e:
-                    self.put_error_response(transport, queue_id, uid, e, LoopResponseType.STREAMING)
-            try:
-                engine.add(new)
-                events = engine.step() if engine.runs else []
-            except Exception as e:
-                logger.exception("generation failed; failing the %d active requests", len(active))
-                for uid, queue_id in active.items():
-                    self.put_error_response(transport, queue_id, uid, e, LoopResponseType.STREAMING)
-                active.clear()
-                engine.reset()
-                continue
-            for uid, event in events:
-                queue_id = active[uid]
-                self.put_response(
-                    transport, queue_id, uid, json.dumps(event), LitAPIStatus.OK, LoopResponseType.STREAMING
-                )
-                if event.get("finish_reason"):
-                    del active[uid]
-                    self.put_response(
-                        transport, queue_id, uid, "", LitAPIStatus.FINISH_STREAMING, LoopResponseType.STREAMING
-                    )
-
-    @staticmethod
-    def _take(request_queue: Any, lit_api: ChatAPI, room: int, wait: bool) -> list[tuple]:
-        """Up to ``room`` queued requests. Idle (``wait``): block for the first one, then gather those arriving
-        within ``batch_timeout``. Busy: only what is already queued, so decoding never waits for arrivals."""
-        items: list[tuple] = []
-        try:
-            if wait:
-                items.append(request_queue.get(timeout=1.0))
-                deadline = time.monotonic() + lit_api.batch_timeout
-                while len(items) < room and (left := deadline - time.monotonic()) > 0:
-                    items.append(request_queue.get(timeout=left))
-            while len(items) < room:
-                items.append(request_queue.get_nowait())
-        except Empty:
-            pass
-        return items
 
 
 class ChatAPI(ls.LitAPI):
@@ -498,6 +108,59 @@ class ChatAPI(ls.LitAPI):
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict[str, Any]:
     """OpenAI's error object."""
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+class _BodyTooLarge(Exception):
+    """Raised from :class:`BodyLimit`'s ``receive`` once a body without ``Content-Length`` passes the limit."""
+
+
+class BodyLimit:
+    """ASGI middleware answering a request whose body is over ``max_mb`` megabytes (2**20 bytes) with HTTP 413 and
+    OpenAI's error object, before the endpoint parses and tokenizes it. A declared ``Content-Length`` is checked
+    up front, without reading the body; a body sent without one (chunked) is counted as it is read, and refused
+    as soon as the count passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_mb: float) -> None:
+        self.app, self.max_mb = app, max_mb
+        self.max_bytes = int(max_mb * 2**20)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        size, started = 0, False
+
+        async def counting_receive() -> Message:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        except _BodyTooLarge:
+            if started:  # an endpoint that answers while still reading: too late for a 413
+                raise
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = (
+            f"the request body is over this server's limit of {self.max_mb:g} MB; send a smaller one, or start "
+            f"minillm serve with a larger --max_body_mb"
+        )
+        await JSONResponse(error_body(message), status_code=413)(scope, receive, send)
 
 
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
@@ -562,7 +225,9 @@ class ChatSpec(OpenAISpec):
             return JSONResponse(error_body("the request body must be a JSON object"), status_code=400)
         try:
             req = ChatRequest.model_validate(body)
-            prepare(req, self.tokenizer, self.block_size, self.default_max_tokens)
+            # templating and tokenizing a prompt of megabytes takes a second or more: off the event loop, so that
+            # the other responses keep streaming meanwhile
+            await asyncio.to_thread(prepare, req, self.tokenizer, self.block_size, self.default_max_tokens)
         except ValidationError as e:
             message, param = _validation_message(e)
             return JSONResponse(error_body(message, param=param), status_code=400)
@@ -653,8 +318,10 @@ def build_server(
     max_batch_size: int = 16,
     batch_timeout: float = 0.01,
     default_max_tokens: int = DEFAULT_MAX_NEW,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
 ) -> tuple[ls.LitServer, str]:
-    """The LitServer for ``checkpoint`` and the checkpoint's stage.
+    """The LitServer for ``checkpoint`` and the checkpoint's stage; request bodies over ``max_body_mb`` megabytes
+    get HTTP 413 (:class:`BodyLimit`).
 
     The checkpoint is read here, in the calling process, so a file that is not a minillm checkpoint fails at once
     with a :class:`~minillm_lightning.errors.CheckpointError` instead of inside the inference worker.
@@ -666,6 +333,8 @@ def build_server(
         dtype = "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
     if max_batch_size < 1 or batch_timeout < 0:
         raise MiniLLMError("--max_batch_size must be >= 1 and --batch_timeout >= 0")
+    if not (math.isfinite(max_body_mb) and max_body_mb > 0):
+        raise MiniLLMError(f"--max_body_mb must be a number > 0, got {max_body_mb:g}")
     gen, stage = _load(SimpleNamespace(checkpoint=checkpoint, device="cpu", dtype="float32"))
     block_size = gen.model.config.block_size
     name = model_name or f"minillm-{stage}"
@@ -673,7 +342,13 @@ def build_server(
     del gen  # the inference worker loads its own copy on its device
     api = ChatAPI(str(checkpoint), dtype, spec, max_batch_size, batch_timeout)
     # timeout=False: a request queued behind a long batch waits for it instead of failing with 504
-    server = ls.LitServer(api, accelerator="cuda" if on_gpu else "cpu", devices=1, timeout=False)
+    server = ls.LitServer(
+        api,
+        accelerator="cuda" if on_gpu else "cpu",
+        devices=1,
+        timeout=False,
+        middlewares=[(BodyLimit, {"max_mb": max_body_mb})],
+    )
     # LitServe answers "/" with "litserve running"; the chat page takes its place
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
     server.app.add_api_route("/", chat_page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
@@ -698,6 +373,12 @@ def serve_main(argv: list[str]) -> None:
     p.add_argument(
         "--max_tokens", type=int, default=DEFAULT_MAX_NEW, help="default max_tokens of requests that set none"
     )
+    p.add_argument(
+        "--max_body_mb",
+        type=float,
+        default=DEFAULT_MAX_BODY_MB,
+        help="largest request body in MB (2**20 bytes); a larger one gets HTTP 413 before it is parsed",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="weights dtype")
     p.add_argument("--log_level", default="warning", help="uvicorn/LitServe log level")
@@ -706,6 +387,8 @@ def serve_main(argv: list[str]) -> None:
         p.error(f"--port must be in 1024-65535, got {args.port}")
     if args.max_tokens < 1:
         p.error(f"--max_tokens must be >= 1 (the default max_tokens of requests that set none), got {args.max_tokens}")
+    if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
+        p.error(f"--max_body_mb must be a number > 0 (the largest request body in MB), got {args.max_body_mb:g}")
     server, stage = build_server(
         args.checkpoint,
         args.device,
@@ -714,6 +397,7 @@ def serve_main(argv: list[str]) -> None:
         args.max_batch_size,
         args.batch_timeout,
         args.max_tokens,
+        args.max_body_mb,
     )
     check_port(args.host, args.port)
     if stage == "pretrain":
