@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, MICRO_ARCH, ROOT, SAMPLE
+from conftest import FIXTURES, MICRO_ARCH, ROOT, SAMPLE, user_error
 
 from minillm_lightning import PreferenceDataModule, PretrainDataModule, PromptDataModule, SFTDataModule
 from minillm_lightning.checkpoint import load_checkpoint
@@ -50,19 +50,6 @@ def workdir(tmp_path_factory) -> Path:
     (root / "data").mkdir()
     (root / "data" / "sample").symlink_to(SAMPLE)
     return root
-
-
-def user_error(args: list[str], capfd: pytest.CaptureFixture[str]) -> str:
-    """Run ``minillm <args>``; assert exit code 2, one ``error:`` line and no traceback; return that line."""
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    err = capfd.readouterr().err
-    assert exc.value.code == 2, err[-2000:]
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err[-2000:]
-    return errors[0]
 
 
 def run_minillm(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

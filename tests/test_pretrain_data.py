@@ -4,12 +4,13 @@ preparation), lazy reading, held-out val/test files, long documents, windows and
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE, real_data_path
+from conftest import SAMPLE, real_data_path, user_error
 from test_cli import minillm, workdir  # noqa: F401  (fixture re-used)
 
 from minillm_lightning import PretrainDataModule
@@ -620,6 +621,26 @@ def test_dataset_dir_that_is_a_file_is_refused(tmp_path) -> None:
     notes.write_text("hello\n")
     with pytest.raises(ConfigError, match=r"dataset_dir=.*notes\.txt is a file, not a folder; set it to a prepared"):
         _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}], dataset_dir=str(notes))
+    with pytest.raises(ConfigError, match=r"cache_dir=.*notes\.txt is a file, not a folder; set it to a folder for"):
+        _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}], cache_dir=str(notes)).prepare_data()
+
+
+@pytest.mark.parametrize("option", ["dataset_dir", "cache_dir"])
+@pytest.mark.parametrize("below", ["ds", "a/b"])
+def test_folder_below_a_file_is_one_error(tmp_path, option, below) -> None:
+    """Preparing failed with a raw FileExistsError/NotADirectoryError traceback from mkdir or the lock file."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    folder = notes / below
+    with pytest.raises(ConfigError) as caught:
+        _dm(tmp_path, [{"path": str(SAMPLE / "pretrain.jsonl")}], **{option: str(folder)}).prepare_data()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert re.fullmatch(
+        rf"PretrainDataModule\.{option}={re.escape(str(folder))}: {re.escape(str(notes))} is a file, not a folder, "
+        rf"so {option} cannot be made; set {option} to a path outside that file \(or move the file away\)",
+        message,
+    ), message
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
@@ -632,11 +653,19 @@ def test_dataset_dir_that_is_a_file_is_refused(tmp_path) -> None:
             "error: PretrainDataModule.sources[0].val_share (data/sample/pretrain.jsonl) must be in [0, 1)",
         ),
         ("--data.init_args.tokenizer=data", "error: data.init_args.tokenizer=data is a directory"),
+        (
+            "--data.init_args.dataset_dir=configs/pretrain_tiny.yaml/tokens",
+            "error: PretrainDataModule.dataset_dir=configs/pretrain_tiny.yaml/tokens: configs/pretrain_tiny.yaml is "
+            "a file, not a folder, so dataset_dir cannot be made; set dataset_dir to a path outside that file",
+        ),
+        (
+            "--data.init_args.cache_dir=configs/pretrain_tiny.yaml/cache",
+            "error: PretrainDataModule.cache_dir=configs/pretrain_tiny.yaml/cache: configs/pretrain_tiny.yaml is a "
+            "file, not a folder, so cache_dir cannot be made",
+        ),
     ],
 )
 def test_bad_options_are_one_line_in_the_cli(option, message, workdir, capfd, monkeypatch) -> None:  # noqa: F811
-    from test_bad_input import user_error
-
     monkeypatch.chdir(workdir)
     assert user_error(["fit", "--config", "configs/pretrain_tiny.yaml", option], capfd).startswith(message)
 
@@ -649,3 +678,34 @@ def test_bom_opening_a_txt_file_is_dropped(tmp_path) -> None:
     dm = _dm(tmp_path, [{"path": str(path)}], val_share=0.0)
     assert "".join(t for _, t in dm.iter_documents("train")) == text
     assert dm.plan()[0].scan.docs == len(text)
+
+
+def test_caches_of_the_format_before_the_bom_fix_are_rebuilt(tmp_path, monkeypatch) -> None:
+    """Dropping the BOM changed what a .txt file tokenizes to, but file scans, tokenizers and prepared directories
+    of the code before were still reused (their keys were unchanged), and kept the BOM's tokens."""
+    import codecs
+
+    import minillm_lightning.data.pretrain as pretrain_mod
+
+    text = "".join(f"line {i} from a Windows editor\n" for i in range(300))
+    path = tmp_path / "notepad.txt"
+    path.write_bytes(("\ufeff" + text).encode())
+    # the code before the fix: format and scan version 1, .txt files decoded as "utf-8" (a BOM read as U+FEFF)
+    real_decoder = codecs.getincrementaldecoder
+    monkeypatch.setattr(codecs, "getincrementaldecoder", lambda name: real_decoder(name.replace("utf-8-sig", "utf-8")))
+    monkeypatch.setattr(pretrain_mod, "FORMAT_VERSION", 1)
+    monkeypatch.setattr(shards, "SCAN_VERSION", 1)
+    old = _dm(tmp_path, [{"path": str(path)}])
+    old.prepare_data()
+    old_meta = json.loads(Path(old.dataset_path, "meta.json").read_text())
+    assert old_meta["format"] == 1 and old.plan()[0].scan.docs == len(text) + 1
+    assert old_meta["splits"]["train"]["chars"] + old_meta["splits"]["val"]["chars"] == len(text) + 1  # the BOM
+    monkeypatch.undo()
+
+    new = _dm(tmp_path, [{"path": str(path)}])
+    assert new.plan()[0].scan.docs == len(text)  # scanned again, not the memoised scan that counted the BOM
+    assert new.dataset_path != old.dataset_path and not new.is_prepared()
+    new.prepare_data()
+    meta = json.loads(Path(new.dataset_path, "meta.json").read_text())
+    assert meta["format"] == pretrain_mod.FORMAT_VERSION > 1
+    assert meta["splits"]["train"]["chars"] + meta["splits"]["val"]["chars"] == len(text)

@@ -465,3 +465,21 @@ def test_rows_longer_than_the_context_are_refused_before_encoding(tmp_path, tiny
     with pytest.raises(ConfigError, match=r"data sequence length 4096 exceeds the model context block_size=\d+"):
         micro_trainer(tmp_path, max_steps=1).fit(model, datamodule=dm)
     assert encoded == []
+
+
+@pytest.mark.parametrize("below", ["", "cache", "a/b"])
+def test_cache_dir_that_is_or_lies_below_a_file_is_one_error(tmp_path, tiny_pretrain_ckpt, below):
+    """mkdir of the token cache failed with a raw FileExistsError/NotADirectoryError at prepare time."""
+    from minillm_lightning.errors import ConfigError
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    folder = notes / below if below else notes
+    with pytest.raises(ConfigError) as caught:
+        make_dm(tiny_pretrain_ckpt, SAMPLE / "sft.jsonl", cache_dir=str(folder))
+    expected = (
+        f"SFTDataModule.cache_dir={folder}: {notes} is a file, not a folder, so cache_dir cannot be made"
+        if below
+        else f"SFTDataModule.cache_dir={notes} is a file, not a folder; set it to a folder for the token caches"
+    )
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from minillm_lightning.data.common import (
     ResumableDataLoader,
     ResumableSampler,
+    check_folder_option,
     checkpoint_tokenizer,
     split_counts,
     write_stats,
@@ -116,6 +117,7 @@ class ChatDataModule(L.LightningDataModule):
         self.batch_size, self.val_share, self.skip_bad = batch_size, val_share, skip_bad_records
         self.num_workers, self.seed = num_workers, seed
         self.cache_dir = Path(cache_dir)
+        check_folder_option(name, "cache_dir", cache_dir, "a folder for the token caches")
         if prepare_workers is not None and prepare_workers < 1:
             raise ValueError(f"{name}: prepare_workers must be at least 1, got {prepare_workers}")
         self.prepare_workers = prepare_workers or min(os.cpu_count() or 1, 8)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minillm_lightning.checkpoint import load_checkpoint
-from minillm_lightning.errors import CheckpointError, DataError, MiniLLMError
+from minillm_lightning.errors import CheckpointError, ConfigError, DataError, MiniLLMError
 from minillm_lightning.fileio import write_json
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -116,6 +116,22 @@ def iter_jsonl_lines(
             raise DataError(f"{path}:{lineno}: malformed JSON line ({e}); {fix}") from None
         stats.records += 1
         yield lineno, rec
+
+
+def check_folder_option(owner: str, option: str, folder: str | os.PathLike, purpose: str) -> None:
+    """A one-line ConfigError when the local ``folder`` given as ``owner.option`` is a file, or lies below one (it
+    could never be made: mkdir fails with NotADirectoryError or FileExistsError). ``purpose`` says what it is for."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{owner}.{option}={folder} is a file, not a folder; set it to {purpose} (made if missing)")
+    for parent in path.parents:
+        if parent.exists():  # the nearest existing parent: a folder, or the file in the way
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"{owner}.{option}={folder}: {parent} is a file, not a folder, so {option} cannot be made; "
+                    f"set {option} to a path outside that file (or move the file away)"
+                )
+            return
 
 
 def split_counts(n: int, val_share: float) -> tuple[int, int]:

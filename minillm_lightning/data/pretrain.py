@@ -4,7 +4,8 @@ Nothing here holds the corpus in memory. Preparation scans every file once (stre
 document count), draws one split label per document, trains the tokenizer on a bounded sample, and tokenizes
 byte ranges of the files in ``litdata.optimize`` worker processes into a *prepared directory*. Training streams
 ``seq_len + 1``-token windows of its chunks with LitData's ``StreamingDataset``; a checkpoint carries the loader's
-position, so a resume continues mid-epoch with the very next batch.
+position, so a resume continues mid-epoch with the very next batch. The checks of the options, the sources and
+a prepared directory live in :mod:`minillm_lightning.data.pretrain_checks`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from minillm_lightning.data.common import DataError, expand_paths, write_stats
+from minillm_lightning.data.pretrain_checks import (
+    check_corpus,
+    check_options,
+    check_source_shares,
+    exists,
+    load_given_tokenizer,
+    read_bytes,
+    read_prepared_meta,
+    warn_skipped,
+)
 from minillm_lightning.data.shards import (
     COMPLETE,
     LONG_DOC,
@@ -44,12 +55,12 @@ from minillm_lightning.data.shards import (
     scan_file,
     write_split,
 )
-from minillm_lightning.errors import ConfigError, MiniLLMError
 from minillm_lightning.fileio import atomic_write_text, file_lock
 from minillm_lightning.lightning_private import batches_done_in_epoch
 from minillm_lightning.tokenizer import ModelType, Tokenizer, TokenizerSettings, train_or_load
 
-FORMAT_VERSION = 1  # bump when the prepared directory's layout or tokenization changes
+FORMAT_VERSION = 2  # bump when the prepared directory's layout or tokenization changes: part of every cache key
+# 2: a byte-order mark opening a .txt source is no text (prepared directories and tokenizers of 1 hold its tokens)
 
 
 @dataclass
@@ -137,37 +148,25 @@ class PretrainDataModule(L.LightningDataModule):
         block_stride: int | None = None,
     ) -> None:
         super().__init__()
-        if block_stride is not None and not 1 <= block_stride <= seq_len:
-            raise ValueError(f"PretrainDataModule.block_stride must be in [1, seq_len={seq_len}], got {block_stride}")
-        if not sources and not dataset_dir:
-            raise DataError("PretrainDataModule: `sources` is empty; give at least one file or glob")
-        for name, value in [
-            ("seq_len", seq_len),
-            ("batch_size", batch_size),
-            ("vocab_size", vocab_size),
-            ("chunk_tokens", chunk_tokens),
-            ("tokenizer_sample_bytes", tokenizer_sample_bytes),
-        ]:
-            if value <= 0:
-                raise ValueError(f"PretrainDataModule.{name} must be positive, got {value}")
-        _check_shares("PretrainDataModule", sample_ratio, val_share)
-        if not 0.98 <= character_coverage <= 1:
-            raise ConfigError(
-                f"PretrainDataModule.character_coverage must be in [0.98, 1] (SentencePiece's range), got "
-                f"{character_coverage}"
-            )
-        if num_workers < 0:
-            raise ConfigError(f"PretrainDataModule.num_workers must be >= 0, got {num_workers}")
-        if dataset_dir and not is_remote(dataset_dir) and Path(dataset_dir).exists() and not Path(dataset_dir).is_dir():
-            raise ConfigError(
-                f"PretrainDataModule.dataset_dir={dataset_dir} is a file, not a folder; set it to a prepared dataset "
-                f"folder (or to a new folder to prepare into)"
-            )
+        check_options(
+            sources=sources,
+            dataset_dir=dataset_dir,
+            cache_dir=cache_dir,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            vocab_size=vocab_size,
+            chunk_tokens=chunk_tokens,
+            tokenizer_sample_bytes=tokenizer_sample_bytes,
+            sample_ratio=sample_ratio,
+            val_share=val_share,
+            character_coverage=character_coverage,
+            num_workers=num_workers,
+            block_stride=block_stride,
+        )
 
         def as_sources(name: str, items: list | None) -> list[PretrainSource]:
             out = [s if isinstance(s, PretrainSource) else PretrainSource(**s) for s in items or []]
-            for i, src in enumerate(out):
-                _check_shares(f"PretrainDataModule.{name}[{i}]", src.sample_ratio, src.val_share, f" ({src.path})")
+            check_source_shares(name, out)
             return out
 
         self.sources, self.val_sources, self.test_sources = (
@@ -261,60 +260,20 @@ class PretrainDataModule(L.LightningDataModule):
 
     def is_prepared(self) -> bool:
         """Whether the prepared directory is complete (its meta.json is written last)."""
-        return _exists(f"{self.dataset_path.rstrip('/')}/{COMPLETE}")
+        return exists(f"{self.dataset_path.rstrip('/')}/{COMPLETE}")
 
     def _prepared_meta(self) -> dict[str, Any]:
-        """The prepared directory's meta.json once the folder is checked intact (for a local one: each split's
-        index.json and the chunk files it lists); a one-line DataError otherwise, where LitData would fail deep in
-        its reader or wait forever for a missing chunk file."""
+        """The prepared directory's meta.json once the folder is checked intact (see ``read_prepared_meta``)."""
         root = self.dataset_path.rstrip("/")
-        if self._checked is not None and self._checked[0] == root:  # prepare_data, the tokenizer and setup all ask
-            return self._checked[1]
-        fix = f"delete {root} and prepare it again (`minillm prepare --config <config>`, or the same `minillm fit`)"
-        try:
-            meta = json.loads(_read_bytes(f"{root}/{COMPLETE}"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(
-                f"{root}/{COMPLETE} is not valid JSON ({e}): the prepared dataset is damaged; {fix}"
-            ) from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict):
-            raise DataError(f"{root}/{COMPLETE} holds no `splits`: not a prepared dataset of minillm; {fix}")
-        if not is_remote(root):
-            needed = ["tokenizer.model"]
-            for split, stats in meta["splits"].items():
-                if stats.get("tokens"):
-                    index = Path(root, split, "index.json")
-                    try:
-                        chunks = json.loads(index.read_text())["chunks"]
-                        needed += [f"{split}/index.json", *(f"{split}/{c['filename']}" for c in chunks)]
-                    except FileNotFoundError:
-                        needed.append(f"{split}/index.json")
-                    except (ValueError, KeyError, TypeError) as e:
-                        raise DataError(
-                            f"{index} is not a LitData index ({e}): the prepared dataset is damaged; {fix}"
-                        ) from None
-            missing = [name for name in needed if not Path(root, name).is_file()]
-            if missing:
-                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-                raise DataError(f"{root} is missing {missing[0]}{more}: the prepared dataset is incomplete; {fix}")
-        self._checked = (root, meta)
-        return meta
+        if self._checked is None or self._checked[0] != root:  # prepare_data, the tokenizer and setup all ask
+            self._checked = (root, read_prepared_meta(root))
+        return self._checked[1]
 
     def _warn_sources(self, meta: dict[str, Any]) -> None:
         """Warn (once) about each source's skipped records, loudly when all the records it was to use were."""
-        if self._sources_warned:
-            return
-        self._sources_warned = True
-        for path, source in meta.get("sources", {}).items():
-            skipped = source.get("skipped") or {}
-            if not skipped:
-                continue
-            rank_zero_warn(f"{path}: skipped {sum(skipped.values())} unusable records: {skipped}")
-            if source.get("sampled") == 0:
-                rank_zero_warn(
-                    f"!!! {path} contributes NOTHING: every record it was to use was skipped ({skipped}); check its "
-                    f"text_field and schema"
-                )
+        if not self._sources_warned:
+            self._sources_warned = True
+            warn_skipped(meta)
 
     # ---- reading documents (streamed) ----
     def _tasks(self, split: int, files: list[_File], labels_dir: Path) -> list[Task]:
@@ -367,49 +326,24 @@ class PretrainDataModule(L.LightningDataModule):
 
     def _check_plan(self) -> None:
         """Loud warnings for sources that contribute nothing, and an error for an empty training corpus."""
-        train_docs = 0
+        files, train_docs = [], 0
         for f in self.plan():
+            txt = f.scan.path.endswith(".txt")
             kept = (
                 (self._txt_span(f, TRAIN) or self._txt_span(f, VAL) or self._txt_span(f, TEST)) is not None
-                if f.scan.path.endswith(".txt")
+                if txt
                 else int((self.labels(f) > 0).sum())
             )
             if f.group == "train":
-                train_docs += (
-                    int(self._txt_span(f, TRAIN) is not None)
-                    if f.scan.path.endswith(".txt")
-                    else int((self.labels(f) == TRAIN).sum())
-                )
-            if not kept:
-                rank_zero_warn(
-                    f"!!! data source {f.scan.path} contributes NOTHING (records={f.scan.docs}, "
-                    f"sample_ratio={self._ratio(f)}); check its path, text field and sample ratio",
-                )
-        if not train_docs:
-            raise DataError(
-                f"the pretraining corpus is empty after reading and sampling {[s.path for s in self.sources]}; "
-                f"check the files are not empty and sample_ratio > 0"
-            )
+                train_docs += int(self._txt_span(f, TRAIN) is not None) if txt else int((self.labels(f) == TRAIN).sum())
+            files.append((f.scan.path, f.scan.docs, self._ratio(f), bool(kept)))
+        check_corpus(files, train_docs, [s.path for s in self.sources])
 
     # ---- tokenizer ----
     def _given_tokenizer(self) -> Tokenizer:
-        """The tokenizer ``data.tokenizer`` names, or a one-line DataError naming the option, the file and the fix."""
+        """The tokenizer ``data.tokenizer`` names (loaded once), or a one-line DataError."""
         if self._tokenizer is None:
-            file = Path(self.tokenizer_path or "")
-            what = f"data.init_args.tokenizer={file}"
-            fix = "set it to a SentencePiece .model file or a minillm .ckpt, or unset it to train a tokenizer"
-            if file.is_dir():
-                raise DataError(f"{what} is a directory; {fix}")
-            if not file.is_file():
-                raise DataError(f"{what} does not exist; {fix}")
-            try:
-                self._tokenizer = Tokenizer.from_file(file)
-            except MiniLLMError:
-                raise
-            except RuntimeError:  # SentencePiece cannot parse it
-                raise DataError(f"{what} is not a SentencePiece model; {fix}") from None
-            except (ValueError, OSError) as e:  # a model without the chat tokens, a .ckpt without a tokenizer
-                raise DataError(f"{what}: {e}; {fix}") from None
+            self._tokenizer = load_given_tokenizer(self.tokenizer_path)
         return self._tokenizer
 
     @property
@@ -417,7 +351,7 @@ class PretrainDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if self.dataset_dir and self.is_prepared():  # a pinned prepared directory carries its tokenizer
                 self._prepared_meta()  # an intact one
-                self._tokenizer = Tokenizer(_read_bytes(f"{self.dataset_dir.rstrip('/')}/tokenizer.model"))
+                self._tokenizer = Tokenizer(read_bytes(f"{self.dataset_dir.rstrip('/')}/tokenizer.model"))
             elif self.tokenizer_path:
                 self._tokenizer = self._given_tokenizer()
             else:
@@ -704,47 +638,6 @@ class PretrainDataModule(L.LightningDataModule):
                 f"({state['tokenizer_sha256'][:12]} vs {self.tokenizer.sha256[:12]}); resume with the same data "
                 "and tokenizer settings, or point data.tokenizer at the checkpoint"
             )
-
-
-def _check_shares(owner: str, sample_ratio: float | None, val_share: float | None, where: str = "") -> None:
-    """A ConfigError naming the field, the allowed range and (``where``) the source for an out-of-range share."""
-    if sample_ratio is not None and not 0 <= sample_ratio <= 1:
-        raise ConfigError(
-            f"{owner}.sample_ratio{where} must be in [0, 1] (a share of the documents), got {sample_ratio}"
-        )
-    if val_share is not None and not 0 <= val_share < 1:
-        raise ConfigError(
-            f"{owner}.val_share{where} must be in [0, 1) (a share held out for validation; training needs the rest), "
-            f"got {val_share}"
-        )
-
-
-def _remote_fs(uri: str) -> tuple[Any, str]:
-    """fsspec's filesystem and path for ``uri``; a DataError when its protocol is unknown or its package missing."""
-    import fsspec
-
-    try:
-        return fsspec.core.url_to_fs(uri)
-    except (ImportError, ValueError) as e:  # "Install s3fs to access S3", "Protocol not known: xyz"
-        raise DataError(
-            f"{uri}: cannot read {uri.split('://')[0]}:// URLs ({e}); install the filesystem package they need "
-            f"(e.g. pip install s3fs for s3://) or set data.init_args.dataset_dir to a local folder"
-        ) from None
-
-
-def _exists(uri: str) -> bool:
-    if not is_remote(uri):
-        return Path(uri).is_file()
-    fs, path = _remote_fs(uri)
-    return fs.exists(path)
-
-
-def _read_bytes(uri: str) -> bytes:
-    if not is_remote(uri):
-        return Path(uri).read_bytes()
-    fs, path = _remote_fs(uri)
-    with fs.open(path, "rb") as fh:
-        return fh.read()
 
 
 def _windows(split_dir: str, block: int, stride: int) -> int | None:

@@ -80,6 +80,10 @@ class FileScan:
     """(start byte, end byte, ordinal of its first document, its first line number); JSONL only."""
 
 
+SCAN_VERSION = 2  # bump when what a scan finds changes: part of the memo's key, so older scans are redone
+# 2: a byte-order mark opening a .txt file is no character (scans of 1 counted it in ``docs``)
+
+
 def _memo_path(cache_dir: Path) -> Path:
     return cache_dir / "file_scans.json"
 
@@ -87,7 +91,7 @@ def _memo_path(cache_dir: Path) -> Path:
 def scan_file(path: Path, cache_dir: Path, range_bytes: int = 16 << 20) -> FileScan:
     """Hash and index one file in a single streaming pass; reuse the result while size and mtime are unchanged."""
     st = path.stat()
-    version = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{range_bytes}"
+    version = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{range_bytes}:v{SCAN_VERSION}"
     memo_file = _memo_path(cache_dir)
     with file_lock(cache_dir / ".scan.lock"):
         memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
