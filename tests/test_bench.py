@@ -5,6 +5,7 @@ No timing assertions: the numbers depend on the machine."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from unittest import mock
 
@@ -413,3 +414,17 @@ def test_nanostep_ablation_swaps_the_named_parts_for_nanogpts(monkeypatch: pytes
     step._our_step("adamw", False, ("no-rope",))(x, x)
     assert calls == [(2, 8, 64, 32)] * 4  # q and k of each layer, together, in every block
     assert gpt.apply_rope.__name__ == "apply_rope"  # restored after the step
+
+
+def test_cpu_name_states_the_host_class() -> None:
+    """A published time needs its host: the CPU model, family/model and the vector units that set the matmul peak."""
+    from minillm_lightning.bench.machine import cpu_name
+
+    xeon = "processor\t: 0\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel Xeon\n"
+    xeon += "flags\t\t: fpu avx2 avx512f amx_tile\n"
+    amd = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: avx avx2\n\n"
+    amd += "processor\t: 1\nmodel name\t: another\n"
+    cpus = os.cpu_count()
+    assert cpu_name(xeon) == f"Intel Xeon (family 6 model 143), AVX-512/AMX, {cpus} CPUs"
+    assert cpu_name(amd) == f"AMD EPYC 7B13 (family 25 model 1), AVX2, {cpus} CPUs"
+    assert cpu_name("").endswith(f", {cpus} CPUs")

@@ -3,6 +3,8 @@ training batch that fits in GPU memory, and this process's resident memory."""
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -102,6 +104,40 @@ def cuda_max_batch(arch: MiniGPTConfig, device: torch.device, precision: str, se
             torch.cuda.empty_cache()
 
     return largest_fitting(fits, start)
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The host as a published number needs it: CPU model, family/model, the vector units that set the matmul peak
+    (AVX-512, AMX, AVX2, NEON) and the logical CPU count, from ``/proc/cpuinfo`` on Linux (``platform`` elsewhere)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            cpuinfo = ""
+    first: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if first:  # the end of the first processor's block
+                break
+            continue
+        first.setdefault(key.strip(), value.strip())
+    name = first.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in first and "model" in first:
+        name += f" (family {first['cpu family']} model {first['model']})"
+    flags = set(first.get("flags", first.get("Features", "")).split())
+    units = [
+        unit
+        for unit, present in [
+            ("AVX-512", "avx512f" in flags),
+            ("AMX", "amx_tile" in flags),
+            ("AVX2", "avx2" in flags and "avx512f" not in flags),
+            ("NEON", "asimd" in flags),
+        ]
+        if present
+    ]
+    return f"{name}{', ' + '/'.join(units) if units else ''}, {os.cpu_count()} CPUs"
 
 
 def rss() -> int:

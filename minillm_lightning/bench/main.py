@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import resource
 import statistics
 import tempfile
@@ -42,6 +41,7 @@ from minillm_lightning.bench.dpo import dpo_section, format_dpo
 from minillm_lightning.bench.eval import eval_section, format_eval
 from minillm_lightning.bench.fitwall import fit_wall
 from minillm_lightning.bench.machine import (
+    cpu_name,
     cuda_max_batch,
     datasheet_tflops,
     measure_peak_flops,
@@ -530,7 +530,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     results: dict[str, Any] = {
         "machine": {
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}",
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "torch": torch.__version__,
             "lightning": L.__version__,
             "threads": torch.get_num_threads(),
