@@ -4,6 +4,7 @@ module only for those four verbs."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -16,13 +17,14 @@ import torch
 from jsonargparse import set_parsing_settings
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 import minillm_lightning
 from minillm_lightning.callbacks import InterruptCheckpoint
 from minillm_lightning.callbacks.test_report import TestReport
+from minillm_lightning.callbacks.training_summary import PRE_FIT_WARNINGS
 from minillm_lightning.checkpoint import META_KEY, load_checkpoint, newest_intact_checkpoint
 from minillm_lightning.checkpoint_io import AtomicCheckpointIO
 from minillm_lightning.cli import wants_help
@@ -164,6 +166,31 @@ CKPT_PATH_HELP = (
 )
 
 
+def repeated_stateful_callbacks(entries: list[Any]) -> tuple[int, int] | None:
+    """Positions ``(i, j)`` of the first two entries of ``trainer.callbacks`` (parsed ``class_path``/``init_args``)
+    whose callbacks would keep their state in checkpoints under the same key (Lightning's ``state_key``), which
+    Lightning's Trainer refuses with a traceback; None if there are none. Only callbacks whose key depends on their
+    settings (ModelCheckpoint, EarlyStopping) are built for it; an entry that cannot be is left to the run."""
+    seen: dict[str, int] = {}
+    for j, entry in enumerate(entries):
+        try:
+            module, _, name = entry.class_path.rpartition(".")
+            cls = getattr(importlib.import_module(module), name)
+            if not isinstance(cls, type) or not issubclass(cls, Callback) or cls.state_dict is Callback.state_dict:
+                continue
+            if cls.state_key is Callback.state_key:  # Lightning's default: the class name
+                key = cls.__qualname__
+            else:
+                init_args = entry.get("init_args") or {}
+                key = cls(**(init_args.as_dict() if hasattr(init_args, "as_dict") else init_args)).state_key
+        except Exception:
+            continue
+        if key in seen:
+            return seen[key], j
+        seen[key] = j
+    return None
+
+
 class MiniLLMCLI(LightningCLI):
     """LightningCLI with the links every stage needs and checks on ``--ckpt_path``."""
 
@@ -184,6 +211,36 @@ class MiniLLMCLI(LightningCLI):
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default; a plugin given by
             # the user is kept. Checkpoints are staged beside the target, not in $TMPDIR (maybe another filesystem)
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def before_instantiate_classes(self) -> None:
+        self._refuse_repeated_callbacks()
+
+    def _refuse_repeated_callbacks(self) -> None:
+        """A second stateful callback of a kind the config lists (``--trainer.callbacks+=RegressionSuite`` on a
+        config with one) failed in Lightning's Trainer with a traceback ending in "state_key must be unique", after
+        the data module was prepared. One line instead, up front, with ways to change the settings of the callback
+        the config has."""
+        entries = (self._get(self.config, "trainer") or {}).get("callbacks") or []
+        entries = entries if isinstance(entries, list) else [entries]
+        pair = repeated_stateful_callbacks(entries)
+        if pair is None:
+            return
+        first, second = pair
+        name = entries[first].class_path.rpartition(".")[2]
+        config = next(iter(self._get(self.config, "config") or []), "CONFIG")
+        # jsonargparse applies --trainer.callbacks.init_args.X to the last callback of the list, and to no other
+        last = (
+            f"; --trainer.callbacks.init_args.OPTION VALUE works too, as the config's {name} is its last callback"
+            if (first, second) == (len(entries) - 2, len(entries) - 1)
+            else ""
+        )
+        raise ConfigError(
+            f"trainer.callbacks lists {name} twice (the config's and one added by --trainer.callbacks+=?): a run "
+            f"takes one, as its state is saved in checkpoints under one key. Drop the second; to change the "
+            f"settings of the first, edit its init_args in a copy of the config (minillm {self.subcommand or 'fit'} "
+            f"--config {config} --print_config > my.yaml, then --config my.yaml), or give the whole list: "
+            f"--trainer.callbacks '[{{class_path: ..., init_args: {{...}}}}, ...]'{last}"
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the model's vocabulary is whatever tokenizer the data module trained or loaded
@@ -372,4 +429,8 @@ def run_lightning(args: list[str] | None = None, **cli_kwargs) -> MiniLLMCLI:
         # TestReport: `minillm test` writes <checkpoint stem>.test.json next to the checkpoint
         trainer_defaults={"callbacks": [InterruptCheckpoint(), TestReport()]},
     )
-    return MiniLLMCLI(StageModule, LightningDataModule, **{**settings, **cli_kwargs})
+    PRE_FIT_WARNINGS.start()  # a TrainingSummary counts the warnings shown while the model and data are built
+    try:
+        return MiniLLMCLI(StageModule, LightningDataModule, **{**settings, **cli_kwargs})
+    finally:
+        PRE_FIT_WARNINGS.take()  # those of a run without a TrainingSummary (or with run=False) are dropped

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import FIXTURES, MICRO_ARCH, ROOT, SAMPLE, user_error
 
 from minillm_lightning import PreferenceDataModule, PretrainDataModule, PromptDataModule, SFTDataModule
@@ -210,6 +211,48 @@ def test_trainer_flags_against_the_configs_callbacks_are_one_line(flag, message,
     monkeypatch.chdir(workdir)
     line = user_error(["fit", "--config", "configs/pretrain_tiny.yaml", "--trainer.max_steps=1", flag], capfd)
     assert line.startswith(message) and "trainer.callbacks includes it" in line
+
+
+@pytest.mark.parametrize("name", ["RegressionSuite", "TrainingSummary"])
+def test_a_second_callback_of_a_kind_the_config_has_is_one_line(name, workdir, capfd, monkeypatch) -> None:
+    """``--trainer.callbacks+=RegressionSuite`` on a config with one ended in Lightning's traceback "state_key must
+    be unique", after the data module was built; now one line up front, with ways to change the config's one."""
+    monkeypatch.chdir(workdir)
+    args = ["fit", "--config", "configs/pretrain_tiny.yaml", f"--trainer.callbacks+=minillm_lightning.callbacks.{name}"]
+    line = user_error([*args, "--trainer.max_steps=1"], capfd)
+    assert line.startswith(f"error: trainer.callbacks lists {name} twice (the config's and one added by"), line
+    assert "--print_config > my.yaml, then --config my.yaml" in line and "--trainer.callbacks '[" in line
+    # TrainingSummary is the config's last callback: --trainer.callbacks.init_args.OPTION sets it, as said
+    assert ("--trainer.callbacks.init_args.OPTION VALUE works too" in line) == (name == "TrainingSummary")
+    with pytest.raises(SystemExit) as printed:
+        main(["fit", "--config", "configs/pretrain_tiny.yaml", "--trainer.callbacks.init_args.monitor=val/ppl",
+              "--print_config"])  # fmt: skip
+    assert printed.value.code in (0, None)
+    last = yaml.safe_load(capfd.readouterr().out)["trainer"]["callbacks"][-1]
+    assert last["class_path"].endswith("TrainingSummary") and last["init_args"]["monitor"] == "val/ppl"
+
+
+def test_repeated_stateful_callbacks_follow_lightnings_state_key() -> None:
+    """Callbacks whose checkpoint key depends on their settings (ModelCheckpoint) may be listed twice with other
+    settings, and a callback without state (Throughput) any number of times, as Lightning's Trainer allows."""
+    from jsonargparse import Namespace
+
+    from minillm_lightning.trainer_cli import repeated_stateful_callbacks
+
+    def entry(name: str, **init_args) -> Namespace:
+        return Namespace(class_path=name, init_args=Namespace(**init_args))
+
+    checkpoint = "lightning.pytorch.callbacks.ModelCheckpoint"
+    entries = [
+        entry(checkpoint, monitor="val/loss"),
+        entry(checkpoint, monitor="train/loss"),
+        entry("minillm_lightning.callbacks.Throughput"),
+        entry("minillm_lightning.callbacks.Throughput"),
+        entry("minillm_lightning.callbacks.MemoryGuard"),
+    ]
+    assert repeated_stateful_callbacks(entries) is None
+    assert repeated_stateful_callbacks([*entries, entry(checkpoint, monitor="val/loss")]) == (0, 5)
+    assert repeated_stateful_callbacks([*entries, entry("minillm_lightning.callbacks.MemoryGuard")]) == (4, 5)
 
 
 def test_prepare_names_a_bad_data_option_in_one_line(workdir, capfd, monkeypatch) -> None:

@@ -5,6 +5,7 @@ with what TrainingSummary prints."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from minillm_lightning.callbacks import GradientHealthMonitor, MemoryGuard, RegressionSuite, TrainingSummary
-from minillm_lightning.callbacks.training_summary import NO_THROUGHPUT
+from minillm_lightning.callbacks.training_summary import NO_THROUGHPUT, WarningLog
 from minillm_lightning.errors import ConfigError, DataError
 
 DOCS = ROOT / "docs" / "callbacks.md"
@@ -166,6 +167,52 @@ def test_summary_memory_line_counts_the_leak_report():
     text = TrainingSummary.render(summary_of(guard))
     assert "  memory: peak RSS 1.00 GiB, 2 threshold warnings\n" in text
     assert "threshold warnings" in DOCS.read_text()
+
+
+def test_summary_says_when_no_validation_or_regression_round_ran():
+    """A run shorter than the validation interval printed "val/loss: final n/a (step -1), best n/a (step -1)" and
+    "regression pass rate: n/a (step None), best n/a (step -1)"; now what did not run, and why."""
+    suite = RegressionSuite(interval=2)
+    suite.rounds = 1  # one validation round ran; the suite runs on every 2nd
+    text = TrainingSummary.render(summary_of(suite))
+    assert "n/a (step" not in text, text
+    assert "  val/loss: no validation round ran before this run stopped at step 3\n" in text
+    line = "  regression pass rate: no round ran (the suite runs every 2nd validation round; 1 ran before this run "
+    assert line + "stopped at step 3)\n" in text
+    suite.interval, suite.rounds = 1, 0
+    summary = summary_of(suite)
+    summary["validation"]["val_check_interval"] = 200
+    text = TrainingSummary.render(summary)
+    assert (
+        "  val/loss: no validation round ran before this run stopped at step 3 (trainer.val_check_interval=200)" in text
+    )
+    assert "regression pass rate: no round ran (the suite runs every validation round; 0 ran before" in text
+    summary["validation"]["rounds"] = 2  # validation ran but never logged the monitored metric
+    assert "  val/loss: no finite value in 2 validation rounds (not logged, or NaN)\n" in TrainingSummary.render(
+        summary
+    )
+
+
+def test_warning_log_counts_while_started_and_unhooks():
+    """PRE_FIT_WARNINGS' kind of log: counts the warnings shown while started, passes them on, and when another hook
+    wraps it and it starts again, the new hook counts each warning once (the old one only passes it on)."""
+    shown: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *args: shown.append(str(message))
+        before = warnings.showwarning
+        log = WarningLog()
+        log.start()
+        warnings.warn("one", UserWarning, stacklevel=1)
+        warnings.warn("one", UserWarning, stacklevel=1)
+        assert log.take() == (2, ["UserWarning: one"]) and warnings.showwarning is before
+        log.start()
+        inner = warnings.showwarning
+        warnings.showwarning = lambda *args: inner(*args)  # another hook wraps the log's
+        log.start()
+        warnings.warn("two", UserWarning, stacklevel=1)
+        assert log.take() == (1, ["UserWarning: two"])
+    assert shown == ["one", "one", "two"]
 
 
 def test_docs_describe_the_summary_without_throughput():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from conftest import MICRO_ARCH, micro_trainer
 from test_cli import CONFIG, FAST, minillm, workdir  # noqa: F401  (fixture re-used)
 
 from minillm_lightning import MiniGPTConfig, PretrainModule
+from minillm_lightning.callbacks import TrainingSummary
 from minillm_lightning.checkpoint import is_intact, load_checkpoint, newest_intact_checkpoint
 from minillm_lightning.errors import CheckpointError
 
@@ -84,6 +86,26 @@ def test_failing_writer_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatc
         trainer.save_checkpoint(path)
     monkeypatch.undo()
     assert path.read_bytes() == before and is_intact(path)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path: Path, pretrain_dm_factory, caplog) -> None:
+    """Lightning skips the training loop of a run resumed at its max_steps (no on_train_start): no "continuing at
+    step" line, only "`Trainer.fit` stopped: `max_steps=2` reached.". Now a line says why and what to change, and
+    the training summary counts no steps for this process."""
+    dm = pretrain_dm_factory()
+    model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
+    trainer = micro_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
+    trainer = micro_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[TrainingSummary()])
+    with caplog.at_level(logging.INFO):
+        trainer.fit(model, datamodule=dm, ckpt_path=path)
+    out = caplog.text
+    line = f"resumed from {path} at step 2: max_steps=2 already reached, nothing to train; raise --trainer.max_steps"
+    assert line in out and "continuing at step" not in out, out[-2000:]
+    assert "training summary (pretrain): 0 steps in" in out and "(resumed at step 2, now at step 2)" in out
 
 
 def test_damaged_checkpoints_are_named_and_skipped(tmp_path: Path, tiny_pretrain_ckpt: Path) -> None:

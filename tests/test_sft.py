@@ -364,6 +364,26 @@ def test_init_from_loads_weights_and_starts_fresh(tmp_path, tiny_pretrain_ckpt):
     assert model.hparams.learning_rate == 1e-3 and SFTModule(vocab_size=64).hparams.learning_rate == 5e-5
 
 
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+def test_training_summary_counts_the_warnings_of_building_the_stage(tmp_path, tiny_pretrain_ckpt, monkeypatch):
+    """The stage warns in its constructor that arch.n_layer is ignored with init_from, before fit starts, where
+    TrainingSummary began counting: the summary said "warnings: 0" under that warning. It counts it now."""
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sample").symlink_to(SAMPLE)
+    monkeypatch.chdir(tmp_path)
+    ckpt = str(tiny_pretrain_ckpt)
+    cli_main(
+        ["fit", "--config", "configs/sft_tiny.yaml", f"--model.init_args.init_from={ckpt}",
+         f"--data.init_args.tokenizer={ckpt}", "--model.init_args.arch.n_layer=3", "--trainer.max_steps=1",
+         "--data.init_args.max_length=128", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+         "--trainer.enable_model_summary=false"]
+    )  # fmt: skip
+    summary = json.loads(next((tmp_path / "checkpoints" / "sft_tiny").glob("tb/version_*/summary.json")).read_text())
+    ignored = [m for m in summary["warnings"]["distinct"] if "arch.n_layer=3 ignored" in m]
+    assert ignored and summary["warnings"]["count"] >= 1, summary["warnings"]
+
+
 def test_missing_pretrain_checkpoint_names_the_pretrain_command(tmp_path, char_tok):
     missing = str(tmp_path / "checkpoints" / "pretrain_tiny" / "last.ckpt")
     with pytest.raises(CheckpointError, match=PRETRAIN_CMD):

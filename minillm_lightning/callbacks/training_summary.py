@@ -34,6 +34,66 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _warning_text(message: Any, category: type) -> str:
+    lines = str(message).strip().splitlines()
+    return f"{category.__name__}: {(lines[0] if lines else '')[:200]}"
+
+
+class WarningLog:
+    """Counts the Python warnings shown while it is started (and keeps the first distinct messages), passing each
+    on to the ``warnings.showwarning`` it found.
+
+    ``minillm fit`` starts :data:`PRE_FIT_WARNINGS` before it parses the config: a :class:`TrainingSummary` takes
+    its warnings when fit starts, so warnings shown while the model and data are built and set up (e.g. a stage's
+    "arch.n_layer=2 ignored: the architecture comes from init_from ...") count as well as those shown in fit."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.messages: list[str] = []
+        self._hook: Any = None  # the function installed as warnings.showwarning by the latest start()
+        self._previous: Any = None  # what it replaced
+        self._generation = 0
+
+    def start(self) -> None:
+        self.stop()
+        self.count, self.messages = 0, []
+        self._generation += 1
+        generation, previous = self._generation, warnings.showwarning
+
+        def show(message: Any, category: type, filename: str, lineno: int, *args: Any) -> None:
+            # a hook of an earlier start() that another hook still wraps only passes warnings on
+            if self._generation == generation:
+                self.count += 1
+                text = _warning_text(message, category)
+                if text not in self.messages and len(self.messages) < MAX_DISTINCT_WARNINGS:
+                    self.messages.append(text)
+            previous(message, category, filename, lineno, *args)
+
+        self._hook, self._previous = show, previous
+        warnings.showwarning = show
+
+    def stop(self) -> None:
+        self._generation += 1  # the installed hook counts no more
+        if self._hook is not None and warnings.showwarning is self._hook:
+            warnings.showwarning = self._previous
+        self._hook = self._previous = None
+
+    def take(self) -> tuple[int, list[str]]:
+        """The count and distinct messages so far; the log stops and starts over empty."""
+        self.stop()
+        taken = self.count, self.messages
+        self.count, self.messages = 0, []
+        return taken
+
+
+PRE_FIT_WARNINGS = WarningLog()
+
+
 class TrainingSummary(StatefulCallback):
     """At the end of fit, print a short summary (rank zero) and write ``<run dir>/summary.json``.
 
@@ -43,7 +103,8 @@ class TrainingSummary(StatefulCallback):
     measured; without it the summary says so), the latest and best regression pass rate
     (:class:`RegressionSuite`), the counters of :class:`GradientHealthMonitor` and :class:`MemoryGuard` (threshold
     warnings, whether a leak was reported) and the last :class:`SystemMonitor` reading when those callbacks are
-    used, the Python warnings shown during fit (count and the distinct messages), and every scalar in
+    used, the Python warnings shown during fit (count and the distinct messages; under ``minillm fit`` also those
+    shown while the model and data were built, see :data:`PRE_FIT_WARNINGS`), and every scalar in
     ``trainer.callback_metrics``.
 
     Args:
@@ -58,13 +119,16 @@ class TrainingSummary(StatefulCallback):
         self.monitor, self.mode, self.filename = monitor, mode, filename
         self._run_dir: Path | None = None
         self._t0 = 0.0
-        self._first_step = 0  # global_step when this process's training started (after a resume: where it resumed)
+        # global_step when this process's training started (after a resume: where it resumed); None while the
+        # training loop has not started (a resumed run that had reached max_steps never starts it)
+        self._first_step: int | None = 0
         self._showwarning: Any = None
         # state kept in checkpoints
         self.final: float | None = None
         self.final_step = -1
         self.best: float | None = None
         self.best_step = -1
+        self.validation_rounds = 0
         self.warning_count = 0
         self.warning_messages: list[str] = []
 
@@ -72,6 +136,11 @@ class TrainingSummary(StatefulCallback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: all ranks
         self._t0 = time.perf_counter()
+        self._first_step = None
+        count, messages = PRE_FIT_WARNINGS.take()  # shown while the model and data were built (minillm fit)
+        self.warning_count += count
+        for text in messages:
+            self._keep_message(text)
         self._showwarning = warnings.showwarning
         warnings.showwarning = self._record_warning  # shows it as before, and counts it
 
@@ -80,10 +149,12 @@ class TrainingSummary(StatefulCallback):
 
     def _record_warning(self, message: Any, category: type, filename: str, lineno: int, *args: Any) -> None:
         self.warning_count += 1
-        text = f"{category.__name__}: {str(message).strip().splitlines()[0][:200]}"
+        self._keep_message(_warning_text(message, category))
+        self._showwarning(message, category, filename, lineno, *args)
+
+    def _keep_message(self, text: str) -> None:
         if text not in self.warning_messages and len(self.warning_messages) < MAX_DISTINCT_WARNINGS:
             self.warning_messages.append(text)
-        self._showwarning(message, category, filename, lineno, *args)
 
     def _restore_warnings(self) -> None:
         if self._showwarning is not None and warnings.showwarning == self._record_warning:
@@ -93,6 +164,7 @@ class TrainingSummary(StatefulCallback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self.validation_rounds += 1
         value = _scalar(trainer.callback_metrics.get(self.monitor))
         if value is None or not math.isfinite(value):
             return
@@ -108,11 +180,12 @@ class TrainingSummary(StatefulCallback):
         """The summary as a JSON-ready dict."""
         module = trainer.lightning_module
         elapsed = time.perf_counter() - self._t0
+        first = trainer.global_step if self._first_step is None else self._first_step
         out: dict[str, Any] = {
             "stage": getattr(module, "stage_name", type(module).__name__),
             "global_step": trainer.global_step,
-            "steps_this_run": trainer.global_step - self._first_step,
-            "resumed_at_step": self._first_step or None,
+            "steps_this_run": trainer.global_step - first,
+            "resumed_at_step": first or None,
             "epoch": trainer.current_epoch,
             "stopped_early": bool(trainer.should_stop),
             "fit_time_s": round(elapsed, 2),
@@ -122,6 +195,8 @@ class TrainingSummary(StatefulCallback):
                 "final_step": self.final_step,
                 "best": self.best,
                 "best_step": self.best_step,
+                "rounds": self.validation_rounds,
+                "val_check_interval": getattr(trainer, "val_check_interval", None),
             },
         }
 
@@ -141,6 +216,8 @@ class TrainingSummary(StatefulCallback):
                 "best_pass_rate": rs.best_pass_rate,
                 "best_step": rs.best_step,
                 "failing": last.get("failed", []),
+                "validation_rounds": rs.rounds,
+                "interval": rs.interval,
             }
         if (gh := find(GradientHealthMonitor)) is not None:
             out["gradient_health"] = {k: getattr(gh, k) for k in GradientHealthMonitor.state_attrs}
@@ -171,18 +248,24 @@ class TrainingSummary(StatefulCallback):
                 else ""
             )
             + (" (stopped early)" if summary["stopped_early"] else ""),
-            f"  {v['monitor']}: final {_fmt(v['final'])} (step {v['final_step']}), best {_fmt(v['best'])} "
-            f"(step {v['best_step']})",
+            f"  {v['monitor']}: " + TrainingSummary._validation_text(summary),
             f"  throughput: {_fmt(tp.get('tokens_per_sec'), ',.0f')} tokens/s"
             + (f" ({tp['note']})" if tp.get("note") else "")
             + (f", {_fmt(tp['tflops_per_device'], '.3g')} TFLOP/s per device" if tp.get("tflops_per_device") else "")
             + (f", MFU {tp['mfu']:.1%}" if tp.get("mfu") else ""),
         ]
         if r := summary.get("regression"):
-            lines.append(
-                f"  regression pass rate: {_fmt(r['pass_rate'], '.2f')} (step {r['step']}), best "
-                f"{_fmt(r['best_pass_rate'], '.2f')} (step {r['best_step']})"
-            )
+            if r["pass_rate"] is None:  # no evaluation yet: "n/a (step None), best n/a (step -1)" said nothing
+                every = "every" if (r.get("interval") or 1) <= 1 else f"every {_ordinal(r['interval'])}"
+                lines.append(
+                    f"  regression pass rate: no round ran (the suite runs {every} validation round; "
+                    f"{r.get('validation_rounds', 0)} ran before this run stopped at step {summary['global_step']})"
+                )
+            else:
+                lines.append(
+                    f"  regression pass rate: {_fmt(r['pass_rate'], '.2f')} (step {r['step']}), best "
+                    f"{_fmt(r['best_pass_rate'], '.2f')} (step {r['best_step']})"
+                )
         if g := summary.get("gradient_health"):
             lines.append(
                 f"  gradients: {g['nonfinite_steps']} non-finite steps ({g['skipped_steps']} skipped), "
@@ -197,6 +280,18 @@ class TrainingSummary(StatefulCallback):
         lines.append(f"  warnings: {w['count']}" + "".join(f"\n    - {msg}" for msg in w["distinct"][:5]))
         return "\n".join(lines)
 
+    @staticmethod
+    def _validation_text(summary: dict[str, Any]) -> str:
+        v = summary["validation"]
+        if v["final"] is not None:
+            return f"final {_fmt(v['final'])} (step {v['final_step']}), best {_fmt(v['best'])} (step {v['best_step']})"
+        if v.get("rounds"):
+            return f"no finite value in {v['rounds']} validation rounds (not logged, or NaN)"
+        interval = v.get("val_check_interval")
+        return f"no validation round ran before this run stopped at step {summary['global_step']}" + (
+            f" (trainer.val_check_interval={interval})" if interval is not None else ""
+        )
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_warnings()
         if not trainer.is_global_zero:
@@ -206,7 +301,15 @@ class TrainingSummary(StatefulCallback):
         write_json(path, summary)
         rank_zero_info(self.render(summary) + f"\n  written to {path}")
 
-    state_attrs = ("final", "final_step", "best", "best_step", "warning_count", "warning_messages")
+    state_attrs = (
+        "final",
+        "final_step",
+        "best",
+        "best_step",
+        "validation_rounds",
+        "warning_count",
+        "warning_messages",
+    )
 
 
-__all__ = ["TrainingSummary"]
+__all__ = ["PRE_FIT_WARNINGS", "TrainingSummary", "WarningLog"]

@@ -349,6 +349,7 @@ class StageModule(L.LightningModule):
             self.arch.check_fits(dm)
 
     def on_fit_start(self) -> None:
+        self._training_started = False
         n, n_emb = self.model.num_parameters(), self.model.embed_tokens.weight.numel()
         a = self.arch
         rank_zero_info(
@@ -358,12 +359,28 @@ class StageModule(L.LightningModule):
         )
 
     def on_train_start(self) -> None:
+        self._training_started = True
         if self.trainer.ckpt_path:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             rank_zero_info(
                 f"resumed from {self.trainer.ckpt_path}: continuing at step {self.global_step}, "
                 f"epoch {self.current_epoch}, learning rate {lr:.3g}"
             )
+
+    def on_fit_end(self) -> None:
+        """A resumed run that had already reached its end: Lightning skips the training loop (no on_train_start,
+        so no "continuing at step" line) and said only "`Trainer.fit` stopped: `max_steps=N` reached."."""
+        trainer = self.trainer
+        if not trainer.ckpt_path or getattr(self, "_training_started", True):
+            return
+        step, max_steps, max_epochs = trainer.global_step, trainer.max_steps, trainer.max_epochs
+        if max_steps is not None and max_steps >= 0 and step >= max_steps:
+            why = f"max_steps={max_steps} already reached, nothing to train; raise --trainer.max_steps to continue"
+        elif max_epochs is not None and max_epochs >= 0 and self.current_epoch >= max_epochs:
+            why = f"max_epochs={max_epochs} already reached, nothing to train; raise --trainer.max_epochs to continue"
+        else:
+            why = "no training step ran"
+        rank_zero_info(f"resumed from {trainer.ckpt_path} at step {step}: {why}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[META_KEY] = {"stage": self.stage_name, "arch": self.arch.to_dict(), "format": 1}
