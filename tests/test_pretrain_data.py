@@ -709,3 +709,179 @@ def test_caches_of_the_format_before_the_bom_fix_are_rebuilt(tmp_path, monkeypat
     meta = json.loads(Path(new.dataset_path, "meta.json").read_text())
     assert meta["format"] == pretrain_mod.FORMAT_VERSION > 1
     assert meta["splits"]["train"]["chars"] + meta["splits"]["val"]["chars"] == len(text)
+
+
+# ---- sources given as plain paths: `[a.jsonl, {path: b.txt, sample_ratio: 0.5}]` ----
+MICRO_FIT = [
+    "--model.init_args.arch.n_layer=2",
+    "--model.init_args.arch.dim=64",
+    "--data.init_args.seq_len=64",
+    "--data.init_args.vocab_size=1024",
+    "--data.init_args.prepare_workers=1",
+    "--trainer.max_steps=1",
+    "--trainer.val_check_interval=1",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+def test_plain_path_sources_train_from_the_command_line(workdir, monkeypatch) -> None:  # noqa: F811
+    """`--data.init_args.test_sources '[data/my_test.jsonl]'` (as the SFT and reward modules take it) failed with
+    jsonargparse's "Invalid content in sub-config file": only `[{path: ...}]` was accepted."""
+    from minillm_lightning.cli import main
+
+    monkeypatch.chdir(workdir)
+    _jsonl(workdir / "held.jsonl", _docs(40, tag="held"))
+    sources = ["--data.init_args.sources=[data/sample/pretrain.jsonl]", "--data.init_args.test_sources=[held.jsonl]"]
+    main(["fit", "--config", "configs/pretrain_tiny.yaml", *MICRO_FIT, *sources])
+    stats = json.loads(next((workdir / "checkpoints").rglob("dataset_stats.json")).read_text())["pretrain"]
+    assert stats["train_tokens"] > 0 and stats["test_tokens"] > 0
+    assert {Path(p).name for p in stats["sources"]} == {"pretrain.jsonl", "held.jsonl"}
+    saved = next((workdir / "checkpoints").rglob("config.yaml")).read_text()  # the run's resolved config
+    assert "- data/sample/pretrain.jsonl" in saved and "- held.jsonl" in saved
+
+
+def _prepared_dir(args: list[str], capsys) -> tuple[str, bool]:
+    """`minillm prepare <args>` in-process: the prepared directory it names, and whether it was already there."""
+    from minillm_lightning.cli import main
+
+    capsys.readouterr()
+    main(["prepare", *args])
+    line = next(x for x in capsys.readouterr().out.splitlines() if ": already prepared" in x or ": prepared in" in x)
+    return line.rsplit(": ", 1)[0], "already prepared" in line
+
+
+def test_plain_paths_and_mappings_share_one_prepared_dir(workdir, monkeypatch, capsys) -> None:  # noqa: F811
+    """A string is `{path: <it>}` with defaults: the cache key is the same, so a corpus prepared from one form is
+    reused by the other; strings and mappings mix in one list, from the command line and from YAML."""
+    import yaml
+
+    monkeypatch.chdir(workdir)
+    (workdir / "extra.txt").write_text("".join(f"An extra line of plain text, number {i}.\n" for i in range(200)))
+    _jsonl(workdir / "held.jsonl", _docs(30, tag="held"))
+    tiny = yaml.safe_load(Path("configs/pretrain_tiny.yaml").read_text())
+    common = {"cache_dir": "cache", "vocab_size": 1024, "prepare_workers": 1}
+
+    def config(name: str, **init_args) -> list[str]:
+        data = {**tiny["data"], "init_args": {**tiny["data"]["init_args"], **common, **init_args}}
+        (workdir / name).write_text(yaml.safe_dump({"data": data}))
+        return ["--config", name]
+
+    as_mappings = config(
+        "mappings.yaml",
+        sources=[{"path": "data/sample/pretrain.jsonl"}, {"path": "extra.txt", "sample_ratio": 0.5}],
+        test_sources=[{"path": "held.jsonl"}],
+    )
+    first, reused = _prepared_dir(as_mappings, capsys)
+    assert not reused and Path(first, "meta.json").is_file()
+    mixed_yaml = config(
+        "mixed.yaml", sources=["data/sample/pretrain.jsonl", {"path": "extra.txt", "sample_ratio": 0.5}]
+    )
+    assert "- data/sample/pretrain.jsonl\n" in (workdir / "mixed.yaml").read_text()  # a plain YAML string
+    flags = ["--data.init_args.test_sources=[held.jsonl]"]
+    assert _prepared_dir([*mixed_yaml, *flags], capsys) == (first, True)
+    mixed_flag = ["--data.init_args.sources=[data/sample/pretrain.jsonl, {path: extra.txt, sample_ratio: 0.5}]"]
+    assert _prepared_dir([*as_mappings, *mixed_flag, *flags], capsys) == (first, True)
+    # and a different ratio is another corpus
+    other = ["--data.init_args.sources=[data/sample/pretrain.jsonl, {path: extra.txt, sample_ratio: 0.25}]"]
+    assert _prepared_dir([*as_mappings, *other, *flags], capsys)[0] != first
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+def test_mixed_sources_print_config(workdir, monkeypatch, capsys) -> None:  # noqa: F811
+    """`--print_config` shows each entry as given (a path, or a mapping with every field); `+` appends either."""
+    import yaml
+
+    from minillm_lightning.cli import main
+
+    monkeypatch.chdir(workdir)
+    args = ["fit", "--config", "configs/pretrain_tiny.yaml", "--print_config"]
+    args += ["--data.init_args.sources=[data/sample/pretrain.jsonl, {path: b.txt, sample_ratio: 0.5}]"]
+    args += ["--data.init_args.sources+=c.json", "--data.init_args.sources+={path: d.txt, val_share: 0.1}"]
+    args += ["--data.init_args.test_sources=[held.jsonl]"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code in (0, None)
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    none = {"sample_ratio": None, "val_share": None, "text_field": None}
+    assert data["sources"] == [
+        "data/sample/pretrain.jsonl",
+        {"path": "b.txt", **none, "sample_ratio": 0.5},
+        "c.json",
+        {"path": "d.txt", **none, "val_share": 0.1},
+    ]
+    assert data["test_sources"] == ["held.jsonl"]
+
+
+def test_plain_path_sources_in_python_match_the_mapping_form(tmp_path) -> None:
+    """Strings are normalised before every check and before the cache key."""
+    corpus = _jsonl(tmp_path / "c.jsonl", _docs(60))
+    as_strings = _dm(tmp_path, [str(corpus)], test_sources=[str(corpus)])
+    as_mappings = _dm(tmp_path, [{"path": str(corpus)}], test_sources=[{"path": str(corpus)}])
+    assert as_strings.sources == as_mappings.sources and as_strings.test_sources == as_mappings.test_sources
+    assert as_strings.dataset_path == as_mappings.dataset_path
+    with pytest.raises(ConfigError, match=r"sources\[1\]\.val_share \(.*c\.jsonl\) must be in \[0, 1\)"):
+        _dm(tmp_path, [str(corpus), {"path": str(corpus), "val_share": 1.5}])
+    with pytest.raises(ConfigError, match=r"test_sources\[0\] is not a source \(the unknown key 'bogus'\)"):
+        _dm(tmp_path, [str(corpus)], test_sources=[{"path": str(corpus), "bogus": 1}])
+    with pytest.raises(ConfigError, match=r"sources\[1\] is not a source \(no path\)"):
+        _dm(tmp_path, [str(corpus), {"sample_ratio": 0.5}])
+    with pytest.raises(DataError, match="`sources` is empty"):
+        _dm(tmp_path, [])
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (  # one string, not a list: jsonargparse read the file as a config, or as a list of paths, one per line
+            "--data.init_args.test_sources=data/sample/pretrain.jsonl",
+            "error: PretrainDataModule.test_sources is a list of files or globs, not one string; write it in "
+            "brackets: --data.init_args.test_sources '[data/sample/pretrain.jsonl]' (in YAML: test_sources: "
+            "[data/sample/pretrain.jsonl])",
+        ),
+        (
+            "--data.init_args.sources=data/sample/pretrain.jsonl",
+            "error: PretrainDataModule.sources is a list of files or globs, not one string; write it in brackets: "
+            "--data.init_args.sources '[data/sample/pretrain.jsonl]'",
+        ),
+        (  # a .json array named alone became one source per record
+            "--data.init_args.test_sources=array.json",
+            "error: PretrainDataModule.test_sources is a list of files or globs, not one string; write it in "
+            "brackets: --data.init_args.test_sources '[array.json]'",
+        ),
+        (  # a text file named alone: jsonargparse replaced the path by the file's text
+            "--data.init_args.test_sources=book.txt",
+            "error: PretrainDataModule.test_sources is a list of files or globs, not one string; write it in "
+            "brackets: --data.init_args.test_sources '[data/my_corpus.jsonl]'",
+        ),
+        (
+            "--data.init_args.sources+=book.txt",
+            "error: PretrainDataModule.sources[1] is lines of text, not a path: jsonargparse reads a file named alone",
+        ),
+        (  # mappings are checked as before, also next to strings
+            "--data.init_args.sources=[data/sample/pretrain.jsonl, {path: b.txt, bogus: 1}]",
+            "error: --data.init_args.sources.bogus: not an option of PretrainSource",
+        ),
+        (
+            "--data.init_args.test_sources=[held.jsonl, {path: data/sample/pretrain.jsonl, val_share: 1.5}]",
+            "error: PretrainDataModule.test_sources[1].val_share (data/sample/pretrain.jsonl) must be in [0, 1)",
+        ),
+    ],
+)
+def test_sources_that_are_no_list_are_one_line(option, message, workdir, capfd, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.chdir(workdir)
+    (workdir / "array.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}]))
+    (workdir / "book.txt").write_text("It was a bright cold day in April\nand the clocks were striking thirteen.\n")
+    line = user_error(["fit", "--config", "configs/pretrain_tiny.yaml", option], capfd)
+    assert line.startswith(message), line
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+def test_one_string_in_yaml_is_one_line(workdir, capfd, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.chdir(workdir)
+    (workdir / "one.yaml").write_text("data:\n  init_args:\n    sources: data/sample/pretrain.jsonl\n")
+    line = user_error(["fit", "--config", "configs/pretrain_tiny.yaml", "--config", "one.yaml"], capfd)
+    assert line.startswith("error: PretrainDataModule.sources is a list of files or globs, not one string"), line
+    assert "(in YAML: sources: [data/sample/pretrain.jsonl])" in line

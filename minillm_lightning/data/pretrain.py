@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NewType
 
 import lightning as L
 import numpy as np
@@ -29,6 +29,7 @@ from minillm_lightning.data.common import DataError, expand_paths, write_stats
 from minillm_lightning.data.pretrain_checks import (
     check_corpus,
     check_options,
+    check_source_list,
     check_source_shares,
     exists,
     load_given_tokenizer,
@@ -65,7 +66,8 @@ FORMAT_VERSION = 2  # bump when the prepared directory's layout or tokenization 
 
 @dataclass
 class PretrainSource:
-    """One corpus entry (the seed's ``dataset_sampling``)."""
+    """One corpus entry (the seed's ``dataset_sampling``). In ``sources``, ``val_sources`` and ``test_sources`` a
+    plain string stands for ``PretrainSource(path=<string>)``: ``[a.jsonl, {path: b.txt, sample_ratio: 0.5}]``."""
 
     path: str
     """File or glob of .txt / .jsonl / .json files."""
@@ -78,6 +80,12 @@ class PretrainSource:
     """JSON field holding the text (default: the data module's ``text_field``)."""
 
 
+SourcePath = NewType("SourcePath", str)
+"""A source given as its path/glob alone: ``PretrainSource(path=<it>)``. A type of its own, not ``str``: where an
+entry fails to parse, jsonargparse takes the raw command-line text for a ``str`` member of the union (e.g. one
+entry per record of a .json array named alone)."""
+
+
 @dataclass
 class _File:
     """One source file in the plan: which split(s) it feeds and its scan."""
@@ -88,19 +96,39 @@ class _File:
     scan: FileScan
 
 
+def as_sources(name: str, value: Any) -> list[PretrainSource]:
+    """The entries of the ``name`` option (``sources``, ``val_sources``, ``test_sources``) as PretrainSources, a
+    string meaning ``PretrainSource(path=<string>)``; a one-line ConfigError for a malformed option or share.
+
+    The option's annotation takes one string too, tried before the list: jsonargparse would otherwise read the file
+    ``--data.init_args.sources data/x.txt`` names as a list of paths, one per line (the corpus's own lines).
+    ``check_source_list`` refuses that string with the list syntax.
+    """
+    out = [
+        item
+        if isinstance(item, PretrainSource)
+        else PretrainSource(**({"path": item} if isinstance(item, str) else item))
+        for item in check_source_list(name, value, PretrainSource)
+    ]
+    check_source_shares(name, out)
+    return out
+
+
 class PretrainDataModule(L.LightningDataModule):
     """Pretraining corpora: sampling, tokenizer training (cached), LitData token chunks and streamed blocks.
 
     Args:
-        sources: corpus entries; each a path/glob with optional per-source sample ratio and validation share.
+        sources: corpus entries, a list: each a path/glob, or a mapping with the path and an optional per-source
+            sample ratio, validation share and text field (``[a.jsonl, {path: b.txt, sample_ratio: 0.5}]``).
         seq_len: tokens per training block (must not exceed the model's ``block_size``).
         batch_size: blocks per batch on each device.
         sample_ratio: share of the documents to use of every source that sets no ``sample_ratio`` of its own (the
             seed's global sample ratio).
         val_share: share held out for validation of every source that sets no ``val_share`` of its own (ignored
             when ``val_sources`` is given).
-        val_sources: explicit validation files; the ``sources`` then feed training only.
-        test_sources: held-out test files, scored by ``minillm test`` (``test/loss``, ``test/ppl``, ``test/bpb``).
+        val_sources: explicit validation files (a list, as ``sources``); the ``sources`` then feed training only.
+        test_sources: held-out test files (a list, as ``sources``), scored by ``minillm test`` (``test/loss``,
+            ``test/ppl``, ``test/bpb``).
         text_field: JSON field with the document text.
         tokenizer: an existing tokenizer (.model file or a .ckpt carrying one); when unset one is trained.
         vocab_size: vocabulary size of a newly trained tokenizer.
@@ -124,13 +152,13 @@ class PretrainDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        sources: list[PretrainSource],
+        sources: SourcePath | list[SourcePath | PretrainSource],
         seq_len: int = 256,
         batch_size: int = 16,
         sample_ratio: float = 1.0,
         val_share: float = 0.05,
-        val_sources: list[PretrainSource] | None = None,
-        test_sources: list[PretrainSource] | None = None,
+        val_sources: SourcePath | list[SourcePath | PretrainSource] | None = None,
+        test_sources: SourcePath | list[SourcePath | PretrainSource] | None = None,
         text_field: str = "text",
         tokenizer: str | None = None,
         vocab_size: int = 4096,
@@ -148,8 +176,13 @@ class PretrainDataModule(L.LightningDataModule):
         block_stride: int | None = None,
     ) -> None:
         super().__init__()
+        self.sources, self.val_sources, self.test_sources = (
+            as_sources("sources", sources),
+            as_sources("val_sources", val_sources),
+            as_sources("test_sources", test_sources),
+        )
         check_options(
-            sources=sources,
+            sources=self.sources,
             dataset_dir=dataset_dir,
             cache_dir=cache_dir,
             seq_len=seq_len,
@@ -162,17 +195,6 @@ class PretrainDataModule(L.LightningDataModule):
             character_coverage=character_coverage,
             num_workers=num_workers,
             block_stride=block_stride,
-        )
-
-        def as_sources(name: str, items: list | None) -> list[PretrainSource]:
-            out = [s if isinstance(s, PretrainSource) else PretrainSource(**s) for s in items or []]
-            check_source_shares(name, out)
-            return out
-
-        self.sources, self.val_sources, self.test_sources = (
-            as_sources("sources", sources),
-            as_sources("val_sources", val_sources),
-            as_sources("test_sources", test_sources),
         )
         self.block_stride = block_stride
         self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed

@@ -7,8 +7,11 @@ filesystem package is a one-line error too. Nothing here keeps state: the data m
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +82,42 @@ def check_shares(owner: str, sample_ratio: float | None, val_share: float | None
             f"{owner}.val_share{where} must be in [0, 1) (a share held out for validation; training needs the rest), "
             f"got {val_share}"
         )
+
+
+def check_source_list(name: str, value: Any, source_type: type[PretrainSource]) -> list[Any]:
+    """The entries of the ``name`` option (``sources``, ``val_sources``, ``test_sources``): a list (None: empty) of
+    paths/globs, mappings of the fields of ``source_type`` (``path`` required) and ``source_type`` instances. A
+    one-line ConfigError showing the syntax for anything else, such as one string where the list belongs
+    (``--data.init_args.sources x.jsonl``)."""
+    option, flag = f"PretrainDataModule.{name}", f"--data.init_args.{name}"
+    keys = [f.name for f in fields(source_type)]
+    entry = f"a path, or a mapping with the keys {', '.join(keys)} (path required)"
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if value.lstrip().startswith(("[", "{")) and "\n" not in value:  # a list the parser could not read
+            raise ConfigError(f"{option}={value} is not a list of sources: each entry is {entry}")
+        # the string itself only when it names files: jsonargparse replaces a file named alone by its text
+        example = value if "\n" not in value and glob.glob(os.path.expanduser(value)) else "data/my_corpus.jsonl"
+        raise ConfigError(
+            f"{option} is a list of files or globs, not one string; write it in brackets: {flag} '[{example}]' "
+            f"(in YAML: {name}: [{example}]), or as [{{path: {example}, sample_ratio: 0.5}}, ...]"
+        )
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{option} must be a list of sources, each {entry}; got {value!r}")
+    for i, item in enumerate(value):
+        if isinstance(item, str) and "\n" in item:  # `--data.init_args.sources+ book.txt`: the file's text
+            raise ConfigError(
+                f"{option}[{i}] is lines of text, not a path: jsonargparse reads a file named alone (as in "
+                f"`{flag}+ book.txt`) as a config and puts its text here; name it in brackets: {flag}+ '[book.txt]'"
+            )
+        if isinstance(item, (str, source_type)):
+            continue
+        unknown = [key for key in item if key not in keys] if isinstance(item, dict) else []
+        if not isinstance(item, dict) or unknown or "path" not in item:
+            what = f"the unknown key {unknown[0]!r}" if unknown else "no path" if isinstance(item, dict) else repr(item)
+            raise ConfigError(f"{option}[{i}] is not a source ({what}): each entry is {entry}")
+    return list(value)
 
 
 def check_source_shares(name: str, sources: Sequence[PretrainSource]) -> None:
