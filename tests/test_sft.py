@@ -503,3 +503,24 @@ def test_cache_dir_that_is_or_lies_below_a_file_is_one_error(tmp_path, tiny_pret
         else f"SFTDataModule.cache_dir={notes} is a file, not a folder; set it to a folder for the token caches"
     )
     assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+@pytest.mark.parametrize("config", ["configs/sft_tiny.yaml", "configs/dpo_tiny.yaml", "configs/ppo_tiny.yaml"])
+def test_chat_sources_take_one_path_or_a_list(tmp_path, monkeypatch, capsys, config):
+    """`--data.init_args.test_sources data/x.jsonl` (one path, as `sources` in most examples) was refused with
+    "expected list"; the chat data modules take one path or a list, and `+=` still appends."""
+    import yaml
+
+    clone_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", config, "--print_config", "--data.init_args.test_sources", "held.jsonl"]
+    args += ["--data.init_args.val_sources", "[a.jsonl, b.jsonl]", "--data.init_args.sources+=extra.jsonl"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code in (0, None)
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    assert data["test_sources"] == "held.jsonl" and data["val_sources"] == ["a.jsonl", "b.jsonl"]
+    assert data["sources"][-1] == "extra.jsonl" and len(data["sources"]) >= 2
+    dm = SFTDataModule(sources="x.jsonl", test_sources="held.jsonl", tokenizer=None)
+    assert dm.sources == ["x.jsonl"] and dm.test_sources == ["held.jsonl"] and dm.val_sources == []

@@ -55,7 +55,7 @@ class ChatDataModule(L.LightningDataModule):
     """Base of the chat-template data modules; not used directly (see the module docstring).
 
     Args:
-        sources: files or globs of .jsonl / .json (array) records.
+        sources: files or globs of .jsonl / .json (array) records (a list, or one path).
         tokenizer: the checkpoint given as ``model.init_from`` (it carries its tokenizer) or a .model file.
         max_length: most tokens per row (subclasses say what a row is).
         batch_size: items per batch on each device.
@@ -89,13 +89,13 @@ class ChatDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        sources: list[str],
+        sources: str | list[str],
         tokenizer: str | None,
         max_length: int,
         batch_size: int,
         val_share: float = 0.05,
-        val_sources: list[str] | None = None,
-        test_sources: list[str] | None = None,
+        val_sources: str | list[str] | None = None,
+        test_sources: str | list[str] | None = None,
         skip_bad_records: bool = False,
         num_workers: int = 0,
         seed: int = 1337,

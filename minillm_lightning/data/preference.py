@@ -331,7 +331,7 @@ class PreferenceDataModule(ChatDataModule):
     """Preference pairs for reward modelling and DPO.
 
     Args:
-        sources: files or globs of .jsonl / .json (array) records.
+        sources: files or globs of .jsonl / .json (array) records (a list, or one path).
         tokenizer: the checkpoint given as ``model.init_from`` (normally the SFT checkpoint; it carries its
             tokenizer) or a .model file. Required: the vocabulary must match the model's.
         format: record schema, or auto (detected per file from its first record):
@@ -354,7 +354,7 @@ class PreferenceDataModule(ChatDataModule):
 
     def __init__(
         self,
-        sources: list[str],
+        sources: str | list[str],
         tokenizer: str | None = None,
         format: Format = "auto",
         fields: PreferenceFields | None = None,

@@ -161,7 +161,7 @@ class PromptDataModule(ChatDataModule):
 
     def __init__(
         self,
-        sources: list[str],
+        sources: str | list[str],
         tokenizer: str | None = None,
         format: PromptFormat = "auto",
         fields: PromptFields | None = None,

@@ -433,7 +433,7 @@ class SFTDataModule(ChatDataModule):
 
     def __init__(
         self,
-        sources: list[str],
+        sources: str | list[str],
         tokenizer: str | None = None,
         format: Format = "auto",
         fields: SFTFields | None = None,
