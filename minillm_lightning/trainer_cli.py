@@ -22,7 +22,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities import rank_zero_warn
 
 import minillm_lightning
-from minillm_lightning.callbacks import InterruptCheckpoint
+from minillm_lightning.callbacks import InterruptCheckpoint, LineProgress
 from minillm_lightning.callbacks.test_report import TestReport
 from minillm_lightning.callbacks.training_summary import PRE_FIT_WARNINGS
 from minillm_lightning.checkpoint import META_KEY, load_checkpoint, newest_intact_checkpoint
@@ -78,12 +78,18 @@ class MiniLLMRichProgressBar(RichProgressBar):
         return items
 
 
-def use_minillm_rich_bar(trainer: Trainer) -> None:
+def choose_progress_bar(trainer: Trainer, terminal: bool | None = None) -> None:
     """Give a plain ``RichProgressBar`` (Lightning's default when ``rich`` is installed, or one a config lists
-    with its own theme) the labels of :class:`MiniLLMRichProgressBar`; every setting is kept."""
-    for callback in trainer.callbacks:
+    with its own theme) the labels of :class:`MiniLLMRichProgressBar`, every setting kept; where standard output is
+    not a terminal (``terminal``, default: ``sys.stdout.isatty()``), where a live bar shows nothing until the run
+    ends, put :class:`~minillm_lightning.callbacks.LineProgress` in its place."""
+    terminal = sys.stdout.isatty() if terminal is None else terminal
+    for i, callback in enumerate(trainer.callbacks):
         if type(callback) is RichProgressBar:
-            callback.__class__ = MiniLLMRichProgressBar  # adds no state: only two display methods differ
+            if terminal:
+                callback.__class__ = MiniLLMRichProgressBar  # adds no state: only two display methods differ
+            else:
+                trainer.callbacks[i] = LineProgress()
 
 
 _KEY = re.compile(r'Parser key "([^"]+)":')
@@ -207,7 +213,7 @@ class MiniLLMCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        use_minillm_rich_bar(self.trainer)
+        choose_progress_bar(self.trainer)
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default; a plugin given by
             # the user is kept. Checkpoints are staged beside the target, not in $TMPDIR (maybe another filesystem)
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()

@@ -65,7 +65,7 @@ def test_rich_bar_labels_step_bound_runs_without_a_negative_epoch_count(tmp_path
     from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
     from lightning.pytorch.loggers import CSVLogger
 
-    from minillm_lightning.trainer_cli import MiniLLMRichProgressBar, use_minillm_rich_bar
+    from minillm_lightning.trainer_cli import MiniLLMRichProgressBar, choose_progress_bar
 
     labels = {}
     for name, limits in {"steps": {"max_steps": 2}, "epochs": {"max_epochs": 2, "max_steps": -1}}.items():
@@ -79,7 +79,7 @@ def test_rich_bar_labels_step_bound_runs_without_a_negative_epoch_count(tmp_path
             limit_val_batches=0,
             logger=CSVLogger(tmp_path / name),
         )
-        use_minillm_rich_bar(trainer)
+        choose_progress_bar(trainer, terminal=True)
         assert isinstance(trainer.progress_bar_callback, MiniLLMRichProgressBar)
         module = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=64)
         trainer.fit(module, _loader())
