@@ -885,3 +885,19 @@ def test_one_string_in_yaml_is_one_line(workdir, capfd, monkeypatch) -> None:  #
     line = user_error(["fit", "--config", "configs/pretrain_tiny.yaml", "--config", "one.yaml"], capfd)
     assert line.startswith("error: PretrainDataModule.sources is a list of files or globs, not one string"), line
     assert "(in YAML: sources: [data/sample/pretrain.jsonl])" in line
+
+
+def test_scanning_a_large_file_is_announced_once(tmp_path) -> None:
+    """The first pass over a multi-gigabyte corpus (hash, documents, byte ranges) printed nothing; a file of 64 MB
+    or more is now named before it is read, once: the scan is memoised while the file is unchanged."""
+    from minillm_lightning.data.shards import scan_file
+
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
+    line = json.dumps({"text": "x" * 1000}) + "\n"
+    big.write_text(line * ((64 << 20) // len(line) + 1))
+    small.write_text(line * 10)
+    said: list[str] = []
+    for _ in range(2):
+        assert scan_file(big, tmp_path / "cache", log=said.append).docs == (64 << 20) // len(line) + 1
+        assert scan_file(small, tmp_path / "cache", log=said.append).docs == 10
+    assert len(said) == 1 and said[0].startswith(f"scanning {big} (67 MB): ")

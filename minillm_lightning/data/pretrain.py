@@ -228,7 +228,8 @@ class PretrainDataModule(L.LightningDataModule):
             for group, sources in groups:
                 for src in sources:
                     for path in expand_paths(src.path):
-                        plan.append(_File(group, src, len(plan), scan_file(path, self.cache_dir)))
+                        scan = scan_file(path, self.cache_dir, log=rank_zero_info)
+                        plan.append(_File(group, src, len(plan), scan))
             self._plan = plan
         return self._plan
 

@@ -88,8 +88,11 @@ def _memo_path(cache_dir: Path) -> Path:
     return cache_dir / "file_scans.json"
 
 
-def scan_file(path: Path, cache_dir: Path, range_bytes: int = 16 << 20) -> FileScan:
-    """Hash and index one file in a single streaming pass; reuse the result while size and mtime are unchanged."""
+def scan_file(
+    path: Path, cache_dir: Path, range_bytes: int = 16 << 20, log: Callable[[str], None] | None = None
+) -> FileScan:
+    """Hash and index one file in a single streaming pass; reuse the result while size and mtime are unchanged.
+    ``log`` is told when a file of 64 MB or more is read (a gigabyte takes a while, before any other output)."""
     st = path.stat()
     version = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{range_bytes}:v{SCAN_VERSION}"
     memo_file = _memo_path(cache_dir)
@@ -98,6 +101,8 @@ def scan_file(path: Path, cache_dir: Path, range_bytes: int = 16 << 20) -> FileS
     if version in memo:
         hit = memo[version]
         return FileScan(**{**hit, "ranges": [tuple(r) for r in hit["ranges"]]})
+    if log is not None and st.st_size >= 64 << 20:
+        log(f"scanning {path} ({st.st_size / 1e6:,.0f} MB): content hash, documents, byte ranges (memoised)")
     h = hashlib.sha256()
     ranges: list[tuple[int, int, int, int]] = []
     docs = 0
