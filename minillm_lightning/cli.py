@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from minillm_lightning.errors import MiniLLMError, worker_crash_report
-from minillm_lightning.fileio import read_yaml_config
+from minillm_lightning.fileio import check_config_file
 
 LIGHTNING_VERBS = {"fit", "validate", "test", "predict"}
 # exit code of a run stopped by SIGTERM (the shell's convention, 128 + signal number), so `minillm fit ... && next`
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             with_env = join_negative_numbers(env_overrides(argv))
             for config in config_files(with_env):
                 if Path(config).exists():  # a broken file: one line naming it (jsonargparse names no file)
-                    read_yaml_config(config)
+                    check_config_file(config)
             if from_shell:  # keep sys.argv truthful: DDP's launcher re-runs it for the other ranks
                 sys.argv = sys.argv[:1] + with_env
             from minillm_lightning.trainer_cli import run_lightning

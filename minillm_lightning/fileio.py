@@ -89,3 +89,12 @@ def read_yaml_config(path: str | os.PathLike, option: str = "--config") -> dict[
     if not isinstance(data, dict):
         raise ConfigError(f"{where} holds {type_name(data)}, not a mapping of settings (e.g. `trainer:`, `model:`)")
     return data
+
+
+def check_config_file(path: str | os.PathLike, option: str = "--config") -> None:
+    """A ConfigError naming ``path`` unless it is a YAML mapping of settings: :func:`read_yaml_config`'s faults, and
+    an empty (or comments-only) file, for which jsonargparse says only "Unexpected config:"."""
+    from minillm_lightning.errors import ConfigError
+
+    if not read_yaml_config(path, option):
+        raise ConfigError(f"{option} {path} holds no settings (empty or only comments); fill or drop it")

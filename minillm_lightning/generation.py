@@ -76,6 +76,7 @@ class GenerationConfig:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
             (self.num_beams >= 1, "num_beams must be >= 1"),
+            (self.seed is None or -(2**63) <= self.seed < 2**63, f"seed must be in -2**63..2**63-1, got {self.seed}"),
         ]
         for ok, msg in checks:
             if not ok:

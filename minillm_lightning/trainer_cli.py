@@ -259,6 +259,7 @@ class MiniLLMCLI(LightningCLI):
         than by overriding that private method.
         """
         super().parse_arguments(parser, args)
+        self._check_trainer_numbers()
         self._check_ckpt_path()
         # LightningCLI then merges a checkpoint FILE's hyperparameters over the parsed config, silently undoing the
         # --model flags given with it, while `last`/`best` (files only later) kept them. Held back until the run
@@ -269,6 +270,23 @@ class MiniLLMCLI(LightningCLI):
         self._ckpt_file = ckpt_path if ckpt_path not in (None, "last", "best") else None
         if self._ckpt_file:
             self.config[sub]["ckpt_path"] = None
+
+    def _check_trainer_numbers(self) -> None:
+        """Values Lightning takes, then fails on in the first step with a ZeroDivisionError (0), silently misuses (a
+        negative accumulation) or refuses with numpy's traceback (a seed outside 0..2**32-1)."""
+        sub = self.config.get("subcommand")
+        config = self.config[sub] if sub else self.config
+        seed = config.get("seed_everything")
+        if type(seed) is int and not 0 <= seed < 2**32:
+            raise ConfigError(f"seed_everything must be in 0..2**32-1 (numpy's range), got {seed}")
+        trainer = config.get("trainer") or {}
+        accumulate, interval = trainer.get("accumulate_grad_batches"), trainer.get("val_check_interval")
+        if accumulate is not None and accumulate < 1:
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches must be >= 1 (batches per optimizer step), got {accumulate}"
+            )
+        if type(interval) is int and interval < 1:
+            raise ConfigError(f"trainer.val_check_interval must be >= 1 (batches) or a share in (0, 1], got {interval}")
 
     def _check_ckpt_path(self) -> None:
         """Refuse a missing or corrupted ``--ckpt_path``, or a checkpoint of another stage, up front.

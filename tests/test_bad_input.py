@@ -180,6 +180,20 @@ def test_invalid_values_are_one_line(option, message, workdir, capfd, monkeypatc
     assert user_error(["fit", "--config", "configs/pretrain_tiny.yaml", option], capfd).startswith(message)
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [  # ZeroDivisionError tracebacks in the first step, a silent run, numpy's "not in bounds" traceback
+        ("--trainer.val_check_interval=0", "error: trainer.val_check_interval must be >= 1 (batches) or a share in"),
+        ("--trainer.accumulate_grad_batches=0", "error: trainer.accumulate_grad_batches must be >= 1 (batches per"),
+        ("--trainer.accumulate_grad_batches=-2", "error: trainer.accumulate_grad_batches must be >= 1 (batches per"),
+        ("--seed_everything=-1", "error: seed_everything must be in 0..2**32-1 (numpy's range), got -1"),
+    ],
+)
+def test_trainer_numbers_lightning_fails_on_later_are_one_line(option, message, workdir, capfd, monkeypatch) -> None:
+    monkeypatch.chdir(workdir)
+    assert user_error(["fit", "--config", "configs/pretrain_tiny.yaml", *FAST, option], capfd).startswith(message)
+
+
 def test_negative_numbers_in_exponent_form_reach_the_value_check(workdir, capfd, monkeypatch) -> None:
     """argparse took ``-1e-3`` for an option: "argument --model: expected one argument" named the wrong flag."""
     from minillm_lightning.cli import join_negative_numbers
@@ -405,6 +419,20 @@ def test_non_utf8_chat_file_is_one_plain_message(tmp_path: Path, tiny_pretrain_c
     with pytest.raises(DataError) as exc:
         PromptDataModule([str(bad)], tokenizer=str(tiny_pretrain_ckpt)).read()
     assert str(exc.value).startswith(f"{bad}:1: not valid UTF-8") and "malformed JSON" not in str(exc.value)
+
+
+def test_completion_writer_refuses_an_output_it_cannot_write(tmp_path: Path) -> None:
+    """`minillm predict` with CompletionWriter.output a folder (or under a file) loaded the model, then ended in
+    IsADirectoryError/FileExistsError tracebacks."""
+    from minillm_lightning.callbacks import CompletionWriter
+    from minillm_lightning.errors import MiniLLMError
+
+    with pytest.raises(MiniLLMError, match=f"CompletionWriter.output {tmp_path} is a directory; give the JSONL file"):
+        CompletionWriter(output=str(tmp_path))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(MiniLLMError, match=f"CompletionWriter.output: cannot write in {a_file} "):
+        CompletionWriter(output=str(a_file / "completions.jsonl"))
 
 
 def test_pipeline_and_bench_refuse_wrong_output_kinds(tmp_path: Path, capfd) -> None:

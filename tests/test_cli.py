@@ -336,6 +336,8 @@ def test_config_errors_are_one_line(
         (b"trainer:\n  max_steps: 3\n  bad: [1,\n", "not valid YAML at line 4, column 1: expected the node content"),
         (b"trainer: {max_steps: 3}\n\xff\n", "not UTF-8 text (byte 24); save it as UTF-8"),
         (b"- fit\n- 3\n", "holds a list, not a mapping of settings"),
+        (b"", "holds no settings (empty or only comments); fill or drop it"),  # jsonargparse: "Unexpected config: "
+        (b"# my changes, to do\n", "holds no settings (empty or only comments); fill or drop it"),
     ],
 )
 def test_broken_config_file_is_named(text: bytes, line: str, tmp_path: Path, capsys) -> None:
@@ -343,10 +345,12 @@ def test_broken_config_file_is_named(text: bytes, line: str, tmp_path: Path, cap
     file that is not UTF-8 or not a mapping ended in a traceback."""
     bad = tmp_path / "mine.yaml"
     bad.write_bytes(text)
-    with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(ROOT / CONFIG), "--config", str(bad)])
-    err = capsys.readouterr().err.strip()
-    assert exc.value.code == 2 and err.startswith(f"error: --config {bad}") and line in err, err
+    # `minillm bench` said jsonargparse's "Unexpected config: - fit ..." or "Problems parsing config" for these
+    for args in (["fit", "--config", str(ROOT / CONFIG), "--config", str(bad)], ["bench", "--config", str(bad)]):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and err.startswith(f"error: --config {bad}") and line in err, err
 
 
 def test_fit_help_lists_the_stages_and_explains_ckpt_path(capsys, monkeypatch) -> None:

@@ -314,6 +314,11 @@ def test_incompatible_init_from_and_too_long_sequences(tmp_path: Path, tiny_pret
     model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
     with pytest.raises(ConfigError, match="exceeds the model context block_size=128"):
         micro_trainer(tmp_path, max_steps=1).fit(model, datamodule=dm)
+    # so long that the corpus holds fewer than one batch of it: the context is named, not "add data"
+    dm = pretrain_dm_factory(seq_len=100_000)
+    model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
+    with pytest.raises(ConfigError, match="exceeds the model context block_size=128"):
+        micro_trainer(tmp_path, max_steps=1).fit(model, datamodule=dm)
 
 
 class _Interrupt(L.Callback):

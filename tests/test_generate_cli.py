@@ -120,6 +120,7 @@ BAD_OPTIONS = [
     (["--top_k", "-3"], "top_k must be >= 0"),
     (["--num_beams", "0"], "num_beams must be >= 1"),
     (["--repetition_penalty", "0"], "repetition_penalty must be > 0"),
+    (["--seed", str(2**64)], "seed must be in -2**63..2**63-1, got 18446744073709551616"),  # was a traceback
     (["--max_new_tokens", "100000"], "exceeds the model context block_size="),
     # a third prompt too long for the context: the two before it, which fit, are not printed either
     (["--max_new_tokens", "8", "--prompt", "hello world " * 60], "exceeds the model context block_size="),

@@ -441,6 +441,8 @@ def test_manual_optimization_guards_and_argument_checks(tmp_path, tiny_pretrain_
         make_module(tiny_pretrain_ckpt, dm, reward_model="r.ckpt")
     with pytest.raises(ValueError, match="group_size must be >= 2 for GRPO"):
         make_module(tiny_pretrain_ckpt, dm, advantage="grpo")
+    with pytest.raises(MiniLLMError, match="eval_temperature must be >= 0"):  # was a traceback at the 1st validation
+        make_module(tiny_pretrain_ckpt, dm, eval_temperature=-1.0)
     with pytest.raises(CheckpointError, match="reward_tiny.yaml"):
         make_module(tiny_pretrain_ckpt, dm, reward_fn=None, reward_model=str(tmp_path / "none.ckpt"))
     with pytest.raises(CheckpointError, match=SFT_CMD):

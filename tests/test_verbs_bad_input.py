@@ -269,7 +269,7 @@ def test_a_request_the_engine_cannot_decode_fails_alone(model_and_tokenizer) -> 
     )
     ChatLoop()(api, "cpu", 0, requests, transport, {}, None)
     assert set(transport.errors) == {"nan", "seed"}, transport.errors
-    assert "temperature" in str(transport.errors["nan"]) and "Overflow" in str(transport.errors["seed"])
+    assert "temperature" in str(transport.errors["nan"]) and "seed must be in" in str(transport.errors["seed"])
     for uid in ("good", "sampled"):
         final = transport.events[uid][-1]
         assert final["finish_reason"] in ("stop", "length") and final["usage"]["completion_tokens"] >= 1, final
@@ -313,6 +313,28 @@ def test_serve_max_body_mb_not_above_0_is_refused_at_start(
         line
         == f"minillm serve: error: --max_body_mb must be a number > 0 (the largest request body in MB), got {value}"
     )
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        # LitServe's getattr(logging, "LOUD") was an AttributeError traceback
+        (["--log_level", "loud"], "minillm serve: error: argument --log_level: invalid choice: 'loud'"),
+        # NaN passed `batch_timeout < 0` and the server started
+        (["--batch_timeout", "nan"], "error: --max_batch_size must be >= 1 and --batch_timeout a number >= 0"),
+    ],
+)
+def test_serve_refuses_a_bad_log_level_and_batch_timeout(
+    ckpt: Path, option: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    pytest.importorskip("litserve")
+    from minillm_lightning.commands import serve
+
+    def started(*args: Any) -> None:
+        raise AssertionError(f"the server was built and about to start: {option} was not checked")
+
+    monkeypatch.setattr(serve, "check_port", started)
+    assert user_error(["serve", "--checkpoint", str(ckpt), *option], capfd).startswith(message)
 
 
 def test_eval_without_tasks_is_an_error(ckpt: Path, tmp_path: Path, capfd) -> None:

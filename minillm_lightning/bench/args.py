@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from minillm_lightning.commands import CommandParser
+from minillm_lightning.fileio import check_config_file
 
 SECTIONS = ("train", "loop", "decode", "data", "dpo", "serve", "eval", "profile", "nanostep")
 # the profile and the serving benchmark (it starts a server per config) are asked for by name
@@ -78,6 +79,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="--nanogpt: Tiny Shakespeare text for nanoGPT's prepare.py (instead of its download)",
     )
     args = p.parse_args(argv)
+    for config in args.config or []:  # a broken file: one line naming it (jsonargparse names no file)
+        check_config_file(config)
+    if args.fit_wall is not None:
+        check_config_file(args.fit_wall, "--fit-wall")
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         p.error("--warmup, --steps and --repeats must be >= 1")
     if not args.decode_lengths or min(args.decode_lengths) < 1:

@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from minillm_lightning.errors import ConfigError
+from minillm_lightning.fileio import check_writable_dir
 from minillm_lightning.generation import GenerationConfig
 
 
@@ -40,6 +42,9 @@ class CompletionWriter(BasePredictionWriter):
     ) -> None:
         super().__init__(write_interval="batch")
         self.output = Path(output)
+        if self.output.is_dir():
+            raise ConfigError(f"CompletionWriter.output {output} is a directory; give the JSONL file to write in it")
+        check_writable_dir(self.output.parent, "CompletionWriter.output")  # before the model is loaded and run
         self.config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,

@@ -331,8 +331,8 @@ def build_server(
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if dtype == "auto":
         dtype = "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
-    if max_batch_size < 1 or batch_timeout < 0:
-        raise MiniLLMError("--max_batch_size must be >= 1 and --batch_timeout >= 0")
+    if max_batch_size < 1 or not (math.isfinite(batch_timeout) and batch_timeout >= 0):
+        raise MiniLLMError("--max_batch_size must be >= 1 and --batch_timeout a number >= 0")
     if not (math.isfinite(max_body_mb) and max_body_mb > 0):
         raise MiniLLMError(f"--max_body_mb must be a number > 0, got {max_body_mb:g}")
     gen, stage = _load(SimpleNamespace(checkpoint=checkpoint, device="cpu", dtype="float32"))
@@ -381,7 +381,13 @@ def serve_main(argv: list[str]) -> None:
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="weights dtype")
-    p.add_argument("--log_level", default="warning", help="uvicorn/LitServe log level")
+    p.add_argument(
+        "--log_level",
+        type=str.lower,
+        choices=["critical", "error", "warning", "info", "debug"],
+        default="warning",
+        help="uvicorn/LitServe log level",
+    )
     args = p.parse_args(argv)
     if not 1024 <= args.port <= 65535:
         p.error(f"--port must be in 1024-65535, got {args.port}")

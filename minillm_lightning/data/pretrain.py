@@ -533,6 +533,9 @@ class PretrainDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None or self.meta is not None:
             return
+        arch = getattr(self.trainer.lightning_module, "arch", None) if self.trainer is not None else None
+        if arch is not None:  # a seq_len above the context would otherwise surface as "fewer than one batch"
+            arch.check_fits(self)
         if not self.is_prepared():  # prepare_data is skipped when the module is used outside a Trainer
             self.prepare_data()
         root = self.dataset_path.rstrip("/")

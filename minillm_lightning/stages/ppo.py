@@ -183,6 +183,7 @@ class PPOModule(RolloutMixin, StageModule):
             (0 < gamma <= 1 and 0 <= lam <= 1, "gamma must be in (0, 1] and lam in [0, 1]"),
             (missing_eos_penalty >= 0, "missing_eos_penalty must be >= 0"),
             (max_grad_norm is None or max_grad_norm > 0, "max_grad_norm must be positive or null"),
+            (eval_temperature >= 0, "eval_temperature must be >= 0 (0 = greedy)"),
         ]
         for ok, msg in checks:
             if not ok:
