@@ -404,15 +404,15 @@ def test_nanostep_ablation_swaps_the_named_parts_for_nanogpts(monkeypatch: pytes
         rotated = no_rope.model(x).logits
         with mock.patch.object(gpt, "apply_rope", step._no_rotation):
             unrotated = no_rope.model(x).logits
-        no_rope.model.rope_cos.fill_(1.0)
-        no_rope.model.rope_sin_signed.fill_(0.0)
+        no_rope.model.rope[..., 0].fill_(1.0)  # cos 1, sin 0: no rotation
+        no_rope.model.rope[..., 1].fill_(0.0)
         identity = no_rope.model(x).logits
     torch.testing.assert_close(unrotated, identity)
     assert not torch.allclose(rotated, identity)
     calls = []
-    monkeypatch.setattr(step, "_no_rotation", lambda q, cos, sin: calls.append(q.shape) or q)
+    monkeypatch.setattr(step, "_no_rotation", lambda qk, rot: calls.append(qk.shape) or qk)
     step._our_step("adamw", False, ("no-rope",))(x, x)
-    assert calls == [(2, 8, 64, 32)] * 4  # q and k of each layer, together, in every block
+    assert calls == [(2, 64, 4, 32)] * 8  # q and k of every block
     assert gpt.apply_rope.__name__ == "apply_rope"  # restored after the step
 
 

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from minillm_lightning.model import MiniGPT, MiniGPTConfig, padded_causal_mask, segment_causal_mask
+from minillm_lightning.model.gpt import apply_rope, rope_cache, rope_rows
 from minillm_lightning.model.hf_convert import from_hf_state_dict, to_hf_config, to_hf_state_dict
 
 VOCAB = 101
@@ -111,7 +112,7 @@ def test_dense_matches_hf_llama(tie: bool, n_kv_head: int) -> None:
 @pytest.mark.parametrize("n_kv_head", [4, 2], ids=["mha", "gqa"])
 def test_dense_gradients_match_hf_llama(n_kv_head: int) -> None:
     """The backward pass too: every parameter's gradient of the same loss equals Hugging Face Llama's. This covers
-    RMSNorm and the rolled RoPE, with q and k rotated together (MHA) or apart."""
+    RMSNorm and the RoPE of q and k in the row order of `rope_rows` (MHA and GQA)."""
     model = make_model(make_config(n_kv_head=n_kv_head)).train()
     hf = hf_model(model).train()
     idx = tokens(3, 19)
@@ -126,6 +127,52 @@ def test_dense_gradients_match_hf_llama(n_kv_head: int) -> None:
         assert hf_params[hf_name].grad is not None, hf_name
         grad = ours_by_storage[ours.data_ptr()].grad
         assert_close(grad, hf_params[hf_name].grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=hf_name: f"{n}: {m}")
+
+
+def rotate_half_rope(x: Tensor, theta: float) -> Tensor:
+    """Llama's RoPE as Hugging Face writes it, on heads in the weights' layout: ``x * cos + rotate_half(x) * sin``,
+    x (B, T, H, hs) at positions 0..T-1; angles in float32 as Hugging Face computes them."""
+    T, hs = x.shape[1], x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
+    angles = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)[:, None]  # (T, 1, hs)
+    x1, x2 = x[..., : hs // 2], x[..., hs // 2 :]
+    return x * emb.cos().to(x.dtype) + torch.cat([-x2, x1], dim=-1) * emb.sin().to(x.dtype)
+
+
+@pytest.mark.parametrize("path", ["complex", "real"])
+def test_rope_in_pair_order_is_rotate_half(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`apply_rope` on a head's elements in `rope_rows` order equals Llama's rotate-half RoPE taken in that order,
+    values and gradients in float64, on both paths: one complex multiply (eager CPU) and the real arithmetic that
+    runs under torch.compile and on MPS."""
+    if path == "real":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    cfg = make_config(block_size=40)
+    heads, hs = 3, cfg.head_dim
+    order = rope_rows(heads, hs)[:hs]  # the first head's order; every head's is the same within the head
+    assert sorted(order.tolist()) == list(range(hs)) and order[:4].tolist() == [0, hs // 2, 1, hs // 2 + 1]
+    assert rope_rows(heads, hs)[hs:].tolist() == (order + hs).tolist() + (order + 2 * hs).tolist()
+    x = torch.randn(2, 40, heads, hs, dtype=torch.float64, requires_grad=True)
+    rot = rope_cache(cfg)[:, None]  # (T, 1, hs/2, 2)
+    ours = apply_rope(x[..., order], rot)
+    ref = rotate_half_rope(x, cfg.rope_theta)[..., order]
+    assert ours.dtype == torch.float64
+    assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    grad = torch.randn_like(ours)
+    assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(ref, x, grad)[0], atol=1e-6, rtol=1e-6)
+
+
+def test_bfloat16_model_keeps_its_rotations() -> None:
+    """`module.to(torch.bfloat16)` (Lightning's bf16-true) would drop the imaginary part of a complex buffer; the
+    rotation table is real (cos, sin), so the sines survive and the logits stay near float32's."""
+    model = make_model(make_config())
+    idx = tokens(2, 17)
+    with torch.no_grad():
+        ref = model(idx).logits
+        half = make_model(make_config()).to(torch.bfloat16)
+        out = half(idx).logits.float()
+    assert half.rope.dtype == torch.bfloat16 and half.rope[..., 1].abs().max() > 0.9
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])

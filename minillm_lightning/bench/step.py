@@ -84,7 +84,7 @@ class _GeluMLP(nn.Module):
         return self.down(nn.functional.gelu(self.up(x)))
 
 
-def _no_rotation(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+def _no_rotation(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return x
 
 

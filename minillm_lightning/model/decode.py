@@ -5,7 +5,8 @@ calls it hundreds of times on tiny tensors, where per-operator overhead, not ari
 step computes the same function with fewer, larger operators:
 
 - q, k and v come from one matmul, as do the SwiGLU gate and up projections (weights concatenated once per
-  `generate` call in :class:`DecodeWeights`, so they can never be stale);
+  `generate` call in :class:`DecodeWeights`, so they can never be stale; q and k in the row order of
+  `Attention.qk_weights`, as the KV cache holds keys);
 - rotary embedding is applied to q and k together;
 - the single query's attention is one SDPA call in which the query heads sharing a kv head are that head's
   "queries" (a reshape), so keys are never repeated and no causal mask is needed.
@@ -27,10 +28,7 @@ class DecodeWeights:
 
     def __init__(self, model: MiniGPT) -> None:
         with torch.no_grad():
-            self.qkv = [
-                torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight])
-                for b in model.layers
-            ]
+            self.qkv = [torch.cat([*b.self_attn.qk_weights(), b.self_attn.v_proj.weight]) for b in model.layers]
             self.gate_up = [
                 torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]) if isinstance(b.mlp, SwiGLU) else None
                 for b in model.layers
@@ -60,15 +58,13 @@ def decode_step(
     pos, end = cache.pos, cache.pos + 1
     if end > cache.max_len:
         raise ValueError(f"KV cache full: {end} > {cache.max_len}")
-    dtype = model.embed_tokens.weight.dtype
-    cos = model.rope_cos[positions].to(dtype)[:, None, :]  # (B, 1, hs)
-    sin = model.rope_sin_signed[positions].to(dtype)[:, None, :]
+    rot = model.rope[positions][:, None]  # (B, 1, hs/2, 2)
     visible = None if keep is None else keep[:, None, None, :end]  # (B, 1, 1, S)
     x = model.embed_tokens(tokens)  # (B, C)
     for i, block in enumerate(model.layers):
         attn = block.self_attn
         qkv = F.linear(_norm(block.input_layernorm, x), weights.qkv[i])  # (B, (nh + 2 nkv) hs)
-        qk = apply_rope(qkv[:, : (nh + nkv) * hs].view(B, nh + nkv, hs), cos, sin)
+        qk = apply_rope(qkv[:, : (nh + nkv) * hs].view(B, nh + nkv, hs), rot)
         cache.k[i][:, :, pos] = qk[:, nh:]
         cache.v[i][:, :, pos] = qkv[:, (nh + nkv) * hs :].view(B, nkv, hs)
         q = qk[:, :nh].reshape(B, nkv, nh // nkv, hs)  # query heads grouped by the kv head they share

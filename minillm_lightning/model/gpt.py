@@ -39,27 +39,41 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rope_cache(config: MiniGPTConfig) -> tuple[Tensor, Tensor]:
-    """cos/sin tables of shape (block_size, head_dim) in the "rotate half" layout Llama uses."""
+def rope_cache(config: MiniGPTConfig) -> Tensor:
+    """Rotations ``e^(i t theta_j)`` as (cos, sin) pairs, shape (block_size, head_dim / 2, 2): position t turns the
+    pair j of a head by ``t * theta_j`` with ``theta_j = rope_theta^(-2j / head_dim)``, Llama's frequencies. Real,
+    not complex: ``module.to(dtype)`` would drop a complex buffer's imaginary part."""
     hd = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    t = torch.arange(config.block_size, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)  # (T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
-    return emb.cos(), emb.sin()
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def signed_sin(sin: Tensor) -> Tensor:
-    """``sin`` with its first half negated: ``rotate_half(x) * sin == x.roll(half, -1) * signed_sin(sin)``."""
-    half = sin.shape[-1] // 2
-    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+def rope_rows(n_heads: int, head_dim: int) -> Tensor:
+    """The order of a q or k projection's output rows in which each head's pairs are adjacent.
+
+    Llama (and Hugging Face) rotate element j of a head with element j + head_dim/2 ("rotate half"). Taking the
+    projection's rows in the order (0, h, 1, h+1, ..., h-1, 2h-1) per head (h = head_dim/2) puts each pair side by
+    side, so that the rotation is one complex multiply. Attention only takes dot products of q with k, which the
+    same order of both leaves unchanged, so the weights keep Llama's layout and the function is Llama's."""
+    half = head_dim // 2
+    within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # (head_dim,)
+    return (torch.arange(n_heads)[:, None] * head_dim + within).flatten()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
-    """Llama's ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``, as one roll instead of slicing,
-    negating and concatenating x. x: (..., hs); cos, sin_signed: broadcastable to x, the second from
-    :func:`signed_sin`."""
-    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed).to(x.dtype)
+def apply_rope(x: Tensor, rot: Tensor) -> Tensor:
+    """Rotate the adjacent pairs of x (..., hs), in the order of :func:`rope_rows`, by ``rot`` ((cos, sin) pairs
+    from :func:`rope_cache`, broadcastable to (..., hs/2, 2)), in float32. One complex multiply where it runs well
+    (eager on CPU and CUDA: one kernel each way instead of six); elsewhere (MPS, and ``torch.compile``, which
+    generates no code for complex numbers) the same arithmetic on real tensors."""
+    work = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    pairs, rot = x.to(work).unflatten(-1, (-1, 2)), rot.to(work)
+    if x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rot))
+    else:
+        (a, b), (cos, sin) = pairs.unbind(-1), rot.unbind(-1)
+        out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
 
 
 class KVCache:
@@ -98,18 +112,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
         self.dropout = config.dropout
+        # each head's rotation pairs side by side (rope_rows); the parameters keep Llama's layout
+        self.register_buffer("q_rows", rope_rows(config.n_head, config.head_dim), persistent=False)
+        self.register_buffer("k_rows", rope_rows(config.n_kv_head, config.head_dim), persistent=False)
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int
-    ) -> Tensor:
+    def qk_weights(self) -> tuple[Tensor, Tensor]:
+        """The q and k projections with their rows in the order of :func:`rope_rows` (copies, so that gradients
+        reach the parameters in their own layout)."""
+        return self.q_proj.weight.index_select(0, self.q_rows), self.k_proj.weight.index_select(0, self.k_rows)
+
+    def forward(self, x: Tensor, rot: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        if self.n_kv_head == self.n_head:  # one set of elementwise kernels for both (half the launches)
-            q, k = apply_rope(torch.cat([q, k], 1), cos, sin).chunk(2, 1)
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        wq, wk = self.qk_weights()
+        q = apply_rope(F.linear(x, wq).view(B, T, nh, hs), rot).transpose(1, 2)  # (B, nh, T, hs)
+        k = apply_rope(F.linear(x, wk).view(B, T, nkv, hs), rot).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs) with S = cached + T
         y = F.scaled_dot_product_attention(
@@ -119,9 +137,9 @@ class Attention(nn.Module):
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and T > 1,
-            enable_gqa=self.n_kv_head != self.n_head,
+            enable_gqa=nkv != nh,
         )  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hs))
 
 
 class SwiGLU(nn.Module):
@@ -176,9 +194,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int
+        self, x: Tensor, rot: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int
     ) -> tuple[Tensor, Tensor | None]:
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer))
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), rot, mask, cache, layer))
         h = self.mlp(self.post_attention_layernorm(x))
         h, aux = h if isinstance(h, tuple) else (h, None)  # dense blocks have no auxiliary loss
         return x + self.drop(h), aux
@@ -195,9 +213,7 @@ class MiniGPT(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_cache(config)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin_signed", signed_sin(sin), persistent=False)  # for apply_rope
+        self.register_buffer("rope", rope_cache(config), persistent=False)  # for apply_rope
         self.apply(self._init_weights)
         # GPT-2 style: shrink residual-branch outputs so the residual stream variance stays ~constant with depth
         for name, p in self.named_parameters():
@@ -239,8 +255,7 @@ class MiniGPT(nn.Module):
                     f"sequence of {start + T} tokens exceeds the model context block_size={self.config.block_size}"
                 )
             position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0).expand(B, T)
-        cos = self.rope_cos[position_ids].unsqueeze(1).to(self.embed_tokens.weight.dtype)  # (B, 1, T, hs)
-        sin = self.rope_sin_signed[position_ids].unsqueeze(1).to(self.embed_tokens.weight.dtype)
+        rot = self.rope[position_ids].unsqueeze(2)  # (B, T, 1, hs/2, 2)
         if attn_mask is None and cache is not None and start > 0 and T > 1:
             # new tokens see the whole cache plus a causal window over themselves
             attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
@@ -249,9 +264,9 @@ class MiniGPT(nn.Module):
         use_ckpt = self.config.gradient_checkpointing and self.training and cache is None
         for i, block in enumerate(self.layers):
             if use_ckpt:
-                x, aux = checkpoint(block, x, cos, sin, attn_mask, None, i, use_reentrant=False)
+                x, aux = checkpoint(block, x, rot, attn_mask, None, i, use_reentrant=False)
             else:
-                x, aux = block(x, cos, sin, attn_mask, cache, i)
+                x, aux = block(x, rot, attn_mask, cache, i)
             if aux is not None:
                 aux_total = aux_total + aux
         if cache is not None:
