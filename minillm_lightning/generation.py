@@ -16,6 +16,7 @@ Conventions:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,10 +72,17 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
+            (
+                math.isfinite(self.temperature) and self.temperature >= 0,
+                "temperature must be a number >= 0 (0 = greedy)",
+            ),
             (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
+            (
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+                "repetition_penalty must be a number > 0 (1 = off)",
+            ),
+            (math.isfinite(self.length_penalty), "length_penalty must be a finite number (1 = the average log-prob)"),
             (self.num_beams >= 1, "num_beams must be >= 1"),
             (self.seed is None or -(2**63) <= self.seed < 2**63, f"seed must be in -2**63..2**63-1, got {self.seed}"),
         ]

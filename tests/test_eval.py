@@ -224,11 +224,14 @@ def test_eval_command_writes_json_next_to_checkpoint(tiny_pretrain_ckpt: Path, e
 
 
 def test_eval_command_on_committed_fixture(tiny_pretrain_ckpt: Path, tmp_path: Path, capsys) -> None:
-    """The command end to end without network or real data: two tasks from the 3-item fixture copies."""
+    """The command end to end without network or real data: two tasks from the 3-item fixture copies (one named
+    twice, which is scored and printed once)."""
     out = tmp_path / "r.json"
-    args = ["--tasks", "lambada,hellaswag", "--data-dir", str(EVAL_FIXTURE), "--no-download", "--output", str(out)]
+    tasks = "lambada,hellaswag,lambada"
+    args = ["--tasks", tasks, "--data-dir", str(EVAL_FIXTURE), "--no-download", "--output", str(out)]
     main(["eval", "--checkpoint", str(tiny_pretrain_ckpt), *args])
-    assert "| hellaswag | acc_norm |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| hellaswag | acc_norm |" in printed and printed.count("| lambada | acc |") == 1
     report = json.loads(out.read_text())
     assert report["settings"]["data_dir"] == str(EVAL_FIXTURE.resolve())
     assert report["results"]["lambada"]["n"] == 3 and report["results"]["hellaswag"]["n"] == 3

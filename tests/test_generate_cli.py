@@ -116,10 +116,13 @@ def test_chat_history_drops_oldest_turns(tiny_pretrain_ckpt: Path) -> None:
 BAD_OPTIONS = [
     (["--top_p", "2"], "top_p must be in (0, 1]"),
     (["--max_new_tokens", "0"], "max_new_tokens must be >= 1"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "-1"], "temperature must be a number >= 0"),
+    (["--temperature", "inf"], "temperature must be a number >= 0"),
+    (["--num_beams", "2", "--length_penalty", "nan"], "length_penalty must be a finite number"),
+    (["--repetition_penalty", "inf"], "repetition_penalty must be a number > 0"),
     (["--top_k", "-3"], "top_k must be >= 0"),
     (["--num_beams", "0"], "num_beams must be >= 1"),
-    (["--repetition_penalty", "0"], "repetition_penalty must be > 0"),
+    (["--repetition_penalty", "0"], "repetition_penalty must be a number > 0"),
     (["--seed", str(2**64)], "seed must be in -2**63..2**63-1, got 18446744073709551616"),  # was a traceback
     (["--max_new_tokens", "100000"], "exceeds the model context block_size="),
     # a third prompt too long for the context: the two before it, which fit, are not printed either

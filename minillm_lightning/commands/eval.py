@@ -164,6 +164,7 @@ def eval_main(argv: list[str]) -> None:
     if args.stride is not None and args.stride < 1:
         raise MiniLLMError(f"--stride must be >= 1 (tokens a window advances), got {args.stride}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] + [f"text:{p}" for p in args.text]
+    tasks = list(dict.fromkeys(tasks))  # a task named twice is scored once
     if not tasks:
         raise MiniLLMError(f"no tasks to evaluate: give --tasks (among {', '.join(TASKS)}) or --text FILE")
     if args.harness_include is not None and not args.harness:
