@@ -273,7 +273,8 @@ class MiniLLMCLI(LightningCLI):
 
     def _check_trainer_numbers(self) -> None:
         """Values Lightning takes, then fails on in the first step with a ZeroDivisionError (0), silently misuses (a
-        negative accumulation) or refuses with numpy's traceback (a seed outside 0..2**32-1)."""
+        negative accumulation; a negative clip value turns clipping off) or refuses with numpy's traceback (a seed
+        outside 0..2**32-1)."""
         sub = self.config.get("subcommand")
         config = self.config[sub] if sub else self.config
         seed = config.get("seed_everything")
@@ -285,6 +286,9 @@ class MiniLLMCLI(LightningCLI):
             raise ConfigError(
                 f"trainer.accumulate_grad_batches must be >= 1 (batches per optimizer step), got {accumulate}"
             )
+        clip = trainer.get("gradient_clip_val")
+        if clip is not None and clip < 0:  # Lightning skips clipping for any value <= 0, without a word
+            raise ConfigError(f"trainer.gradient_clip_val must be >= 0 (0 or null: no clipping), got {clip}")
         if type(interval) is int and interval < 1:
             raise ConfigError(f"trainer.val_check_interval must be >= 1 (batches) or a share in (0, 1], got {interval}")
 

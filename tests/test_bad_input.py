@@ -182,11 +182,13 @@ def test_invalid_values_are_one_line(option, message, workdir, capfd, monkeypatc
 
 @pytest.mark.parametrize(
     "option, message",
-    [  # ZeroDivisionError tracebacks in the first step, a silent run, numpy's "not in bounds" traceback
+    [  # ZeroDivisionError tracebacks in the first step, silent runs (a negative clip value: no clipping at all),
+        # numpy's "not in bounds" traceback
         ("--trainer.val_check_interval=0", "error: trainer.val_check_interval must be >= 1 (batches) or a share in"),
         ("--trainer.accumulate_grad_batches=0", "error: trainer.accumulate_grad_batches must be >= 1 (batches per"),
         ("--trainer.accumulate_grad_batches=-2", "error: trainer.accumulate_grad_batches must be >= 1 (batches per"),
         ("--seed_everything=-1", "error: seed_everything must be in 0..2**32-1 (numpy's range), got -1"),
+        ("--trainer.gradient_clip_val=-1", "error: trainer.gradient_clip_val must be >= 0 (0 or null: no clipping)"),
     ],
 )
 def test_trainer_numbers_lightning_fails_on_later_are_one_line(option, message, workdir, capfd, monkeypatch) -> None:
