@@ -282,3 +282,49 @@ def test_token_dtype_fits_the_vocabulary(tmp_path, tiny_pretrain_ckpt):
     assert cache.dtypes["ids"] == np.uint16 and len(cache) == len(dm.read()[0])
     first = dm.tokenizer.encode_chat(dm.read()[0][0])[0]
     assert cache.read("ids", 0, len(first)).tolist() == first
+
+
+def test_parallel_build_keeps_few_tasks_in_flight_and_drains_them_on_failure(monkeypatch) -> None:
+    """A failing parallel build once hung in `Pool.terminate`: with `imap` every task was queued and the workers'
+    results filled pipes no one read. `_run_in_order` hands the pool at most `window` tasks, takes the results in
+    task order, and on a failure waits for the tasks in flight before the pool is terminated."""
+
+    class Result:
+        def __init__(self, log: list, task) -> None:
+            self.task, self.log, self.waited = task, log, False
+
+        def get(self):
+            self.log.append(("get", self.task))
+            if self.task == (5, 0, 0):
+                raise chat_cache.DataError("bad record")
+            return self.task
+
+        def wait(self, timeout=None) -> None:
+            self.waited = True
+
+    class Pool:
+        def __init__(self) -> None:
+            self.log: list = []
+            self.results: list[Result] = []
+
+        def apply_async(self, fn, args):
+            self.log.append(("put", args[0]))
+            self.results.append(Result(self.log, args[0]))
+            return self.results[-1]
+
+        def in_flight(self) -> int:  # the most tasks put and not yet taken at any time
+            most = now = 0
+            for kind, _ in self.log:
+                now += 1 if kind == "put" else -1
+                most = max(most, now)
+            return most
+
+    tasks = [(i, 0, 0) for i in range(9)]
+    pool, taken = Pool(), []
+    chat_cache._run_in_order(pool, tasks[:5], 2, taken.append)
+    assert taken == tasks[:5] and pool.in_flight() == 2
+    pool = Pool()
+    with pytest.raises(chat_cache.DataError, match="bad record"):
+        chat_cache._run_in_order(pool, tasks, 3, lambda part: None)
+    assert [r.task for r in pool.results] == tasks[:8] and pool.in_flight() == 3
+    assert [r.waited for r in pool.results] == [False] * 6 + [True] * 2  # the two still in flight were waited for

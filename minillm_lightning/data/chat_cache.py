@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -26,7 +27,8 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -218,6 +220,30 @@ def _detect(path: Path, codec: ChatCodec) -> tuple[str | None, int]:
     return None, 0
 
 
+def _run_in_order(pool: Any, tasks: list[tuple[int, int, int]], window: int, take: Callable[[_Part], None]) -> None:
+    """``take`` each ``_run_range(task)`` result in task order, with at most ``window`` tasks in the pool at a time.
+
+    A build that fails (a bad record) leaves the ``with Pool`` block, which terminates the pool. With ``imap``, every
+    task was queued and workers kept sending results (tens of kB each) that no one read any more; the pool's own
+    threads then blocked writing into full pipes and ``terminate`` waited for them forever: the build hung instead of
+    failing, now and then. Here the tasks in flight are few, and on a failure they are waited for before the pool
+    is terminated, so its pipes are empty."""
+    pending: deque[Any] = deque()
+    queued = iter(tasks)
+    try:
+        for task in itertools.islice(queued, window):
+            pending.append(pool.apply_async(_run_range, (task,)))
+        while pending:
+            part = pending.popleft().get()
+            for task in itertools.islice(queued, 1):
+                pending.append(pool.apply_async(_run_range, (task,)))
+            take(part)
+    except Exception:
+        for result in pending:
+            result.wait(timeout=300)
+        raise
+
+
 def _pool_context() -> mp.context.BaseContext:
     # fork: the workers inherit the imported modules (no second torch import); they only parse and tokenize
     return mp.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -356,8 +382,7 @@ def _build(
                     take(encoder.range(task))
             else:
                 with _pool_context().Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
-                    for part in pool.imap(_run_range, tasks):
-                        take(part)
+                    _run_in_order(pool, tasks, 2 * workers, take)
     finally:
         for fh in files.values():
             fh.close()
