@@ -177,6 +177,37 @@ def test_engine_outputs_equal_each_request_generated_alone(gen: TextGenerator) -
     assert {finals["a"]["finish_reason"], finals["b"]["finish_reason"]} == {"stop", "length"}  # both endings
 
 
+def test_the_spec_queues_the_job_it_prepared_and_the_worker_takes_it_as_is(gen: TextGenerator, monkeypatch) -> None:
+    """A request is templated and tokenized once, in the API process: the worker got the raw request and
+    prepared it a second time (seconds for a prompt of megabytes)."""
+    import asyncio
+
+    from minillm_lightning.commands import serve
+
+    spec = serve.ChatSpec("m", gen.tokenizer.model_bytes, block_size=128, default_max_tokens=8)
+    queued: list[tuple] = []
+    spec.request_queue = SimpleNamespace(put=queued.append)
+    spec.response_buffer, spec.response_queue_id = {}, 0
+
+    class Body:
+        async def json(self) -> dict:
+            return {"messages": user("The cat"), "max_tokens": 5, "stream": True}
+
+    asyncio.run(spec.chat_completion(Body(), background_tasks=None))
+    (job,) = [item[-1] for item in queued]
+    assert isinstance(job, Job)
+    assert job.prompt == gen.tokenizer.encode_chat(user("The cat"), add_generation_prompt=True)[0]
+    assert (job.max_tokens, job.stream) == (5, True)
+
+    api = serve.ChatAPI("unused.ckpt", "float32", spec, max_batch_size=2, batch_timeout=0.0)
+    api.engine = SimpleNamespace(gen=gen)
+    calls = []
+    monkeypatch.setattr(serve, "prepare", lambda *a: calls.append(a))
+    assert api.decode_request(job) is job and not calls  # not prepared again
+    api.decode_request(ChatRequest.model_validate({"messages": user("hi")}))  # a raw request still is
+    assert len(calls) == 1
+
+
 def test_not_a_minillm_checkpoint_fails_in_one_line(tmp_path: Path, capsys) -> None:
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint")
@@ -358,3 +389,13 @@ def test_a_body_over_the_limit_gets_413_and_the_server_keeps_serving(client) -> 
     assert "limit of 4 MB" in e.value.message and "--max_body_mb" in e.value.message, e.value.message
     resp = client.chat.completions.create(model="x", messages=user("hi"), max_tokens=2, temperature=0)
     assert resp.usage.completion_tokens >= 1
+
+
+def test_a_refused_body_does_not_reset_a_urllib_client(server: str) -> None:
+    """A client that writes its whole body before it reads the answer (urllib, http.client) got ECONNRESET instead
+    of the 413: the server closed the connection on the unread body. The rest of the body is read now."""
+    body = json.dumps({"messages": user("x" * (12 * 2**20)), "max_tokens": 2}).encode()
+    req = urllib.request.Request(f"{server}/v1/chat/completions", body, {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 413 and "limit of 4 MB" in json.loads(e.value.read())["error"]["message"]

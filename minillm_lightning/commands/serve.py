@@ -63,6 +63,7 @@ from minillm_lightning.errors import MiniLLMError
 from minillm_lightning.tokenizer import Tokenizer
 
 DEFAULT_MAX_BODY_MB = 4.0
+DRAIN_BYTES = 256 * 2**20  # a refused body up to this size is read to its end before the 413 (see BodyLimit)
 _MAIN_PID = os.getpid()
 
 
@@ -97,7 +98,11 @@ class ChatAPI(ls.LitAPI):
         generator, _ = _load(SimpleNamespace(checkpoint=self.checkpoint, device=device, dtype=self.dtype))
         self.engine = ChatEngine(generator)
 
-    def decode_request(self, request: ChatRequest, **kwargs: Any) -> Job:
+    def decode_request(self, request: ChatRequest | Job, **kwargs: Any) -> Job:
+        """The :class:`Job` of a request: :class:`ChatSpec` queues the one it prepared while checking the request
+        (no second templating and tokenizing here); a raw :class:`ChatRequest` is prepared now."""
+        if isinstance(request, Job):
+            return request
         spec: ChatSpec = self.spec
         return prepare(request, self.engine.gen.tokenizer, spec.block_size, spec.default_max_tokens)
 
@@ -111,7 +116,8 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 
 class _BodyTooLarge(Exception):
-    """Raised from :class:`BodyLimit`'s ``receive`` once a body without ``Content-Length`` passes the limit."""
+    """Raised from :class:`BodyLimit`'s ``receive`` once a body without ``Content-Length`` passes the limit; its
+    argument says whether more of the body is still to come."""
 
 
 class BodyLimit:
@@ -130,7 +136,7 @@ class BodyLimit:
             return
         declared = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
         if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, declared=int(declared))
             return
         size, started = 0, False
 
@@ -140,7 +146,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 size += len(message.get("body", b""))
                 if size > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(message.get("more_body", False))
             return message
 
         async def watching_send(message: Message) -> None:
@@ -150,12 +156,28 @@ class BodyLimit:
 
         try:
             await self.app(scope, counting_receive, watching_send)
-        except _BodyTooLarge:
+        except _BodyTooLarge as e:
             if started:  # an endpoint that answers while still reading: too late for a 413
                 raise
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, read=size, more=e.args[0])
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        declared: int | None = None,
+        read: int = 0,
+        more: bool = True,
+    ) -> None:
+        """Answer 413 once the rest of the body is read and dropped, up to :data:`DRAIN_BYTES`: a client that
+        sends its whole body before reading the answer (Python's urllib, http.client) got "connection reset"
+        instead of the 413 when the server closed the connection on an unread body."""
+        more = more and (declared is None or declared <= DRAIN_BYTES)  # a declared length over it: not read
+        while more and read <= DRAIN_BYTES:
+            part = await receive()
+            read += len(part.get("body", b""))
+            more = part["type"] == "http.request" and part.get("more_body", False)
         message = (
             f"the request body is over this server's limit of {self.max_mb:g} MB; send a smaller one, or start "
             f"minillm serve with a larger --max_body_mb"
@@ -227,7 +249,7 @@ class ChatSpec(OpenAISpec):
             req = ChatRequest.model_validate(body)
             # templating and tokenizing a prompt of megabytes takes a second or more: off the event loop, so that
             # the other responses keep streaming meanwhile
-            await asyncio.to_thread(prepare, req, self.tokenizer, self.block_size, self.default_max_tokens)
+            job = await asyncio.to_thread(prepare, req, self.tokenizer, self.block_size, self.default_max_tokens)
         except ValidationError as e:
             message, param = _validation_message(e)
             return JSONResponse(error_body(message, param=param), status_code=400)
@@ -236,7 +258,7 @@ class ChatSpec(OpenAISpec):
         uid = uuid.uuid4()
         buffer, ready = deque(), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(response_queue=buffer, event=ready)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), req))
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))  # the worker decodes it as is
         events = self._events(uid, buffer, ready)
         model = req.model or self.model_name
         if req.stream:
