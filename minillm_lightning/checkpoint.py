@@ -65,7 +65,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not is_intact(path):
         raise CheckpointError(f"checkpoint {path} is corrupted or truncated (zip archive damaged); {_RETRY}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        # mmap: tensors are read from the page cache only when used, so a check that reads the metadata of a
+        # checkpoint of gigabytes (which Lightning then loads itself) costs milliseconds, not a second read
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:  # an intact archive holding objects other than tensors and plain data
         raise CheckpointError(
             f"{path} is not a minillm checkpoint: it holds Python objects a minillm checkpoint never contains "
