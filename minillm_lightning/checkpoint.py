@@ -40,8 +40,14 @@ def _not_a_checkpoint(path: Path, head: bytes) -> CheckpointError:
     )
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
     """Read a checkpoint with tensors and plain data only (``weights_only``), refusing bad files in one line.
+
+    With ``mmap`` the tensors stay in the file, read only where used: for a check of the metadata of a checkpoint
+    that Lightning then loads itself (milliseconds instead of a second read of gigabytes). Only where the tensors
+    are dropped at once: a mapped file replaced in place (``cp`` over it) kills the process with SIGBUS.
 
     A file that is not a zip archive (a text file, an empty file) is "not a minillm checkpoint"; a zip archive
     that is cut short or whose CRCs do not match (a partial copy, a bit flip in the weights, which torch itself
@@ -65,9 +71,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not is_intact(path):
         raise CheckpointError(f"checkpoint {path} is corrupted or truncated (zip archive damaged); {_RETRY}")
     try:
-        # mmap: tensors are read from the page cache only when used, so a check that reads the metadata of a
-        # checkpoint of gigabytes (which Lightning then loads itself) costs milliseconds, not a second read
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # an intact archive holding objects other than tensors and plain data
         raise CheckpointError(
             f"{path} is not a minillm checkpoint: it holds Python objects a minillm checkpoint never contains "

@@ -315,7 +315,7 @@ class MiniLLMCLI(LightningCLI):
                 )
             if not Path(ckpt_path).is_file():
                 raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file")
-            ckpt = load_checkpoint(ckpt_path)
+            ckpt = load_checkpoint(ckpt_path, mmap=True)  # only its metadata; Lightning loads it next
             stage = ckpt.get(META_KEY, {}).get("stage")
             model_cfg = self.config[sub].get("model")
             wanted = getattr(model_cfg, "class_path", "") if model_cfg is not None else ""
@@ -377,7 +377,7 @@ class MiniLLMCLI(LightningCLI):
                 "--ckpt_path best: no best checkpoint found (a ModelCheckpoint with a monitor and a fixed filename, "
                 "as in the shipped configs, writes <dirpath>/<filename>.ckpt); give the checkpoint file instead"
             )
-        load_checkpoint(found[0])  # a damaged file: one line naming it
+        load_checkpoint(found[0], mmap=True)  # a damaged file: one line naming it
         cfg["ckpt_path"] = str(found[0])
 
     def _quiet_own_checkpoint_dirs(self) -> None:

@@ -310,10 +310,11 @@ def test_incompatible_init_from_and_too_long_sequences(tmp_path: Path, tiny_pret
     torch.save(ckpt, foreign)
     with pytest.raises(CheckpointError, match="backbone weights do not match its architecture"):
         PretrainModule(init_from=str(foreign))
-    dm = pretrain_dm_factory(seq_len=256)  # the micro model's context is 128
+    dm = pretrain_dm_factory(seq_len=256, dataset_dir=str(tmp_path / "fresh"))  # the micro model's context is 128
     model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
     with pytest.raises(ConfigError, match="exceeds the model context block_size=128"):
         micro_trainer(tmp_path, max_steps=1).fit(model, datamodule=dm)
+    assert not dm.is_prepared()  # refused before the corpus is tokenized, not after (minutes on a real corpus)
     # so long that the corpus holds fewer than one batch of it: the context is named, not "add data"
     dm = pretrain_dm_factory(seq_len=100_000)
     model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)

@@ -478,13 +478,16 @@ def test_rows_longer_than_the_context_are_refused_before_encoding(tmp_path, tiny
     behind "fewer than one batch" (a batch larger than the packed rows)."""
     from minillm_lightning.errors import ConfigError
 
-    dm = make_dm(tiny_pretrain_ckpt, SAMPLE / "sft.jsonl", batch_size=10_000, max_length=4096)
+    dm = make_dm(
+        tiny_pretrain_ckpt, SAMPLE / "sft.jsonl", batch_size=10_000, max_length=4096, cache_dir=str(tmp_path / "c")
+    )
     encoded = []
     monkeypatch.setattr(type(dm), "encode_items", lambda self, *a, **k: encoded.append(1))
     model = SFTModule(init_from=str(tiny_pretrain_ckpt), vocab_size=dm.vocab_size)
     with pytest.raises(ConfigError, match=r"data sequence length 4096 exceeds the model context block_size=\d+"):
         micro_trainer(tmp_path, max_steps=1).fit(model, datamodule=dm)
     assert encoded == []
+    assert not (tmp_path / "c").exists()  # no token cache built first (prepare_data runs before setup)
 
 
 @pytest.mark.parametrize("below", ["", "cache", "a/b"])

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from minillm_lightning.data.common import (
     ResumableDataLoader,
     ResumableSampler,
+    check_fits_model,
     check_folder_option,
     checkpoint_tokenizer,
     split_counts,
@@ -176,6 +177,7 @@ class ChatDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Build the token caches of the fit files once per node (Lightning calls this on one process per node
         before ``setup`` on every process)."""
+        check_fits_model(self)
         if self.cached:
             self.load(self.sources)
             if self.val_sources:
@@ -188,11 +190,7 @@ class ChatDataModule(L.LightningDataModule):
             self._setup_test()
 
     def _setup_fit(self) -> None:
-        # before encoding anything: a row longer than the model's context would otherwise be reported
-        # only after the whole corpus was encoded, or hidden behind "fewer than one batch"
-        arch = getattr(self.trainer.lightning_module, "arch", None) if self.trainer is not None else None
-        if arch is not None:
-            arch.check_fits(self)
+        check_fits_model(self)
         items, sources = self.load(self.sources)
         order = list(range(len(items)))
         random.Random(self.seed).shuffle(order)

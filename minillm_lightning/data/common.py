@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -18,6 +18,9 @@ from minillm_lightning.checkpoint import load_checkpoint
 from minillm_lightning.errors import CheckpointError, ConfigError, DataError, MiniLLMError
 from minillm_lightning.fileio import write_json
 from minillm_lightning.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 def expand_paths(pattern: str, suffixes: tuple[str, ...] = (".jsonl", ".json", ".txt")) -> list[Path]:
@@ -132,6 +135,15 @@ def check_folder_option(owner: str, option: str, folder: str | os.PathLike, purp
                     f"set {option} to a path outside that file (or move the file away)"
                 )
             return
+
+
+def check_fits_model(dm: L.LightningDataModule) -> None:
+    """Refuse rows longer than the context of the model a Trainer runs ``dm`` with (its ``seq_len`` or
+    ``max_length``), before any tokenizing: found later it took a whole corpus's preparation, or hid behind "fewer
+    than one batch"."""
+    arch = getattr(dm.trainer.lightning_module, "arch", None) if dm.trainer is not None else None
+    if arch is not None:
+        arch.check_fits(dm)
 
 
 def split_counts(n: int, val_share: float) -> tuple[int, int]:

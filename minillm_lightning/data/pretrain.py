@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from minillm_lightning.data.common import DataError, expand_paths, write_stats
+from minillm_lightning.data.common import DataError, check_fits_model, expand_paths, write_stats
 from minillm_lightning.data.pretrain_checks import (
     check_corpus,
     check_options,
@@ -427,6 +427,7 @@ class PretrainDataModule(L.LightningDataModule):
         an interrupted preparation never leaves a directory a later run would take as complete; a lock file lets
         concurrent runs of the same corpus wait for one preparation instead of repeating it.
         """
+        check_fits_model(self)
         if self.is_prepared():
             self._prepared_meta()  # complete, but intact?
             return
@@ -533,9 +534,7 @@ class PretrainDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None or self.meta is not None:
             return
-        arch = getattr(self.trainer.lightning_module, "arch", None) if self.trainer is not None else None
-        if arch is not None:  # a seq_len above the context would otherwise surface as "fewer than one batch"
-            arch.check_fits(self)
+        check_fits_model(self)
         if not self.is_prepared():  # prepare_data is skipped when the module is used outside a Trainer
             self.prepare_data()
         root = self.dataset_path.rstrip("/")
