@@ -110,6 +110,26 @@ def test_bad_pair_error_names_file_and_line(tmp_path, reason):
     assert f"{path}:2:" in str(err.value) and reason in str(err.value)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_file_that_switches_schema_midway_is_named_as_such(tmp_path, tiny_pretrain_ckpt, cached):
+    """The schema is detected per file from its first record; a later record in another schema failed on a
+    missing or mistyped field only. Now the error says which schema the record is in, and the file's."""
+    path = write_jsonl(tmp_path / "d.jsonl", [SCHEMAS["trl strings"]] * 2 + [SCHEMAS["minimind"]])
+    with pytest.raises(DataError) as err:
+        if cached:  # the token cache's (parallel) build
+            make_dm(str(tiny_pretrain_ckpt), path, cache_dir=str(tmp_path / "cache"), prepare_workers=1).prepare_data()
+        else:
+            make_dm("unused", path).read()
+    message = str(err.value)
+    assert f"{path}:3:" in message, message
+    assert "in the minimind schema, but the file's schema is trl" in message, message
+    # a record that is bad in the file's own schema is not called a switch
+    path = write_jsonl(tmp_path / "e.jsonl", [SCHEMAS["minimind"], BAD_PAIRS["identical responses"]])
+    with pytest.raises(DataError) as err:
+        make_dm("unused", path).read()
+    assert "identical responses" in str(err.value) and "schema" not in str(err.value)
+
+
 def test_bad_pair_in_json_array_reports_its_line(tmp_path):
     bad = {**SCHEMAS["sharegpt"], "rejected": SCHEMAS["sharegpt"]["chosen"]}
     path = tmp_path / "d.json"

@@ -83,6 +83,33 @@ class ChatCodec(Protocol):
 
 
 # ---- reading records ----
+def bad_record_error(
+    path: Path,
+    lineno: int,
+    e: BadRecord,
+    rec: dict[str, Any],
+    detect: Callable[[dict[str, Any]], str | None],
+    file_fmt: str | None,
+    detected: bool,
+) -> DataError:
+    """The error for a bad record: file and line, what is wrong, and the fix. When the file's schema was detected
+    from its first record and this record is in another one, that is said too: a file that switches schema midway
+    failed with a missing field only."""
+    line = json_item_line(path, lineno) if path.suffix == ".json" else lineno
+    where = f"{path}:{line}" if line else f"{path} item {lineno}"
+    other = detect(rec) if detected and file_fmt is not None else None
+    switch = (
+        f"; this record is in the {other} schema, but the file's schema is {file_fmt} (detected from its first "
+        f"record): keep one schema per file"
+        if other not in (None, file_fmt)
+        else ""
+    )
+    return DataError(
+        f"{where}: {e} ({e.reason}){switch}; fix the record, or set skip_bad_records: true to skip and count such "
+        f"records in dataset_stats.json"
+    )
+
+
 def json_item_line(path: Path, item: int) -> int | None:
     """Line on which item ``item`` (1-based) of a JSON array file starts (for error messages only)."""
     text, dec = path.read_text("utf-8"), json.JSONDecoder()
@@ -141,6 +168,8 @@ class _Job:
     fmt: str | None
     fmt_from: int
     """Line (JSONL) or item (.json) of the first record whose schema was detected: earlier ones match none."""
+    detected: bool
+    """``fmt`` was detected from the file, not configured."""
     kinds: dict[str, str]
 
 
@@ -170,12 +199,7 @@ class _Encoder:
                 if job.skip_bad:
                     stats.skip(e.reason)
                     continue
-                line = json_item_line(job.path, lineno) if job.path.suffix == ".json" else lineno
-                where = f"{job.path}:{line}" if line else f"{job.path} item {lineno}"
-                raise DataError(
-                    f"{where}: {e} ({e.reason}); fix the record, or set skip_bad_records: true to skip "
-                    f"and count such records in dataset_stats.json"
-                ) from None
+                raise bad_record_error(job.path, lineno, e, rec, job.codec.detect, job.fmt, job.detected) from None
             for k, vals in job.codec.encode(item, self.tok).items():
                 values[k].extend(vals)
                 lengths[k].append(len(vals))
@@ -350,13 +374,13 @@ def _build(
     path: Path, codec: ChatCodec, tok: Tokenizer, skip_bad: bool, fmt: str | None, work: Path, workers: int
 ) -> None:
     t0 = time.time()
-    fmt_from = 0
-    if fmt is None:
+    fmt_from, detected = 0, fmt is None
+    if detected:
         fmt, fmt_from = _detect(path, codec)
     token_dtype = "uint16" if tok.vocab_size <= 1 << 16 else "int32"  # halves the cache of a usual vocabulary
     dtypes = {k: (token_dtype if v == "token" else v) for k, v in codec.fields.items()}
     kinds = {k: ("int32" if v == "token" else v) for k, v in codec.fields.items()}
-    job = _Job(path, codec, tok.model_bytes, skip_bad, fmt, fmt_from, kinds)
+    job = _Job(path, codec, tok.model_bytes, skip_bad, fmt, fmt_from, detected, kinds)
     files = {k: open(work / f"{k}.bin", "wb") for k in dtypes}
     lengths: dict[str, list[np.ndarray]] = {k: [] for k in dtypes}
     stats = ReadStats()

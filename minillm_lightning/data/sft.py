@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from minillm_lightning.data.chat import ChatDataModule
-from minillm_lightning.data.chat_cache import BadRecord, TokenCache, json_item_line, load_files
+from minillm_lightning.data.chat_cache import BadRecord, TokenCache, bad_record_error, load_files
 from minillm_lightning.data.common import ReadStats, expand_paths, iter_records
 from minillm_lightning.errors import DataError, type_name
 from minillm_lightning.losses import IGNORE_INDEX
@@ -207,12 +207,7 @@ def read_chat_files(
                 if skip_bad:
                     rs.skip(e.reason)
                     continue
-                line = json_item_line(path, lineno) if path.suffix == ".json" else lineno
-                where = f"{path}:{line}" if line else f"{path} item {lineno}"
-                raise DataError(
-                    f"{where}: {e} ({e.reason}); fix the record, or set skip_bad_records: true to skip "
-                    f"and count such records in dataset_stats.json"
-                ) from None
+                raise bad_record_error(path, lineno, e, rec, detect, file_fmt, fmt is None) from None
         if rs.skipped:
             rank_zero_warn(f"{path}: skipped {sum(rs.skipped.values())} unusable records: {rs.skipped}")
         if not items:
