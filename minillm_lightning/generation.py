@@ -17,6 +17,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from minillm_lightning.errors import MiniLLMError
+from minillm_lightning.errors import CheckpointError, MiniLLMError
 from minillm_lightning.model.decode import DecodeWeights, decode_step
 from minillm_lightning.model.gpt import MiniGPT, padded_causal_mask
 from minillm_lightning.tokenizer import Tokenizer
@@ -209,7 +210,7 @@ class TextGenerator:
         pad_id: id fed as left padding and after a row finished (never attended to, never returned).
 
     Example:
-        >>> gen = TextGenerator(model, tokenizer)
+        >>> gen = TextGenerator.from_checkpoint("checkpoints/sft_tiny/last.ckpt")  # or TextGenerator(model, tokenizer)
         >>> gen.generate_text(["Once upon a time"], GenerationConfig(max_new_tokens=50, temperature=0.8, seed=0))
     """
 
@@ -226,6 +227,29 @@ class TextGenerator:
             stop_tokens = (tokenizer.im_end_id, tokenizer.eos_id) if tokenizer is not None else ()
         self.stop_tokens = tuple(int(t) for t in stop_tokens)
         self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0)
+        self.meta: dict = {}
+        """What the checkpoint says of itself (``stage``, ``arch``, ...) with :meth:`from_checkpoint`; else empty."""
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> TextGenerator:
+        """The trained backbone of a checkpoint of any stage (in eval mode, on ``device`` in ``dtype``) with the
+        tokenizer the checkpoint carries: what ``minillm generate --checkpoint`` loads.
+
+        Raises:
+            CheckpointError: the file is missing, damaged, or not a minillm checkpoint.
+        """
+        from minillm_lightning.checkpoint import checkpoint_meta, load_backbone
+
+        model, ckpt = load_backbone(path)
+        try:
+            tokenizer = Tokenizer.from_checkpoint(ckpt, str(path))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        gen = cls(model.to(device=device, dtype=dtype), tokenizer)
+        gen.meta = checkpoint_meta(ckpt, str(path))
+        return gen
 
     @property
     def device(self) -> torch.device:

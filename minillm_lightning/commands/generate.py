@@ -13,11 +13,10 @@ from typing import Any
 
 import torch
 
-from minillm_lightning.checkpoint import checkpoint_meta, load_backbone
 from minillm_lightning.commands import CommandParser
-from minillm_lightning.errors import CheckpointError, MiniLLMError
+from minillm_lightning.errors import MiniLLMError
 from minillm_lightning.generation import ContextLengthError, GenerationConfig, TextGenerator
-from minillm_lightning.tokenizer import Tokenizer, invalid_utf8
+from minillm_lightning.tokenizer import invalid_utf8
 
 DEFAULT_MAX_NEW = 256  # when --max_new_tokens is not given: this many, or what the context leaves
 MAX_NEW_HELP = f"new tokens per answer (default: {DEFAULT_MAX_NEW} or whatever the model context leaves)"
@@ -61,13 +60,8 @@ def _load(args: argparse.Namespace) -> tuple[TextGenerator, str]:
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    model, ckpt = load_backbone(args.checkpoint)
-    try:
-        tokenizer = Tokenizer.from_checkpoint(ckpt, str(args.checkpoint))
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    model.to(device=device, dtype=getattr(torch, dtype))
-    return TextGenerator(model, tokenizer), checkpoint_meta(ckpt, str(args.checkpoint)).get("stage", "unknown")
+    gen = TextGenerator.from_checkpoint(args.checkpoint, device=device, dtype=getattr(torch, dtype))
+    return gen, gen.meta.get("stage", "unknown")
 
 
 def _config(args: argparse.Namespace, prompt_len: int, block_size: int, default_max: int) -> GenerationConfig:
