@@ -362,6 +362,13 @@ def test_frozen_models_get_no_gradients_and_stay_out_of_checkpoints(tmp_path, ti
     assert ckpt["minillm"]["stage"] == "ppo" and ckpt["ppo"]["rollouts"] == 2
     model, _ = load_backbone(tmp_path / "ppo.ckpt")  # `minillm generate` reads the policy from it
     assert torch.equal(model.embed_tokens.weight, module.model.embed_tokens.weight)
+    # resumed or tested with the other advantage: one line naming the setting (was torch's missing/unexpected keys)
+    grpo = make_module(tiny_pretrain_ckpt, dm, advantage="grpo", group_size=2)
+    with pytest.raises(CheckpointError, match="trained with advantage=ppo .* set --model.init_args.advantage ppo"):
+        grpo.on_load_checkpoint(ckpt)
+    del ckpt["state_dict"]["value_head.weight"], ckpt["state_dict"]["value_head.bias"]
+    with pytest.raises(CheckpointError, match="trained with advantage=grpo .* this run has advantage=ppo"):
+        module.on_load_checkpoint(ckpt)
 
 
 def test_exact_resume(tmp_path, tiny_pretrain_ckpt, reward_ckpt):

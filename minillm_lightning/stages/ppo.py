@@ -290,6 +290,14 @@ class PPOModule(RolloutMixin, StageModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        theirs = "ppo" if any(k.startswith("value_head.") for k in checkpoint.get("state_dict", {})) else "grpo"
+        ours = "ppo" if self.value_head is not None else "grpo"
+        if theirs != ours:  # the critic's weights are there and not wanted, or wanted and not there
+            source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise CheckpointError(
+                f"{source} was trained with advantage={theirs} ({'a critic' if theirs == 'ppo' else 'no critic'}) "
+                f"but this run has advantage={ours}; set --model.init_args.advantage {theirs} to resume or test it"
+            )
         # the frozen weights were rebuilt in __init__ from init_from / reward_model; hand them to the strict load
         own = {k: v for k, v in self.state_dict().items() if k.startswith(FROZEN_PREFIXES)}
         checkpoint["state_dict"] = {**checkpoint["state_dict"], **own}
