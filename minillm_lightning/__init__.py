@@ -12,8 +12,10 @@ from typing import Any
 
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
+    "CompletionWriter": "minillm_lightning.callbacks",
     "GradientHealthMonitor": "minillm_lightning.callbacks",
     "InterruptCheckpoint": "minillm_lightning.callbacks",
+    "LineProgress": "minillm_lightning.callbacks",
     "MemoryGuard": "minillm_lightning.callbacks",
     "RegressionSuite": "minillm_lightning.callbacks",
     "SystemMonitor": "minillm_lightning.callbacks",

@@ -331,7 +331,9 @@ class TextGenerator:
     def generate_text(
         self, prompts: Sequence[str], config: GenerationConfig | None = None, chat: bool = False
     ) -> list[str]:
-        """Batched text in, generated text out (stop tokens dropped)."""
+        """Batched text in, generated text out (stop tokens dropped): a list of prompts, a list of replies."""
+        if isinstance(prompts, str):
+            raise TypeError("generate_text takes a list of prompts; for one prompt pass [text] (and read [0])")
         ids = self.generate([self.encode_prompt(p, chat) for p in prompts], config)
         stops = self._stops(config or GenerationConfig())
         return [self._tokenizer().decode([t for t in row if t not in stops]) for row in ids]
@@ -369,6 +371,11 @@ class TextGenerator:
         """Raise :class:`ContextLengthError` if the longest prompt plus ``max_new_tokens`` exceeds ``block_size``
         (ValueError for no prompt or an empty one). The generate methods call it; a caller that prints before
         generating (``minillm generate``) calls it first, so that an error is not printed after its output."""
+        if isinstance(prompts, str) or any(isinstance(p, str) for p in prompts):
+            raise TypeError(
+                "prompts here are token ids (lists of int); for text use generate_text(), or encode it with "
+                "encode_prompt(text, chat=...)"
+            )
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         block = self.model.config.block_size

@@ -86,6 +86,15 @@ def export_hf(
 ) -> Path:
     """Write ``model`` and ``tokenizer`` as a Hugging Face directory; returns its path.
 
+    Args:
+        model: the backbone (``gen.model`` of :meth:`TextGenerator.from_checkpoint`, or a stage module's ``.model``).
+        tokenizer: its tokenizer.
+        out_dir: the directory to write (created; files in it are replaced).
+        stage: the stage that trained ``model``: it sets the exported ``eos_token``, ``</s>`` for ``"pretrain"`` and
+            ``<|im_end|>`` for any other (chat) stage. Pass ``gen.meta["stage"]`` for a checkpoint; a chat model
+            exported with the default gets ``</s>``. :func:`export_checkpoint` reads it from the checkpoint.
+        dtype: dtype of the exported weights.
+
     Raises:
         MiniLLMError: the hf extra is missing, or the architecture has no Hugging Face equivalent (shared experts).
     """

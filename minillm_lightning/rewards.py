@@ -114,12 +114,28 @@ class ArithmeticReward:
         return [self.score(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
-def load_reward_function(spec: str | dict[str, Any]) -> RewardFunction:
-    """Instantiate a reward function from ``"package.module.Class"`` or ``{"class_path": ..., "init_args": {...}}``."""
+def load_reward_function(spec: str | dict[str, Any] | RewardFunction | type) -> RewardFunction:
+    """Instantiate a reward function from ``"package.module.Class"`` or ``{"class_path": ..., "init_args": {...}}``.
+
+    From Python, a reward function itself (an instance such as ``ArithmeticReward(partial_credit=0.2)``, or any
+    callable ``fn(prompts, responses) -> list[float]``) is used as it is, and a class is instantiated without
+    arguments."""
+    if isinstance(spec, type):
+        try:
+            spec = spec()
+        except TypeError as e:
+            raise MiniLLMError(
+                f"reward_fn {spec.__qualname__}: cannot be built without arguments ({e}); pass an instance instead"
+            ) from None
+    if callable(spec):
+        return spec
     if isinstance(spec, str):
         spec = {"class_path": spec}
     if not isinstance(spec, dict) or "class_path" not in spec:
-        raise MiniLLMError(f"reward_fn must be a class path or {{class_path: ..., init_args: {{...}}}}, got {spec!r}")
+        raise MiniLLMError(
+            f"reward_fn must be a class path, {{class_path: ..., init_args: {{...}}}} or (from Python) a callable "
+            f"fn(prompts, responses) -> list[float], got {spec!r}"
+        )
     unknown = set(spec) - {"class_path", "init_args"}
     if unknown:
         raise MiniLLMError(f"reward_fn: unexpected keys {sorted(unknown)}; only class_path and init_args are read")
@@ -139,3 +155,13 @@ def load_reward_function(spec: str | dict[str, Any]) -> RewardFunction:
     if not callable(fn):
         raise MiniLLMError(f"reward_fn {path} is not callable; it must implement __call__(prompts, responses)")
     return fn
+
+
+def describe_reward_function(spec: Any) -> Any:
+    """What the hyper-parameters record of a ``reward_fn``: a class path or dict as given; for a Python object
+    (an instance or a function) its class path (or function path), since checkpoints hold plain data only
+    (``torch.load(weights_only=True)`` reads them)."""
+    if spec is None or isinstance(spec, (str, dict)):
+        return spec
+    target = spec if hasattr(spec, "__qualname__") else type(spec)  # a class or function, else an instance
+    return f"{target.__module__}.{target.__qualname__}"

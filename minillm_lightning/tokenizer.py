@@ -61,6 +61,7 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        """A SentencePiece ``.model`` file, or the tokenizer of a ``.ckpt`` checkpoint."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model {path} does not exist")
@@ -71,7 +72,13 @@ class Tokenizer:
         return cls(path.read_bytes())
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict, source: str = "checkpoint") -> Tokenizer:
+    def from_checkpoint(cls, checkpoint: dict | str | os.PathLike, source: str = "checkpoint") -> Tokenizer:
+        """The tokenizer a minillm checkpoint carries: ``checkpoint`` is the file's path or its loaded dict
+        (``source`` names it in errors)."""
+        if isinstance(checkpoint, (str, os.PathLike)):
+            from minillm_lightning.checkpoint import load_checkpoint
+
+            return cls.from_checkpoint(load_checkpoint(checkpoint), source=str(checkpoint))
         blob = checkpoint.get("tokenizer", {}).get("model_bytes")
         if blob is None:
             raise ValueError(f"{source} carries no tokenizer (not written by minillm-lightning?)")

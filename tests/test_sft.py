@@ -484,7 +484,8 @@ def test_rows_longer_than_the_context_are_refused_before_encoding(tmp_path, tiny
     encoded = []
     monkeypatch.setattr(type(dm), "encode_items", lambda self, *a, **k: encoded.append(1))
     model = SFTModule(init_from=str(tiny_pretrain_ckpt), vocab_size=dm.vocab_size)
-    with pytest.raises(ConfigError, match=r"data sequence length 4096 exceeds the model context block_size=\d+"):
+    wanted = r"length 4096 \(SFTDataModule.max_length\) exceeds the model context block_size=\d+; lower max_length"
+    with pytest.raises(ConfigError, match=wanted):
         micro_trainer(tmp_path, max_steps=1).fit(model, datamodule=dm)
     assert encoded == []
     assert not (tmp_path / "c").exists()  # no token cache built first (prepare_data runs before setup)

@@ -122,11 +122,13 @@ class MiniGPTConfig:
 
     def check_fits(self, data) -> None:
         """Refuse a data module whose rows are longer than the context (its ``seq_len`` or ``max_length``)."""
-        length = getattr(data, "seq_len", None) or getattr(data, "max_length", None)
+        name = "seq_len" if getattr(data, "seq_len", None) else "max_length"
+        length = getattr(data, name, None)
         if length is not None and length > self.block_size:
             raise ConfigError(
-                f"data sequence length {length} exceeds the model context block_size={self.block_size}; "
-                f"lower the data module's length or raise model.arch.block_size"
+                f"data sequence length {length} ({type(data).__name__}.{name}) exceeds the model context "
+                f"block_size={self.block_size}; lower {name} to at most {self.block_size} or raise the model's "
+                f"arch.block_size"
             )
 
     @property

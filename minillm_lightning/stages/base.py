@@ -230,10 +230,13 @@ class StageModule(L.LightningModule):
     starts_from: ClassVar[str] = "a checkpoint"
     """What ``init_from`` normally is, in words, for the messages."""
     requires_init_from: ClassVar[bool] = False
+    """Refuse to start without ``init_from`` (instead of warning that the stage starts from random weights)."""
     # digests of the frozen models a stage rebuilds from files on resume (DPO's reference, PPO's reference and reward
     # model), by what they are: saved with each checkpoint, compared when one is loaded
     frozen_digests: dict[str, str] = {}
-    """Refuse to start without ``init_from`` (instead of warning that the stage starts from random weights)."""
+    data_modules: ClassVar[tuple[str, ...]] = ()
+    """The minillm data modules (class names) whose batches this stage trains, validates and tests on; another
+    minillm data module is refused at setup (a user's own data module is not checked). Empty: no check."""
 
     def __init__(
         self,
@@ -328,7 +331,21 @@ class StageModule(L.LightningModule):
             if why_not is None:
                 self.__dict__["_compiled"] = torch.compile(self.model)
             rank_zero_info(f"compile=auto: {'training steps compiled' if why_not is None else f'eager ({why_not})'}")
+        self._check_data_module(stage)
         self._setup_tokenizer()
+
+    def _check_data_module(self, stage: str) -> None:
+        """Refuse a minillm data module whose batches this stage cannot read (a raw ``KeyError`` in the first step
+        otherwise); ``predict`` takes a :class:`PromptDataModule` with any stage."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if stage == "predict" or dm is None or not self.data_modules:
+            return
+        ours = [c.__name__ for c in type(dm).__mro__ if c.__module__.startswith("minillm_lightning.data")]
+        if ours and not set(ours) & set(self.data_modules):
+            raise ConfigError(
+                f"{type(self).__name__} reads the batches of {' or '.join(self.data_modules)}, not those of "
+                f"{type(dm).__name__}; pair the stage with its data module"
+            )
 
     # ---- tokenizer bookkeeping ----
     def _setup_tokenizer(self) -> None:

@@ -8,6 +8,7 @@ accumulated as epoch means, and the NaN/Inf loss policy.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -111,6 +112,7 @@ class PairwiseModule(StageModule):
 
     prerequisite = SFT_COMMAND
     starts_from = "the SFT model"
+    data_modules = ("PreferenceDataModule",)
     pair_stats: ClassVar[tuple[str, ...]] = ()
     """Names of the per-pair statistics ``pair_step`` returns (``/`` allowed: TRL names)."""
     prog_bar_stat: ClassVar[str] = ""
@@ -121,6 +123,11 @@ class PairwiseModule(StageModule):
             raise ValueError(f"on_nonfinite must be raise or skip, got {on_nonfinite!r}")
         super().__init__(**kwargs)
         self.on_nonfinite = on_nonfinite
+        # Lightning notes that this module's on_before_batch_transfer (it marks the padding layout) runs although a
+        # data module was passed: that is the intent, with any data module or loader
+        warnings.filterwarnings(
+            "ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` but have passed"
+        )
 
     def _init_metrics(self, stats: tuple[str, ...]) -> None:
         """One running mean per statistic and split (``loss`` too on held-out splits: training logs its own)."""

@@ -53,7 +53,7 @@ from minillm_lightning.losses import (
     value_loss,
 )
 from minillm_lightning.optim import grad_norms
-from minillm_lightning.rewards import RewardFunction, load_reward_function
+from minillm_lightning.rewards import RewardFunction, describe_reward_function, load_reward_function
 from minillm_lightning.stages.base import StageModule, weights_digest
 from minillm_lightning.stages.pairwise import SFT_COMMAND
 from minillm_lightning.stages.rollout import (
@@ -78,8 +78,10 @@ class PPOModule(RolloutMixin, StageModule):
     Args:
         reward_model: a reward-stage checkpoint scoring (prompt, response) pairs; frozen.
         reward_fn: a Python reward instead of a model: ``"package.module.Class"`` or
-            ``{class_path: ..., init_args: {...}}`` (see :mod:`minillm_lightning.rewards`). Exactly one of
-            ``reward_model`` and ``reward_fn`` must be set.
+            ``{class_path: ..., init_args: {...}}`` (see :mod:`minillm_lightning.rewards`); from Python also the
+            reward itself, an instance such as ``ArithmeticReward()`` or any callable
+            ``fn(prompts, responses) -> list[float]`` (the checkpoint's hyper-parameters then record only its class
+            path). Exactly one of ``reward_model`` and ``reward_fn`` must be set.
         advantage: ``ppo`` (critic + GAE + per-token KL penalty in the reward) or ``grpo`` (group-normalised
             scores, no critic, KL as a loss term).
         group_size: responses sampled per prompt (GRPO compares them; needs >= 2).
@@ -129,6 +131,7 @@ class PPOModule(RolloutMixin, StageModule):
     prerequisite = SFT_COMMAND
     starts_from = "the SFT checkpoint that becomes the policy and the frozen reference"
     requires_init_from = True
+    data_modules = ("PromptDataModule",)
 
     def __init__(
         self,
@@ -191,6 +194,9 @@ class PPOModule(RolloutMixin, StageModule):
         GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         optim = dict(learning_rate=learning_rate, weight_decay=weight_decay, warmup=warmup, min_lr_ratio=min_lr_ratio)
         super().__init__(**optim, **kwargs)
+        # a reward function given as a Python object is recorded by its class path: checkpoints hold plain data
+        self.hparams["reward_fn"] = describe_reward_function(reward_fn)
+        self.hparams["eval_reward_fn"] = describe_reward_function(eval_reward_fn)
         self.automatic_optimization = False
         # two Lightning warnings that are expected here: the frozen models are in eval mode on purpose, and a
         # checkpoint taken after a whole rollout's updates is exactly the state to resume from

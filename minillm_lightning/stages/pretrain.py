@@ -18,6 +18,7 @@ class PretrainModule(StageModule):
     SFT reuses this module's loss and metrics; its batches only label the assistant tokens."""
 
     stage_name = "pretrain"
+    data_modules = ("PretrainDataModule", "SFTDataModule")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
