@@ -89,6 +89,8 @@ class Tokenizer:
         return {"model_bytes": self.model_bytes, "sha256": self.sha256, "vocab_size": self.vocab_size}
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of plain text, with ``<s>`` before and ``</s>`` after when asked (the chat template is
+        :meth:`encode_chat`)."""
         ids = self._sp_encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
@@ -136,6 +138,7 @@ class Tokenizer:
         return self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids (``<s>`` and ``</s>`` are dropped; the chat markers stay, as text)."""
         return self.sp.decode([int(i) for i in ids])
 
     def id_to_piece(self, i: int) -> str:
@@ -171,6 +174,7 @@ class Tokenizer:
         return ids, mask
 
     def generation_prompt(self) -> list[int]:
+        """The tokens that open the assistant's turn (``<|im_start|>assistant\\n``), where a reply starts."""
         return [self.im_start_id, *self.encode("assistant\n")]
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:

@@ -203,6 +203,14 @@ class Block(nn.Module):
 
 
 class MiniGPT(nn.Module):
+    """The decoder every stage shares: Llama's block (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU
+    or routed experts), with the parameter names of Hugging Face's ``LlamaForCausalLM`` (``minillm export``).
+
+    Example:
+        >>> model = MiniGPT(MiniGPTConfig(size="tiny", vocab_size=2048))
+        >>> out = model(torch.randint(0, 2048, (2, 16)))  # out.logits: (2, 16, 2048)
+    """
+
     def __init__(self, config: MiniGPTConfig) -> None:
         super().__init__()
         self.config = config
@@ -225,6 +233,7 @@ class MiniGPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (a tied output head counted once); without the token embedding when asked."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
 
@@ -276,6 +285,8 @@ class MiniGPT(nn.Module):
         return GPTOutput(logits, aux_total, x)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for ``batch_size`` rows of up to ``max_len`` tokens (default ``block_size``), on the
+        model's device and dtype; pass it to :meth:`forward` to decode incrementally."""
         p = self.embed_tokens.weight
         return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
 
