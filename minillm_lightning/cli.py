@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                 file=sys.stderr,
             )
             sys.exit(3)
-        user_error = _find_user_error(e) or _invalid_option(e) or _misconfiguration(e)
+        user_error = _find_user_error(e) or _invalid_option(e) or _misconfiguration(e) or _strategy_error(e)
         if user_error is None or os.environ.get("MINILLM_TRACEBACK"):
             raise
         print(f"error: {user_error}", file=sys.stderr)
@@ -203,6 +203,45 @@ def _misconfiguration(exc: BaseException) -> str | None:
             "`--print_config` shows the list)"
         )
     return text
+
+
+CPU_STRATEGY_HINT = (
+    "on a CPU use --trainer.strategy ddp (gloo), not FSDP or DeepSpeed (configs/strategies/*.yaml): they need CUDA GPUs"
+)
+_UNION_ERROR = "Does not validate against any of the Union subtypes"
+_GIVEN_CLASS = re.compile(r"^Given value: Namespace\(class_path='([^']+)'", re.MULTILINE)
+
+
+def _strategy_error(exc: BaseException) -> str | None:
+    """A Trainer flag Lightning refuses while it builds the Trainer, as one line instead of a 35-60 line traceback:
+
+    - a ValueError of Lightning's accelerator connector, e.g. FSDP on a CPU (``--config configs/strategies/fsdp.yaml``
+      or ``--trainer.strategy fsdp`` without CUDA): its message, plus what works on a CPU;
+    - a Lightning class of the config (``trainer.strategy: class_path: ...DeepSpeedStrategy`` without the
+      ``deepspeed`` package) that failed to build: jsonargparse lists the class's own error among the union members
+      it tried; that error, with the class's name.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    if isinstance(exc, ValueError) and frames and frames[-1].filename.endswith("accelerator_connector.py"):
+        text = " ".join(str(exc).split())
+        return f"{text} ({CPU_STRATEGY_HINT})" if "gpu accelerator" in text.lower() else text
+    message = str(exc)
+    if not (isinstance(exc, ValueError) and message.startswith(_UNION_ERROR)):
+        return None
+    if not any(f.name == "instantiate_classes" and "jsonargparse" in f.filename for f in frames):
+        return None
+    given = _GIVEN_CLASS.search(message)
+    if given is None or not given[1].startswith("lightning."):
+        return None
+    errors = message.split("\nErrors:\n", 1)[1].split("\nGiven value type:", 1)[0] if "\nErrors:\n" in message else ""
+    reasons = [r.strip()[2:] for r in errors.splitlines() if r.strip().startswith("- ")]
+    reasons = [r for r in reasons if not r.startswith("Expected a ")]
+    if len(reasons) != 1:
+        return None
+    torch = sys.modules.get("torch")
+    no_gpu = torch is not None and not torch.cuda.is_available()
+    hint = f" ({CPU_STRATEGY_HINT})" if ".strategies." in given[1] and no_gpu else ""
+    return f"{given[1]}: {reasons[0]}{hint}"
 
 
 def _is_sigterm(exc: BaseException) -> bool:

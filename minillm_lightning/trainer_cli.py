@@ -414,13 +414,22 @@ def _not_an_advert(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("💡 Tip")
 
 
+def _not_the_drop_last_caution(record: logging.LogRecord) -> bool:
+    return "have disabled the `drop_last` option" not in str(record.msg)
+
+
 def quiet_lightning_notices() -> None:
     """Drop what Lightning prints on every run that says nothing about the run: its "💡 Tip" adverts for litlogger
     and litmodels, a deprecation warning raised inside its own use of torch's pytree (nothing a user can fix), and
     its caution that an ``IterableDataset`` with ``__len__`` may be miscounted by several DataLoader workers: the
     only iterable datasets here are LitData's streaming datasets, which split their chunks among workers and ranks
-    themselves (the training summary counted it as a warning on every pretraining run)."""
+    themselves (the training summary counted it as a warning on every pretraining run); and LitData's ``drop_last``
+    caution on the evaluation sets, printed by every rank of a DDP pretraining run."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
+    # LitData's caution, once per rank, that a distributed StreamingDataset without drop_last "may lead to training
+    # interruptions": the pretraining validation and test sets keep every block on purpose (training drops the
+    # rest); their metrics are reduced at the epoch's end (val/loss on 2 ranks is the 1-rank value)
+    logging.getLogger("litdata.streaming.dataset").addFilter(_not_the_drop_last_caution)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from minillm_lightning.data.common import (
+    EvalSampler,
     ResumableDataLoader,
     ResumableSampler,
     check_fits_model,
@@ -285,9 +286,13 @@ class ChatDataModule(L.LightningDataModule):
         )
 
     def _eval_loader(self, dataset: Dataset | None) -> DataLoader:
+        """Every item once, in order; under DDP sharded without the repeated items of Lightning's sampler
+        (:class:`EvalSampler`), so a held-out metric on N ranks is the one-rank value."""
         assert dataset is not None
         collate, workers = self.collate_fn(), self.num_workers
-        return DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate, num_workers=workers)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = EvalSampler(len(dataset), world, rank) if world > 1 else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
