@@ -237,9 +237,10 @@ class PPOModule(RolloutMixin, StageModule):
         t = self.trainer
         # any value, 0 included, and any algorithm: Lightning refuses clip_gradients() next to a Trainer setting
         if t.gradient_clip_val is not None or t.gradient_clip_algorithm is not None:
+            algorithm = getattr(t.gradient_clip_algorithm, "value", t.gradient_clip_algorithm)  # the enum's "value"
             raise MiniLLMError(
                 f"trainer.gradient_clip_val={t.gradient_clip_val}, gradient_clip_algorithm="
-                f"{t.gradient_clip_algorithm}: not supported: PPO optimises manually and clips inside each optimizer "
+                f"{algorithm}: not supported: PPO optimises manually and clips inside each optimizer "
                 f"step (by norm); remove them and set model.init_args.max_grad_norm instead"
             )
         if t.accumulate_grad_batches != 1:
