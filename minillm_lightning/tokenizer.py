@@ -66,9 +66,7 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model {path} does not exist")
         if path.suffix == ".ckpt":
-            from minillm_lightning.checkpoint import load_checkpoint
-
-            return cls.from_checkpoint(load_checkpoint(path), source=str(path))
+            return cls.from_checkpoint(path)
         return cls(path.read_bytes())
 
     @classmethod
@@ -78,7 +76,8 @@ class Tokenizer:
         if isinstance(checkpoint, (str, os.PathLike)):
             from minillm_lightning.checkpoint import load_checkpoint
 
-            return cls.from_checkpoint(load_checkpoint(checkpoint), source=str(checkpoint))
+            # mapped: only the tokenizer's bytes are read, not the weights (dropped at once, see load_checkpoint)
+            return cls.from_checkpoint(load_checkpoint(checkpoint, mmap=True), source=str(checkpoint))
         blob = checkpoint.get("tokenizer", {}).get("model_bytes")
         if blob is None:
             raise ValueError(f"{source} carries no tokenizer (not written by minillm-lightning?)")
