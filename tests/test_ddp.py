@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,26 @@ def test_gpu_only_strategies_on_a_cpu_are_one_line(flags, message, workdir, capf
         "(on a CPU use --trainer.strategy ddp (gloo), not FSDP or DeepSpeed (configs/strategies/"
         "*.yaml): they need CUDA GPUs)"
     ), line
+
+
+def test_test_report_counts_every_rank(workdir: Path) -> None:  # noqa: F811
+    """`minillm test` on 2 ranks: test.json's examples and batches_scored describe the whole test set, as on one
+    rank. They counted rank 0's share only (LitData's length is per rank): 24 of 48 windows, 2 of 4 batches."""
+    from test_cli import CONFIG, FAST
+
+    common = ["--config", CONFIG, *FAST, "--data.init_args.batch_size=4"]
+    r = minillm(["fit", *common, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"], workdir)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    ckpt = workdir / "checkpoints" / "pretrain_tiny" / "last.ckpt"
+    reports = {}
+    for devices in (1, 2):
+        cmd = ["test", *common, f"--ckpt_path={ckpt}", f"--trainer.devices={devices}", "--trainer.accelerator=cpu"]
+        r = minillm([*cmd, *(["--trainer.strategy=ddp"] if devices == 2 else [])], workdir, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        reports[devices] = json.loads(ckpt.with_name("last.test.json").read_text())
+    one, two = reports[1], reports[2]
+    assert one["examples"] == two["examples"] > 8  # more than one batch on each rank
+    windows = one["examples"]
+    assert one["batches_scored"] == -(-windows // 4)
+    assert two["batches_scored"] == -(-(windows // 2) // 4) + -(-(windows - windows // 2) // 4)
+    assert two["metrics"]["test/loss"] == pytest.approx(one["metrics"]["test/loss"], rel=1e-4)

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import IterableDataset
 
 from minillm_lightning.fileio import write_json
 
@@ -24,12 +25,25 @@ def report_path(ckpt_path: str | os.PathLike | None, run_dir: str | os.PathLike)
     return Path(run_dir) / "test.json"
 
 
+def _sum_over_ranks(trainer: L.Trainer, n: int) -> int:
+    """``n`` summed over all ranks (each rank scores its own share of the test set); ``n`` itself on one."""
+    if trainer.world_size == 1:
+        return n
+    total = trainer.strategy.reduce(torch.tensor(float(n), device=trainer.strategy.root_device), reduce_op="sum")
+    return int(total.item())
+
+
 def _examples(trainer: L.Trainer) -> int | None:
-    """Items in the test loaders, for data modules without ``test_summary``; None when a loader has no length."""
+    """Items in the test loaders, for data modules without ``test_summary``; None when a loader has no length.
+    A map-style dataset's length is the whole set; an iterable one's (LitData's) is this rank's share, so those
+    are summed over ranks. Every rank must call it."""
     try:
-        return sum(len(loader.dataset) for loader in _loaders(trainer.test_dataloaders))
+        datasets = [loader.dataset for loader in _loaders(trainer.test_dataloaders)]
+        whole = sum(len(d) for d in datasets if not isinstance(d, IterableDataset))
+        shares = sum(len(d) for d in datasets if isinstance(d, IterableDataset))
     except (TypeError, AttributeError):
         return None
+    return whole + _sum_over_ranks(trainer, shares)
 
 
 def _loaders(loaders: Any) -> list[Any]:
@@ -40,17 +54,19 @@ def _loaders(loaders: Any) -> list[Any]:
 
 
 def _batches(trainer: L.Trainer) -> dict[str, Any]:
-    """The test batches scored; when ``limit_test_batches`` cut the loaders short, a note that the counts describe
-    the whole test set while the metrics come from part of it."""
-    scored = [n for n in trainer.num_test_batches if not math.isinf(n)]
-    out: dict[str, Any] = {"batches_scored": int(sum(scored)) if scored else None}
+    """The test batches scored on all ranks together; when ``limit_test_batches`` cut the loaders short, a note
+    that the counts describe the whole test set while the metrics come from part of it. Every rank must call it."""
+    finite = [n for n in trainer.num_test_batches if not math.isinf(n)]
+    scored = _sum_over_ranks(trainer, int(sum(finite)))
+    out: dict[str, Any] = {"batches_scored": scored if finite else None}
     try:
         total = sum(len(loader) for loader in _loaders(trainer.test_dataloaders))
     except TypeError:  # a loader without a length
         return out
-    if scored and sum(scored) < total:
+    total = _sum_over_ranks(trainer, total)
+    if finite and scored < total:
         out["partial"] = (
-            f"limit_test_batches={trainer.limit_test_batches}: the metrics come from {int(sum(scored))} of {total} "
+            f"limit_test_batches={trainer.limit_test_batches}: the metrics come from {scored} of {total} "
             f"batches; the counts describe the whole test set"
         )
     return out
@@ -60,8 +76,9 @@ def test_report(trainer: L.Trainer) -> dict[str, Any]:
     """The report of the test run ``trainer`` just finished: metrics, checkpoint, stage and test data.
 
     Metrics are the ``test*`` entries of ``trainer.callback_metrics`` (epoch values, already reduced across
-    ranks). The data module may describe its test data with ``test_summary()`` (files, examples scored); else
-    the report counts the items of the test loaders.
+    ranks); batch counts are summed over ranks, so every rank must call it. The data module may describe its
+    test data with ``test_summary()`` (files, examples scored); else the report counts the items of the test
+    loaders.
     """
     module, dm = trainer.lightning_module, trainer.datamodule
     metrics = {
