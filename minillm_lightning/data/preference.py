@@ -30,19 +30,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from minillm_lightning.data.chat import ChatDataModule
-from minillm_lightning.data.chat_cache import TokenCache, load_files, ragged
+from minillm_lightning.data.chat_cache import TokenCache, ragged
 from minillm_lightning.data.sft import (
     BadRecord,
+    CachedChatDataModule,
     Message,
     SFTFields,
     detect_format,
-    file_stats,
     optional_text,
-    read_chat_files,
     to_messages,
 )
-from minillm_lightning.errors import DataError, field_state
+from minillm_lightning.errors import field_state
 from minillm_lightning.losses import IGNORE_INDEX
 from minillm_lightning.tokenizer import Tokenizer
 
@@ -327,7 +325,7 @@ class PreferenceDataset(Dataset):
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "index": i}
 
 
-class PreferenceDataModule(ChatDataModule):
+class PreferenceDataModule(CachedChatDataModule):
     """Preference pairs for reward modelling and DPO.
 
     Args:
@@ -350,7 +348,7 @@ class PreferenceDataModule(ChatDataModule):
 
     kind, stats_key, row_name, item_name = "preference", "preference", "pairs", "pairs"
     prerequisite, example_checkpoint = SFT_COMMAND, "checkpoints/sft_tiny/last.ckpt"
-    cached = True
+    table, usable = Pairs, "preference pairs"
 
     def __init__(
         self,
@@ -378,33 +376,6 @@ class PreferenceDataModule(ChatDataModule):
     # ---- reading ----
     def codec(self) -> PreferenceCodec:
         return PreferenceCodec(self.fields)
-
-    def read(self, sources: list[str] | None = None) -> tuple[list[Pair], dict[str, Any]]:
-        """All usable pairs of ``sources`` (default: ``self.sources``) in memory, and per-file statistics
-        (training reads them through :meth:`load` instead)."""
-        sources = self.sources if sources is None else sources
-        pairs: list[Pair] = []
-        stats: dict[str, Any] = {}
-        codec = self.codec()
-        fmt = None if self.format == "auto" else self.format
-        files = read_chat_files(sources, fmt, self.skip_bad, codec.detect, codec.unknown_schema, codec.convert, "pairs")
-        for path, fmt, rs, items in files:
-            pairs.extend(items)
-            stats[str(path)] = file_stats(fmt, rs, len(items))
-        if not pairs:
-            raise DataError(f"no usable preference pairs in {sources}; check the paths and the record schema")
-        return pairs, stats
-
-    def load(self, sources: list[str]) -> tuple[Pairs, dict[str, Any]]:
-        """The pairs of ``sources`` from their token caches (tokenizing a file only when its cache is missing),
-        and per-file statistics: the same pairs, counts and errors as :meth:`read`."""
-        fmt = None if self.format == "auto" else self.format
-        caches, stats = load_files(
-            sources, self.codec(), self.tokenizer, self.skip_bad, fmt, self.cache_dir, self.prepare_workers
-        )
-        if not sum(len(c) for c in caches):
-            raise DataError(f"no usable preference pairs in {sources}; check the paths and the record schema")
-        return Pairs(caches), stats
 
     # ---- ChatDataModule hooks ----
     def new_counts(self) -> dict[str, int]:

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from minillm_lightning.data.chat import ChatDataModule
-from minillm_lightning.data.chat_cache import BadRecord, TokenCache, bad_record_error, load_files
+from minillm_lightning.data.chat_cache import BadRecord, ChatCodec, TokenCache, bad_record_error, load_files, ragged
 from minillm_lightning.data.common import ReadStats, expand_paths, iter_records
 from minillm_lightning.errors import DataError, type_name
 from minillm_lightning.losses import IGNORE_INDEX
@@ -274,14 +274,6 @@ class SFTCodec:
         return {"ids": ids, "mask": mask, "ends": ends, "learn": learn, "system": [messages[0]["role"] == "system"]}
 
 
-def _ragged(caches: list[TokenCache], name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(values, item offsets) of a per-message field over several caches, as one table."""
-    values = [c.load(name) for c in caches]
-    bases = np.cumsum([0] + [len(v) for v in values])
-    offsets = [c.offsets[name][:-1] + b for c, b in zip(caches, bases)]
-    return np.concatenate(values), np.concatenate([*offsets, bases[-1:]]).astype(np.int64)
-
-
 class Conversations:
     """The cached conversations of some files, numbered in file order: what :meth:`SFTDataModule.load` returns.
 
@@ -294,8 +286,8 @@ class Conversations:
         self.file = np.concatenate([np.full(len(c), k, dtype=np.int32) for k, c in enumerate(caches)])
         self.start = np.concatenate([c.offsets["ids"][:-1] for c in caches]).astype(np.int64)
         self.system = np.concatenate([c.load("system") for c in caches]).astype(np.int64)
-        self.ends, self.msg_offsets = _ragged(caches, "ends")
-        learn, _ = _ragged(caches, "learn")
+        self.ends, self.msg_offsets = ragged(caches, "ends")
+        learn, _ = ragged(caches, "learn")
         self.learn_cum = np.concatenate([[0], np.cumsum(learn, dtype=np.int64)])
         self.n_messages = np.diff(self.msg_offsets)
 
@@ -401,7 +393,52 @@ def collate(items: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
     }
 
 
-class SFTDataModule(ChatDataModule):
+class CachedChatDataModule(ChatDataModule):
+    """A chat data module whose records go through a :class:`ChatCodec` and the token caches of
+    :mod:`minillm_lightning.data.chat_cache` (SFT and preference data); subclasses set ``format`` and
+    :meth:`codec`, and name their cache table (``table``) and what they read (``usable``, for errors)."""
+
+    cached = True
+    table: ClassVar[Callable[[list[TokenCache]], Sequence[Any]]]
+    """Builds the indexable items from the per-file caches."""
+    usable: ClassVar[str]
+    """What the files hold, in the "no usable ..." error."""
+    format: str
+
+    def codec(self) -> ChatCodec:
+        raise NotImplementedError
+
+    def read(self, sources: list[str] | None = None) -> tuple[list[Any], dict[str, Any]]:
+        """All usable items of ``sources`` (default: ``self.sources``) in memory, and per-file statistics
+        (training reads them through :meth:`load` instead)."""
+        sources = self.sources if sources is None else sources
+        out: list[Any] = []
+        stats: dict[str, Any] = {}
+        codec = self.codec()
+        fmt = None if self.format == "auto" else self.format
+        files = read_chat_files(
+            sources, fmt, self.skip_bad, codec.detect, codec.unknown_schema, codec.convert, self.item_name
+        )
+        for path, file_fmt, rs, items in files:
+            out.extend(items)
+            stats[str(path)] = file_stats(file_fmt, rs, len(items))
+        if not out:
+            raise DataError(f"no usable {self.usable} in {sources}; check the paths and the record schema")
+        return out, stats
+
+    def load(self, sources: list[str]) -> tuple[Sequence[Any], dict[str, Any]]:
+        """The items of ``sources`` from their token caches (tokenizing a file only when its cache is missing),
+        and per-file statistics: the same items, counts and errors as :meth:`read`."""
+        fmt = None if self.format == "auto" else self.format
+        caches, stats = load_files(
+            sources, self.codec(), self.tokenizer, self.skip_bad, fmt, self.cache_dir, self.prepare_workers
+        )
+        if not sum(len(c) for c in caches):
+            raise DataError(f"no usable {self.usable} in {sources}; check the paths and the record schema")
+        return self.table(caches), stats
+
+
+class SFTDataModule(CachedChatDataModule):
     """Supervised fine-tuning conversations with the loss on assistant tokens only.
 
     Args:
@@ -424,7 +461,7 @@ class SFTDataModule(ChatDataModule):
 
     kind, stats_key, row_name, item_name = "SFT", "sft", "rows", "conversations"
     prerequisite, example_checkpoint = PRETRAIN_COMMAND, "checkpoints/pretrain_tiny/last.ckpt"
-    cached = True
+    table, usable = Conversations, "conversations"
 
     def __init__(
         self,
@@ -453,37 +490,8 @@ class SFTDataModule(ChatDataModule):
         self.turn_truncation, self.packing = turn_truncation, packing
 
     # ---- reading ----
-    def read(self, sources: list[str] | None = None) -> tuple[list[list[Message]], dict[str, Any]]:
-        """All valid conversations of ``sources`` (default: ``self.sources``) in memory, and per-file statistics
-        (training reads them through :meth:`load` instead)."""
-        sources = self.sources if sources is None else sources
-        conversations: list[list[Message]] = []
-        stats: dict[str, Any] = {}
-        codec = self.codec()
-        fmt = None if self.format == "auto" else self.format
-        files = read_chat_files(
-            sources, fmt, self.skip_bad, codec.detect, codec.unknown_schema, codec.convert, "conversations"
-        )
-        for path, fmt, rs, items in files:
-            conversations.extend(items)
-            stats[str(path)] = file_stats(fmt, rs, len(items))
-        if not conversations:
-            raise DataError(f"no usable conversations in {sources}; check the paths and the record schema")
-        return conversations, stats
-
     def codec(self) -> SFTCodec:
         return SFTCodec(self.fields, self.system_prompt)
-
-    def load(self, sources: list[str]) -> tuple[Conversations, dict[str, Any]]:
-        """The conversations of ``sources`` from their token caches (tokenizing a file only when its cache is
-        missing), and per-file statistics: the same conversations, counts and errors as :meth:`read`."""
-        fmt = None if self.format == "auto" else self.format
-        caches, stats = load_files(
-            sources, self.codec(), self.tokenizer, self.skip_bad, fmt, self.cache_dir, self.prepare_workers
-        )
-        if not sum(len(c) for c in caches):
-            raise DataError(f"no usable conversations in {sources}; check the paths and the record schema")
-        return Conversations(caches), stats
 
     def _turn_truncation(self, kept: np.ndarray, n_ex: np.ndarray, head: np.ndarray) -> int:
         """Turn-truncation augmentation: some conversations keep only a shorter prefix of their exchanges.
