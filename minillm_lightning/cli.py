@@ -32,6 +32,7 @@ EXTRA_VERBS: dict[str, str] = {
     "bench": "minillm_lightning.bench.args:bench_main",
     "prepare": "minillm_lightning.commands.prepare:prepare_main",
     "serve": "minillm_lightning.commands.serve:serve_main",
+    "curves": "minillm_lightning.commands.curves:curves_main",
 }
 # one line each for `minillm --help`
 VERB_HELP = {
@@ -44,6 +45,7 @@ VERB_HELP = {
     "bench": "speed, MFU, memory, wall clock:      minillm bench --config configs/pretrain_tiny.yaml",
     "prepare": "tokenize a pretraining corpus once:  minillm prepare --config CONFIG",
     "serve": "OpenAI-compatible HTTP server:       minillm serve --checkpoint CKPT",
+    "curves": "a run's curves as a table:           minillm curves checkpoints/sft_tiny --tags 'val/*'",
 }
 
 

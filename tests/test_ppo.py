@@ -512,3 +512,8 @@ def test_ppo_tiny_config_runs_two_rollouts(tmp_path, tiny_pretrain_ckpt):
         assert tag in tags, tag  # val/eval_reward_mean: the config's independent ArithmeticReward check
     stats = json.loads(next(out.glob("tb/version_*/dataset_stats.json")).read_text())["prompts"]
     assert stats["train_prompts"] == 190 and stats["val_prompts"] == 10
+    # the config's TrainingSummary: best of the checkpoint's monitor (max), and no "add Throughput" advice for PPO
+    summary = json.loads(next(out.glob("tb/version_*/summary.json")).read_text())
+    assert summary["validation"]["monitor"] == "val/reward_mean" and summary["validation"]["mode"] == "max"
+    assert summary["validation"]["best"] == pytest.approx(float(saver["best_model_score"]))
+    assert "training summary (ppo): 8 steps" in proc.stderr and "not measured for PPO" in proc.stderr

@@ -22,6 +22,8 @@ from minillm_lightning.fileio import write_json
 
 MAX_DISTINCT_WARNINGS = 20
 NO_THROUGHPUT = "not measured: add the callback minillm_lightning.callbacks.Throughput"
+# PPO's batches are prompts; its rollouts time themselves (time/generate_s, time/update_s)
+NO_PPO_THROUGHPUT = "not measured for PPO, whose batches are prompts: see time/generate_s and time/update_s"
 
 
 def _scalar(value: Any) -> float | None:
@@ -191,6 +193,7 @@ class TrainingSummary(StatefulCallback):
             "fit_time_s": round(elapsed, 2),
             "validation": {
                 "monitor": self.monitor,
+                "mode": self.mode,
                 "final": self.final,
                 "final_step": self.final_step,
                 "best": self.best,
@@ -206,7 +209,12 @@ class TrainingSummary(StatefulCallback):
         if (tp := find(Throughput)) is not None:
             out["throughput"] = tp.summary()
         else:
-            out["throughput"] = {"tokens": None, "tokens_per_sec": None, "note": NO_THROUGHPUT}
+            ppo = getattr(module, "stage_name", None) == "ppo"
+            out["throughput"] = {
+                "tokens": None,
+                "tokens_per_sec": None,
+                "note": NO_PPO_THROUGHPUT if ppo else NO_THROUGHPUT,
+            }
         if (rs := find(RegressionSuite)) is not None:
             last = rs.history[-1] if rs.history else {}
             out["regression"] = {
