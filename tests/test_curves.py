@@ -66,6 +66,11 @@ def test_resumed_run_continues_and_a_new_run_replaces(tmp_path, capsys):
         (lambda run: run.mkdir(), [], "no TensorBoard event files under"),
         (lambda run: log_version(run, {"val/loss": [(1, 1.0)]}, 1000), ["--tags", "val/acc*"], "the run has: val/loss"),
         (lambda run: log_version(run, {"val/loss": [(1, 1.0)]}, 1000), ["--parts", "0"], "--parts must be at least 1"),
+        (
+            lambda run: [log_version(run / name, {"val/loss": [(1, 1.0)]}, 1000) for name in ("a", "b")],
+            [],
+            "holds 2 runs' logs; name one of them: ",
+        ),
     ],
 )
 def test_errors_are_one_line(tmp_path, capfd, make, args, message):

@@ -36,7 +36,8 @@ class Curve:
 
 def event_dirs(run: Path) -> list[Path]:
     """The folders holding event files of ``run``: ``run`` itself when it holds them (a ``tb/version_N``), else
-    every ``tb/version_*`` (or any folder below ``run`` with event files), oldest first."""
+    every ``tb/version_*`` (or any folder below ``run`` with event files), oldest first. Logs of several runs
+    (``checkpoints/`` holding ``pretrain_tiny/tb`` and ``sft_tiny/tb``) are refused: the error lists them."""
     if not run.exists():
         raise DataError(f"{run} does not exist; give a run folder such as checkpoints/sft_tiny")
     if any(run.glob("events.out.tfevents.*")):
@@ -47,6 +48,9 @@ def event_dirs(run: Path) -> list[Path]:
             f"no TensorBoard event files under {run}; train first (minillm fit --config ...) or point at the "
             f"run's folder (the config's trainer.logger save_dir)"
         )
+    runs = sorted({str(d.parent if d.name.startswith("version_") else d) for d in dirs})
+    if len(runs) > 1:
+        raise DataError(f"{run} holds {len(runs)} runs' logs; name one of them: {', '.join(runs)}")
     return sorted(dirs, key=lambda d: max(f.stat().st_mtime for f in d.glob("events.out.tfevents.*")))
 
 
