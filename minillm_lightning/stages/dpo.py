@@ -16,6 +16,7 @@ freed, saving its memory and one forward pass per step.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -100,6 +101,8 @@ class DPOModule(PairwiseModule):
         if label_smoothing and loss_type != "sigmoid":
             raise ValueError("DPOModule: label_smoothing (conservative DPO) applies to loss_type sigmoid only")
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup=warmup, **kwargs)
+        # Lightning's warning about modules in eval mode at fit start is about the reference: eval on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         # the frozen reference: the init_from weights, never trained, never checkpointed (see the module docstring)
         self.ref_model: MiniGPT | None = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.frozen_digests = {"reference (model.init_from)": weights_digest(self.ref_model)}
