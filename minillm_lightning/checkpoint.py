@@ -96,14 +96,17 @@ def is_intact(path: str | os.PathLike) -> bool:
         return False
 
 
-def newest_intact_checkpoint(dirs: list[str | os.PathLike]) -> tuple[Path | None, list[Path]]:
+def newest_intact_checkpoint(
+    dirs: list[str | os.PathLike], extra: list[Path] | None = None
+) -> tuple[Path | None, list[Path]]:
     """The checkpoint ``--ckpt_path last`` should resume from, and the damaged ones skipped on the way.
 
-    ``last*.ckpt`` files come first (newest first), then any other checkpoint in the same directories,
-    newest first, so a truncated ``last.ckpt`` falls back to the most recent intact save.
+    ``last*.ckpt`` files and SLURM's requeue checkpoints (``hpc_ckpt_N.ckpt``, which ``extra`` may add from
+    outside ``dirs``) come first, newest first, then any other checkpoint in the same directories, newest
+    first, so a truncated ``last.ckpt`` falls back to the most recent intact save.
     """
-    files = {p for d in dirs if Path(d).is_dir() for p in Path(d).glob("*.ckpt")}
-    ordered = sorted(files, key=lambda p: (not p.name.startswith("last"), -p.stat().st_mtime))
+    files = {p for d in dirs if Path(d).is_dir() for p in Path(d).glob("*.ckpt")} | set(extra or [])
+    ordered = sorted(files, key=lambda p: (not p.name.startswith(("last", "hpc_ckpt_")), -p.stat().st_mtime))
     skipped: list[Path] = []
     for path in ordered:
         if is_intact(path):

@@ -8,7 +8,10 @@ degrading logging or resume here.
 
 from __future__ import annotations
 
+import signal
+
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
@@ -65,3 +68,13 @@ def forget_unfinished_batch(checkpoint: dict) -> None:
         counts = progress.get(part)
         if isinstance(counts, dict) and counts.get("ready", 0) > counts.get("processed", 0):
             counts["ready"] = counts["started"] = counts["processed"]
+
+
+def requeue_signal(trainer: L.Trainer) -> signal.Signals | None:
+    """The signal on which Lightning's SLURM auto-requeue writes ``hpc_ckpt_N.ckpt`` and requeues the job (SIGUSR1
+    unless the SLURMEnvironment plugin says otherwise), or None when auto-requeue is not armed. Lightning keeps the
+    cluster environment on its private accelerator connector (a single-device strategy has none of its own)."""
+    env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+    if not isinstance(env, SLURMEnvironment) or not env.auto_requeue:
+        return None
+    return env.requeue_signal

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from jsonargparse import set_parsing_settings
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, RichProgressBar
@@ -165,8 +166,8 @@ LISTED_IN_HELP = (
 )
 CKPT_PATH_HELP = (
     "Resume this run from a checkpoint (fit), or evaluate one (validate/test/predict): a .ckpt file; `last`, the "
-    "newest intact checkpoint in the ModelCheckpoint folder (damaged files are skipped, and fit starts fresh when "
-    "there is none); or `best`, <dirpath>/<filename>.ckpt of the ModelCheckpoint that monitors a metric. Weights, "
+    "newest intact checkpoint in the ModelCheckpoint folder or a SLURM requeue checkpoint (hpc_ckpt_N.ckpt), "
+    "whichever is newer (damaged files are skipped, and fit starts fresh when there is none); or `best`, <dirpath>/<filename>.ckpt of the ModelCheckpoint that monitors a metric. Weights, "
     "optimizer, schedule, loop counters, RNG and data position are restored. To start a NEW stage from an earlier "
     "stage's weights use --model.init_args.init_from instead."
 )
@@ -385,12 +386,18 @@ class MiniLLMCLI(LightningCLI):
         run's directory holds only the logger's ``tb/`` (the recipes log beside their checkpoints), and a resumed
         run writes on purpose where it left off. It stays for a new run into a directory holding checkpoints,
         whose ``last.ckpt``/``best.ckpt`` that run will replace."""
+        # without --ckpt_path under SLURM, Lightning itself resumes from a requeue checkpoint (hpc_ckpt_N.ckpt)
         resuming = bool(self.config_init[self.subcommand].get("ckpt_path"))
+        resuming = resuming or (SLURMEnvironment.detect() and bool(self._hpc_checkpoints()))
         for cb in self.trainer.checkpoint_callbacks:
             dirpath = getattr(cb, "dirpath", None)
             if dirpath and (resuming or not any(Path(dirpath).glob("*.ckpt"))):
                 message = re.escape(f"Checkpoint directory {dirpath} exists and is not empty")
                 warnings.filterwarnings("ignore", message=message)
+
+    def _hpc_checkpoints(self) -> list[Path]:
+        """The checkpoints Lightning's SLURM auto-requeue wrote (``<default_root_dir>/hpc_ckpt_N.ckpt``)."""
+        return sorted(Path(self.trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
 
     def _resolve_last(self) -> None:
         """``--ckpt_path last``: resume from the newest intact checkpoint, skipping damaged ones loudly."""
@@ -398,7 +405,7 @@ class MiniLLMCLI(LightningCLI):
         if cfg.get("ckpt_path") != "last":
             return
         dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-        path, skipped = newest_intact_checkpoint(dirs)
+        path, skipped = newest_intact_checkpoint(dirs, self._hpc_checkpoints())
         for bad in skipped:
             rank_zero_warn(f"!!! {bad} is truncated or corrupted; skipping it")
         if path is None:

@@ -424,3 +424,93 @@ def test_flags_given_with_a_checkpoint_file_win_as_with_last(workdir: Path) -> N
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     ckpt = load_checkpoint(last)
     assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["learning_rate"] == 0.5
+
+
+class _Requeue(L.Callback):
+    """SLURM's requeue signal inside the training step of optimizer step ``at + 1`` (after the backward, before
+    the update); records the global step of every validation."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.val_steps = at, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)  # Lightning's handler saves hpc_ckpt_1.ckpt right here
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.val_steps.append(trainer.global_step)
+
+
+@pytest.fixture
+def slurm_job(tmp_path: Path, monkeypatch) -> Path:
+    """A one-task SLURM job as Lightning detects it, with a stand-in `scontrol` that records the requeue."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in dict(
+        SLURM_NTASKS="1", SLURM_JOB_ID="4242", SLURM_JOB_NAME="train", SLURM_NODELIST="localhost", SLURM_LOCALID="0",
+        SLURM_PROCID="0", SLURM_NODEID="0", SLURM_JOB_NUM_NODES="1",
+    ).items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    return calls
+
+
+def test_slurm_requeue_checkpoint_resumes_on_the_same_schedule(tmp_path: Path, pretrain_dm_factory, slurm_job) -> None:
+    """Lightning writes SLURM's requeue checkpoint from its signal handler, mid-step. It counted the interrupted
+    batch as fetched, so the requeued job validated one step early (at 399 and 599 instead of 400 and 600 in
+    pretrain_tiny) on other batches than the uninterrupted run. Now it resumes exactly: same validations, same
+    weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from minillm_lightning.callbacks import InterruptCheckpoint
+
+    dm = pretrain_dm_factory()
+
+    def fit(root: Path, at: int) -> tuple[_Requeue, PretrainModule]:
+        torch.manual_seed(0)
+        model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
+        probe = _Requeue(at)
+        trainer = micro_trainer(
+            root,
+            max_steps=10,
+            val_check_interval=4,
+            check_val_every_n_epoch=None,
+            enable_checkpointing=True,
+            callbacks=[ModelCheckpoint(dirpath=root, save_on_train_epoch_end=False), InterruptCheckpoint(), probe],
+        )
+        trainer.fit(model, datamodule=dm)  # no ckpt_path: under SLURM Lightning resumes from hpc_ckpt_N.ckpt
+        return probe, model
+
+    straight, reference = fit(tmp_path / "straight", at=-1)
+    fit(tmp_path / "signalled", at=5)
+    assert slurm_job.read_text().split() == ["requeue", "4242"]
+    saved = tmp_path / "signalled" / "hpc_ckpt_1.ckpt"
+    assert load_checkpoint(saved)["global_step"] == 5
+    requeued = tmp_path / "requeued"  # the requeued job finds only the requeue checkpoint
+    requeued.mkdir()
+    saved.rename(requeued / saved.name)
+    resumed, model = fit(requeued, at=-1)
+    assert straight.val_steps == [4, 8] and resumed.val_steps == [8]
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_resume_last_prefers_the_newest_of_last_and_requeue_checkpoints(tmp_path: Path, tiny_pretrain_ckpt) -> None:
+    """`--ckpt_path last` in a requeued SLURM job resumed from last.ckpt, older than the requeue checkpoint."""
+    run = tmp_path / "run"
+    run.mkdir()
+    blob = tiny_pretrain_ckpt.read_bytes()
+    for i, name in enumerate(["best.ckpt", "last.ckpt", "hpc_ckpt_1.ckpt"]):
+        (run / name).write_bytes(blob)
+        os.utime(run / name, (1000 + i, 1000 + i))
+    assert newest_intact_checkpoint([run]) == (run / "hpc_ckpt_1.ckpt", [])
+    os.utime(run / "last.ckpt", (2000, 2000))
+    assert newest_intact_checkpoint([run]) == (run / "last.ckpt", [])
+    elsewhere = tmp_path / "root" / "hpc_ckpt_2.ckpt"  # default_root_dir outside the ModelCheckpoint folder
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(blob)
+    assert newest_intact_checkpoint([run], [elsewhere]) == (elsewhere, [])

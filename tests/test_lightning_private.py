@@ -133,3 +133,18 @@ def test_rich_bar_total_after_a_mid_epoch_resume(tmp_path) -> None:
         # the epoch's batch index at max_steps: batch 6 of epoch 0; with accumulation batch 12 = batch 2 of epoch 1
         assert resumed_done == resumed_total == {1: 6, 2: 2}[accumulate]
         assert lightnings == 3  # Lightning's own total: the optimizer steps left ("6/3", or "12/3")
+
+
+def test_requeue_signal_is_armed_only_under_slurm(tmp_path, monkeypatch) -> None:
+    import signal
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    assert lp.requeue_signal(micro_trainer(tmp_path)) is None  # not a SLURM job
+    for key, value in dict(SLURM_NTASKS="1", SLURM_JOB_NAME="train", SLURM_JOB_ID="1", SLURM_NODELIST="n1").items():
+        monkeypatch.setenv(key, value)
+    assert lp.requeue_signal(micro_trainer(tmp_path)) == signal.SIGUSR1
+    off = SLURMEnvironment(auto_requeue=False)
+    assert lp.requeue_signal(micro_trainer(tmp_path, plugins=[off])) is None
+    usr2 = SLURMEnvironment(requeue_signal=signal.SIGUSR2)
+    assert lp.requeue_signal(micro_trainer(tmp_path, plugins=[usr2])) == signal.SIGUSR2

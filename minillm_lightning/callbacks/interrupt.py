@@ -1,8 +1,10 @@
-"""Save a resumable checkpoint when a run is stopped with Ctrl+C or SIGTERM, and say how to resume."""
+"""Save a resumable checkpoint when a run is stopped with Ctrl+C or SIGTERM, and say how to resume; keep SLURM's
+auto-requeue checkpoint exact."""
 
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -14,7 +16,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from minillm_lightning.errors import worker_crash_report
-from minillm_lightning.lightning_private import forget_unfinished_batch, last_saved_step, mark_last_saved
+from minillm_lightning.lightning_private import (
+    forget_unfinished_batch,
+    last_saved_step,
+    mark_last_saved,
+    requeue_signal,
+)
 
 
 def resume_command(argv: list[str] | None = None) -> str:
@@ -84,6 +91,11 @@ class InterruptCheckpoint(Callback):
     ``last.ckpt`` that ``--ckpt_path last`` resumes, deletes that file again in ``teardown``, prints no resume
     command, and does nothing for the final-step save described in ``on_train_batch_end``.
 
+    Under SLURM with auto-requeue (Lightning's default there), the requeue signal (SIGUSR1; ``#SBATCH
+    --signal=SIGUSR1@90``) makes Lightning write ``hpc_ckpt_N.ckpt`` from inside its signal handler, so in the
+    middle of a step, and requeue the job; the requeued job resumes from it. That save gets the same treatment as
+    a Ctrl+C save, so the resumed run validates and checkpoints on the uninterrupted run's schedule.
+
     Args:
         save_on_train_end: refresh ``last.ckpt`` when fit ends.
     """
@@ -99,6 +111,27 @@ class InterruptCheckpoint(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._first_step = trainer.global_step  # after a resume: the restored step
+        self._wrap_requeue_handler(trainer)
+
+    def _wrap_requeue_handler(self, trainer: L.Trainer) -> None:
+        """Mark Lightning's SLURM requeue save as taken mid-step (see the class docstring). Lightning installed
+        the handler when fit started and puts the previous one back when fit ends."""
+        sig = requeue_signal(trainer)
+        if sig is None or threading.current_thread() is not threading.main_thread():
+            return
+        lightning_handler = signal.getsignal(sig)
+        if not callable(lightning_handler) or getattr(lightning_handler, "marks_mid_step_save", False):
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            self._saving_interrupt = True
+            try:
+                lightning_handler(signum, frame)
+            finally:
+                self._saving_interrupt = False
+
+        handler.marks_mid_step_save = True  # type: ignore[attr-defined]
+        signal.signal(sig, handler)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self._saving_interrupt:
