@@ -342,14 +342,14 @@ class _Interrupt(L.Callback):
             self.val_steps.append(trainer.global_step)
 
 
-def _interruptible_fit(root: Path, dm, at: int | None, ckpt_path: str | None = None) -> tuple[_Interrupt, Path]:
+def _probed_fit(root: Path, dm, probe: L.Callback, ckpt_path: str | None = None) -> PretrainModule:
+    """10 micro steps validating every 4, with the CLI's InterruptCheckpoint and ``probe``; the trained model."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from minillm_lightning.callbacks import InterruptCheckpoint
 
     torch.manual_seed(0)
     model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
-    probe = _Interrupt(at)
     saver = ModelCheckpoint(dirpath=root, save_last=True, save_on_train_epoch_end=False)
     trainer = micro_trainer(
         root,
@@ -363,6 +363,12 @@ def _interruptible_fit(root: Path, dm, at: int | None, ckpt_path: str | None = N
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     except SystemExit:  # how Lightning ends a run after Ctrl+C
         pass
+    return model
+
+
+def _interruptible_fit(root: Path, dm, at: int | None, ckpt_path: str | None = None) -> tuple[_Interrupt, Path]:
+    probe = _Interrupt(at)
+    _probed_fit(root, dm, probe, ckpt_path)
     return probe, root / "last.ckpt"
 
 
@@ -464,26 +470,11 @@ def test_slurm_requeue_checkpoint_resumes_on_the_same_schedule(tmp_path: Path, p
     batch as fetched, so the requeued job validated one step early (at 399 and 599 instead of 400 and 600 in
     pretrain_tiny) on other batches than the uninterrupted run. Now it resumes exactly: same validations, same
     weights."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from minillm_lightning.callbacks import InterruptCheckpoint
-
     dm = pretrain_dm_factory()
 
     def fit(root: Path, at: int) -> tuple[_Requeue, PretrainModule]:
-        torch.manual_seed(0)
-        model = PretrainModule(arch=MiniGPTConfig(**MICRO_ARCH), vocab_size=dm.vocab_size)
-        probe = _Requeue(at)
-        trainer = micro_trainer(
-            root,
-            max_steps=10,
-            val_check_interval=4,
-            check_val_every_n_epoch=None,
-            enable_checkpointing=True,
-            callbacks=[ModelCheckpoint(dirpath=root, save_on_train_epoch_end=False), InterruptCheckpoint(), probe],
-        )
-        trainer.fit(model, datamodule=dm)  # no ckpt_path: under SLURM Lightning resumes from hpc_ckpt_N.ckpt
-        return probe, model
+        probe = _Requeue(at)  # no ckpt_path: under SLURM, Lightning resumes from an hpc_ckpt_N.ckpt it finds
+        return probe, _probed_fit(root, dm, probe)
 
     straight, reference = fit(tmp_path / "straight", at=-1)
     fit(tmp_path / "signalled", at=5)
