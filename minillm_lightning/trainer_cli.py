@@ -167,9 +167,10 @@ LISTED_IN_HELP = (
 CKPT_PATH_HELP = (
     "Resume this run from a checkpoint (fit), or evaluate one (validate/test/predict): a .ckpt file; `last`, the "
     "newest intact checkpoint in the ModelCheckpoint folder or a SLURM requeue checkpoint (hpc_ckpt_N.ckpt), "
-    "whichever is newer (damaged files are skipped, and fit starts fresh when there is none); or `best`, <dirpath>/<filename>.ckpt of the ModelCheckpoint that monitors a metric. Weights, "
-    "optimizer, schedule, loop counters, RNG and data position are restored. To start a NEW stage from an earlier "
-    "stage's weights use --model.init_args.init_from instead."
+    "whichever is newer (damaged files are skipped, and fit starts fresh when there is none); or `best`, "
+    "<dirpath>/<filename>.ckpt of the ModelCheckpoint that monitors a metric. Weights, optimizer, schedule, loop "
+    "counters, RNG and data position are restored. To start a NEW stage from an earlier stage's weights use "
+    "--model.init_args.init_from instead."
 )
 
 
@@ -425,18 +426,27 @@ def _not_the_drop_last_caution(record: logging.LogRecord) -> bool:
     return "have disabled the `drop_last` option" not in str(record.msg)
 
 
+def _not_the_weights_only_default(record: logging.LogRecord) -> bool:
+    return "`weights_only` was not set" not in str(record.msg)
+
+
 def quiet_lightning_notices() -> None:
     """Drop what Lightning prints on every run that says nothing about the run: its "💡 Tip" adverts for litlogger
     and litmodels, a deprecation warning raised inside its own use of torch's pytree (nothing a user can fix), and
     its caution that an ``IterableDataset`` with ``__len__`` may be miscounted by several DataLoader workers: the
     only iterable datasets here are LitData's streaming datasets, which split their chunks among workers and ranks
-    themselves (the training summary counted it as a warning on every pretraining run); and LitData's ``drop_last``
-    caution on the evaluation sets, printed by every rank of a DDP pretraining run."""
+    themselves (the training summary counted it as a warning on every pretraining run); LitData's ``drop_last``
+    caution on the evaluation sets, printed by every rank of a DDP pretraining run; and the note that a save
+    without ``weights_only`` writes a full checkpoint."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
     # LitData's caution, once per rank, that a distributed StreamingDataset without drop_last "may lead to training
     # interruptions": the pretraining validation and test sets keep every block on purpose (training drops the
     # rest); their metrics are reduced at the epoch's end (val/loss on 2 ranks is the 1-rank value)
     logging.getLogger("litdata.streaming.dataset").addFilter(_not_the_drop_last_caution)
+    # a save that did not pass weights_only (SLURM's requeue save, a callback's) writes a full checkpoint, as ours do
+    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").addFilter(
+        _not_the_weights_only_default
+    )
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 

@@ -505,3 +505,15 @@ def test_resume_last_prefers_the_newest_of_last_and_requeue_checkpoints(tmp_path
     elsewhere.parent.mkdir()
     elsewhere.write_bytes(blob)
     assert newest_intact_checkpoint([run], [elsewhere]) == (elsewhere, [])
+
+
+def test_the_weights_only_note_of_a_requeue_save_is_dropped(caplog) -> None:
+    """Lightning's requeue save passes no weights_only, and Lightning said so in the job's log at every requeue."""
+    from minillm_lightning.trainer_cli import quiet_lightning_notices
+
+    quiet_lightning_notices()
+    log = logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        log.info("`weights_only` was not set, defaulting to `False`.")
+        log.info("Restoring states from the checkpoint path at x.ckpt")
+    assert [r.getMessage() for r in caplog.records] == ["Restoring states from the checkpoint path at x.ckpt"]
