@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             sys.exit(3)
         user_error = _find_user_error(e) or _invalid_option(e) or _misconfiguration(e) or _strategy_error(e)
+        user_error = user_error or _peer_failed(e)
         if user_error is None or os.environ.get("MINILLM_TRACEBACK"):
             raise
         print(f"error: {user_error}", file=sys.stderr)
@@ -212,6 +213,20 @@ CPU_STRATEGY_HINT = (
 )
 _UNION_ERROR = "Does not validate against any of the Union subtypes"
 _GIVEN_CLASS = re.compile(r"^Given value: Namespace\(class_path='([^']+)'", re.MULTILINE)
+
+
+# what a rank's collective says when another rank's process ended (gloo; NCCL's DistBackendError)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "DistBackendError")
+
+
+def _peer_failed(exc: BaseException) -> str | None:
+    """On a rank other than 0, a collective that broke because another rank stopped (say, rank 0 on a data error in
+    ``prepare_data``, which only it runs): one line pointing at that rank's error instead of a 35-line traceback
+    of the barrier after it."""
+    rank = int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)
+    if rank == 0 or not any(p in f"{type(exc).__name__}: {exc}" for p in _PEER_GONE):
+        return None
+    return f"rank {rank} stopped because another rank failed; that rank's error is printed above"
 
 
 def _strategy_error(exc: BaseException) -> str | None:

@@ -168,3 +168,14 @@ def test_test_report_counts_every_rank(workdir: Path) -> None:  # noqa: F811
     assert one["batches_scored"] == -(-windows // 4)
     assert two["batches_scored"] == -(-(windows // 2) // 4) + -(-(windows - windows // 2) // 4)
     assert two["metrics"]["test/loss"] == pytest.approx(one["metrics"]["test/loss"], rel=1e-4)
+
+
+def test_a_data_error_under_ddp_is_one_line_per_rank(workdir: Path, tiny_pretrain_ckpt: Path) -> None:  # noqa: F811
+    """Rank 0 stops on a missing data file in prepare_data (which only it runs); rank 1, waiting at the barrier
+    after it, printed a 36-line traceback of gloo's "Connection closed by peer" under the one-line error."""
+    args = ["fit", *_stage_args("sft", tiny_pretrain_ckpt), *DDP, "--data.init_args.sources=[nowhere.jsonl]"]
+    r = minillm(args, workdir, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 2 and errors[0].startswith("error: data source 'nowhere.jsonl' matches no file"), errors
+    assert errors[1] == "error: rank 1 stopped because another rank failed; that rank's error is printed above"
