@@ -220,13 +220,15 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote w
 
 
 def _peer_failed(exc: BaseException) -> str | None:
-    """On a rank other than 0, a collective that broke because another rank stopped (say, rank 0 on a data error in
-    ``prepare_data``, which only it runs): one line pointing at that rank's error instead of a 35-line traceback
-    of the barrier after it."""
-    rank = int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)
-    if rank == 0 or not any(p in f"{type(exc).__name__}: {exc}" for p in _PEER_GONE):
+    """A collective that broke because another rank stopped (say, rank 0 on a data error in ``prepare_data``, which
+    only it runs): one line pointing at that rank's error instead of a 35-line traceback of the barrier after it.
+    Only in a process that joined a process group (a broken HTTP download is not another rank's failure)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
         return None
-    return f"rank {rank} stopped because another rank failed; that rank's error is printed above"
+    if not any(p in f"{type(exc).__name__}: {exc}" for p in _PEER_GONE):
+        return None
+    return f"rank {dist.get_rank()} stopped because another rank failed; that rank's error is printed above"
 
 
 def _strategy_error(exc: BaseException) -> str | None:

@@ -179,3 +179,9 @@ def test_a_data_error_under_ddp_is_one_line_per_rank(workdir: Path, tiny_pretrai
     errors = [line for line in r.stderr.splitlines() if "error: " in line]
     assert len(errors) == 2 and errors[0].startswith("error: data source 'nowhere.jsonl' matches no file"), errors
     assert errors[1] == "error: rank 1 stopped because another rank failed; that rank's error is printed above"
+
+
+def test_a_connection_error_outside_a_process_group_is_not_blamed_on_a_rank() -> None:
+    from minillm_lightning.cli import _peer_failed
+
+    assert _peer_failed(ConnectionResetError("[Errno 104] Connection reset by peer")) is None  # e.g. a download
