@@ -64,7 +64,7 @@ def test_resumed_run_continues_and_a_new_run_replaces(tmp_path, capsys):
     [
         (lambda run: None, [], "does not exist; give a run folder"),
         (lambda run: run.mkdir(), [], "no TensorBoard event files under"),
-        (lambda run: log_version(run, {"val/loss": [(1, 1.0)]}, 1000), ["--tags", "val/acc*"], "the run has: val/loss"),
+        (lambda run: log_version(run, {"val/loss": [(1, 1.0)]}, 1000), ["--tags", "val/acc*"], "run has: val/loss"),
         (lambda run: log_version(run, {"val/loss": [(1, 1.0)]}, 1000), ["--parts", "0"], "--parts must be at least 1"),
         (
             lambda run: [log_version(run / name, {"val/loss": [(1, 1.0)]}, 1000) for name in ("a", "b")],
@@ -77,3 +77,29 @@ def test_errors_are_one_line(tmp_path, capfd, make, args, message):
     run = tmp_path / "run"
     make(run)
     assert message in user_error(["curves", str(run), *args], capfd)
+
+
+def test_several_runs_side_by_side(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    log_version(a, {"val/loss": [(1, 3.0), (2, 2.0)], "lr": [(1, 0.1)]}, 1000)
+    log_version(b, {"val/loss": [(1, 4.0), (2, 1.0)], "lr": [(1, 0.2)]}, 1000)
+    cli_main(["curves", str(a), str(b), "--tags", "val/*", "lr"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{a}: 2 of 2 scalars") and out[1].startswith(f"{b}: 2 of 2 scalars")
+    assert out[2].startswith("| run | tag | points |")
+    # each tag's rows together, the runs in the order given
+    assert [line.split(" | ")[:2] for line in out[4:]] == [
+        [f"| {a}", "val/loss"],
+        [f"| {b}", "val/loss"],
+        [f"| {a}", "lr"],
+        [f"| {b}", "lr"],
+    ]
+    assert out[5] == f"| {b} | val/loss | 2 | 1-2 | 4 | 4 | 1 | 1 | 1 | 4 |"  # one point per fifth of 2
+
+
+def test_a_tag_missing_from_one_of_several_runs_names_that_run(tmp_path, capfd):
+    a, b = tmp_path / "a", tmp_path / "b"
+    log_version(a, {"val/acc": [(1, 0.5)]}, 1000)
+    log_version(b, {"val/loss": [(1, 1.0)]}, 1000)
+    error = user_error(["curves", str(a), str(b), "--tags", "val/acc"], capfd)
+    assert f"no scalar matches --tags 'val/acc'; {b} has: val/loss" in error

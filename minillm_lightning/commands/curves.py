@@ -1,6 +1,7 @@
 """``minillm curves``: a run's TensorBoard curves as a table in the terminal, for machines without a browser.
 
 minillm curves checkpoints/ppo_tiny --tags env/reward_mean objective/kl 'val/*'
+minillm curves checkpoints/ppo_a checkpoints/ppo_b --tags val/reward_mean     # two runs side by side
 
 Each scalar gets its first and last value, the means of its first and last part (a fifth by default: a noisy
 curve such as PPO's reward reads better as "first fifth -> last fifth" than as two single points), and its
@@ -77,8 +78,9 @@ def read_curves(run: Path) -> tuple[list[Curve], list[Path]]:
     return [Curve(tag, sorted(p), [p[s] for s in sorted(p)]) for tag, p in sorted(points.items())], used
 
 
-def select(curves: list[Curve], patterns: list[str] | None) -> list[Curve]:
-    """The curves whose tag matches one of ``patterns`` (shell-style, ``val/*``), in pattern order."""
+def select(curves: list[Curve], patterns: list[str] | None, run: Path | None = None) -> list[Curve]:
+    """The curves whose tag matches one of ``patterns`` (shell-style, ``val/*``), in pattern order; ``run`` names
+    the run in the error."""
     if not patterns:
         return curves
     out: list[Curve] = []
@@ -86,7 +88,7 @@ def select(curves: list[Curve], patterns: list[str] | None) -> list[Curve]:
         hits = [c for c in curves if fnmatch.fnmatchcase(c.tag, pattern) and c not in out]
         if not hits:
             tags = ", ".join(c.tag for c in curves)
-            raise DataError(f"no scalar matches --tags {pattern!r}; the run has: {tags}")
+            raise DataError(f"no scalar matches --tags {pattern!r}; {run or 'the run'} has: {tags}")
         out.extend(hits)
     return out
 
@@ -95,19 +97,22 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}" if math.isfinite(x) else str(x)
 
 
-def table(curves: list[Curve], parts: int) -> str:
-    """The markdown table ``minillm curves`` prints."""
+def table(curves: list[Curve], parts: int, runs: list[str] | None = None) -> str:
+    """The markdown table ``minillm curves`` prints; with ``runs`` (one name per curve) a first column names the
+    run of each row."""
     part = "fifth" if parts == 5 else f"1/{parts}"
+    lead = "| run " if runs else ""
     rows = [
-        f"| tag | points | steps | first | first {part} (mean) | last {part} (mean) | last | min | max |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        f"{lead}| tag | points | steps | first | first {part} (mean) | last {part} (mean) | last | min | max |",
+        ("|---" if runs else "") + "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for c in curves:
+    for i, c in enumerate(curves):
         head, tail = c.part_means(parts)
         finite = [v for v in c.values if math.isfinite(v)] or [math.nan]
         cells = [c.values[0], head, tail, c.values[-1], min(finite), max(finite)]
         steps = f"{c.steps[0]}-{c.steps[-1]}"
-        rows.append(f"| {c.tag} | {len(c.values)} | {steps} | " + " | ".join(_fmt(v) for v in cells) + " |")
+        name = f"| {runs[i]} " if runs else ""
+        rows.append(f"{name}| {c.tag} | {len(c.values)} | {steps} | " + " | ".join(_fmt(v) for v in cells) + " |")
     return "\n".join(rows)
 
 
@@ -116,18 +121,29 @@ def curves_main(argv: list[str]) -> None:
         prog="minillm curves",
         description="Print a run's TensorBoard scalars as a table: first and last value, the means of the first "
         "and last part of each curve, minimum and maximum. Reads every tb/version_* of the run (a resumed run "
-        "continues in a new version).",
+        "continues in a new version). Several runs: one table, each tag's rows side by side.",
     )
-    p.add_argument("run", help="the run's folder (e.g. checkpoints/ppo_tiny), its tb/ folder or one tb/version_N")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="run",
+        help="the run's folder (e.g. checkpoints/ppo_tiny), its tb/ folder or one tb/version_N; several to compare",
+    )
     p.add_argument("--tags", nargs="+", help="scalars to show, shell-style patterns such as 'val/*' (default: all)")
     p.add_argument("--parts", type=int, default=5, help="average the first and the last 1/PARTS of each curve")
     args = p.parse_args(argv)
     if args.parts < 1:
         p.error(f"--parts must be at least 1, got {args.parts}")
-    run = Path(args.run)
-    curves, folders = read_curves(run)
-    if not curves:
-        raise DataError(f"the event files under {run} hold no scalars yet; wait for the first logged step")
-    chosen = select(curves, args.tags)
-    print(f"{run}: {len(chosen)} of {len(curves)} scalars, from {', '.join(str(f) for f in folders)}")
-    print(table(chosen, args.parts))
+    rows: list[tuple[str, Curve]] = []
+    for arg in args.runs:
+        run = Path(arg)
+        curves, folders = read_curves(run)
+        if not curves:
+            raise DataError(f"the event files under {run} hold no scalars yet; wait for the first logged step")
+        chosen = select(curves, args.tags, run)
+        print(f"{run}: {len(chosen)} of {len(curves)} scalars, from {', '.join(str(f) for f in folders)}")
+        rows.extend((arg, c) for c in chosen)
+    if len(args.runs) > 1:  # each tag's rows together, runs in the order given
+        order = {tag: i for i, tag in enumerate(dict.fromkeys(c.tag for _, c in rows))}
+        rows.sort(key=lambda row: order[row[1].tag])
+    print(table([c for _, c in rows], args.parts, [r for r, _ in rows] if len(args.runs) > 1 else None))
