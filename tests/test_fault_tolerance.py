@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import MICRO_ARCH, micro_trainer
-from test_cli import CONFIG, FAST, minillm, workdir  # noqa: F401  (fixture re-used)
+from test_cli import CONFIG, FAST, minillm, training_process, wait_for_training, workdir  # noqa: F401
 
 from minillm_lightning import MiniGPTConfig, PretrainModule
 from minillm_lightning.callbacks import TrainingSummary
@@ -517,3 +517,41 @@ def test_the_weights_only_note_of_a_requeue_save_is_dropped(caplog) -> None:
         log.info("`weights_only` was not set, defaulting to `False`.")
         log.info("Restoring states from the checkpoint path at x.ckpt")
     assert [r.getMessage() for r in caplog.records] == ["Restoring states from the checkpoint path at x.ckpt"]
+
+
+def test_requeued_cli_job_resumes_from_the_requeue_checkpoint(workdir: Path, slurm_job, tmp_path: Path) -> None:  # noqa: F811
+    """`minillm fit` as a SLURM job: SIGUSR1 writes hpc_ckpt_1.ckpt and requeues. The requeued command resumes from
+    it, with `--ckpt_path last` (which picked the older last.ckpt) or without (Lightning's own choice; it warned
+    that the run's directory was not empty)."""
+    run = workdir / "checkpoints" / "pretrain_tiny"
+    args = ["fit", "--config", CONFIG, *FAST, "--trainer.val_check_interval=1000"]
+    first = minillm([*args, "--trainer.max_steps=5"], workdir)  # an older last.ckpt, at step 5
+    assert first.returncode == 0, first.stderr[-3000:]
+    with training_process([*args, "--trainer.max_steps=100000", "--ckpt_path", "last"], workdir) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "continuing at step 5" in line:
+                break
+        time.sleep(2)  # some steps on
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.time() + 240
+        while not slurm_job.is_file() and time.time() < deadline:  # requeued once the checkpoint is written
+            time.sleep(0.2)
+        proc.kill()  # SLURM ends the job
+        out, _ = proc.communicate()
+    hpc = run / "hpc_ckpt_1.ckpt"
+    assert slurm_job.read_text().split() == ["requeue", "4242"], out[-3000:]
+    step = load_checkpoint(hpc)["global_step"]
+    assert step > load_checkpoint(run / "last.ckpt")["global_step"]
+    requeued = tmp_path / "requeued"  # Lightning's own choice, where only the requeue checkpoint is
+    (requeued / "checkpoints" / "pretrain_tiny").mkdir(parents=True)
+    (requeued / "configs").symlink_to(workdir / "configs")
+    (requeued / "data").symlink_to(workdir / "data")
+    hpc_copy = requeued / "checkpoints" / "pretrain_tiny" / hpc.name
+    hpc_copy.write_bytes(hpc.read_bytes())
+    for cwd, extra in ((workdir, ["--ckpt_path", "last"]), (requeued, [])):
+        r = minillm([*args, f"--trainer.max_steps={step + 2}", *extra], cwd)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-3000:]
+        assert f"resumed from {Path('checkpoints/pretrain_tiny/hpc_ckpt_1.ckpt') if not extra else hpc}" in out
+        assert f"continuing at step {step}" in out and "exists and is not empty" not in out
