@@ -105,7 +105,9 @@ def newest_intact_checkpoint(
     outside ``dirs``) come first, newest first, then any other checkpoint in the same directories, newest
     first, so a truncated ``last.ckpt`` falls back to the most recent intact save.
     """
-    files = {p for d in dirs if Path(d).is_dir() for p in Path(d).glob("*.ckpt")} | set(extra or [])
+    files = {p for d in dirs if Path(d).is_dir() for p in Path(d).glob("*.ckpt")}
+    known = {p.resolve() for p in files}
+    files |= {p for p in extra or [] if p.resolve() not in known}  # the same file by another path counts once
     ordered = sorted(files, key=lambda p: (not p.name.startswith(("last", "hpc_ckpt_")), -p.stat().st_mtime))
     skipped: list[Path] = []
     for path in ordered:

@@ -366,7 +366,9 @@ def test_fit_help_lists_the_stages_and_explains_ckpt_path(capsys, monkeypatch) -
     for name in ("PretrainModule", "SFTModule", "RewardModule", "DPOModule", "PPOModule", "PromptDataModule"):
         assert f"minillm_lightning.{name}" in out
     assert "To start a NEW stage from an earlier stage's weights use --model.init_args.init_from" in out
-    assert "hpc" not in out and "--optimizer" not in out and "--lr_scheduler" not in out
+    # `hpc` only as the SLURM requeue files that `last` considers, not as a value of its own
+    assert '"hpc"' not in out and '"registry"' not in out and "requeue checkpoint (hpc_ckpt_N.ckpt)" in out
+    assert "--optimizer" not in out and "--lr_scheduler" not in out
 
 
 def test_no_command_is_an_error(capsys) -> None:
