@@ -531,18 +531,22 @@ def test_requeued_cli_job_resumes_from_the_requeue_checkpoint(workdir: Path, slu
     assert first.returncode == 0, first.stderr[-3000:]
     with training_process([*args, "--trainer.max_steps=100000", "--ckpt_path", "last"], workdir) as proc:
         assert proc.stdout is not None
+        seen = []
         for line in proc.stdout:
+            seen.append(line)
             if "continuing at step 5" in line:
                 break
+        else:
+            pytest.fail("the job ended before it resumed:\n" + "".join(seen[-40:]))
         time.sleep(2)  # some steps on
         proc.send_signal(signal.SIGUSR1)
         deadline = time.time() + 240
-        while not slurm_job.is_file() and time.time() < deadline:  # requeued once the checkpoint is written
+        while not slurm_job.is_file() and time.time() < deadline and proc.poll() is None:  # requeued after the save
             time.sleep(0.2)
         proc.kill()  # SLURM ends the job
         out, _ = proc.communicate()
     hpc = run / "hpc_ckpt_1.ckpt"
-    assert slurm_job.read_text().split() == ["requeue", "4242"], out[-3000:]
+    assert slurm_job.is_file() and slurm_job.read_text().split() == ["requeue", "4242"], out[-3000:]
     step = load_checkpoint(hpc)["global_step"]
     assert step > load_checkpoint(run / "last.ckpt")["global_step"]
     requeued = tmp_path / "requeued"  # Lightning's own choice, where only the requeue checkpoint is
