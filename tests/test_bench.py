@@ -163,6 +163,35 @@ def test_fit_wall_reads_final_validation(tmp_path: Path, monkeypatch: pytest.Mon
     assert not (tmp_path / "checkpoints").exists()  # written into a temporary directory, not here
 
 
+def test_a_failing_fit_wall_run_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe that stops (here: its data file is missing) ended `minillm bench` in a RuntimeError traceback with
+    the run's last 3,000 characters; now it is the run's own error line."""
+    from minillm_lightning.errors import MiniLLMError
+
+    config = micro_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MiniLLMError) as caught:
+        bench_main(["--fit-wall", str(config), "--override", "data.init_args.sources=[{path: nowhere.txt}]"])
+    message = str(caught.value)
+    assert message.startswith(f"minillm fit --config {config} failed (exit 2): error: data source 'nowhere.txt'")
+    assert "\n" not in message
+
+
+def test_nanogpt_recipe_trains_ours_on_the_same_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--nanogpt-text` went to nanoGPT only: ours still looked for data/tinyshakespeare/input.txt and failed after
+    nanoGPT's whole run."""
+    from minillm_lightning.bench import main
+
+    text = tmp_path / "shakespeare.txt"
+    calls = {}
+    monkeypatch.setattr(main, "run_nanogpt", lambda path, text, iters: calls.setdefault("nano", text) and {})
+    monkeypatch.setattr(main, "fit_wall", lambda config, keep, overrides: calls.setdefault("ours", (config, overrides)))
+    monkeypatch.setattr(main, "format_table", lambda results: "")
+    main.run_bench(parse_args(["--nanogpt", str(tmp_path), "--nanogpt-text", str(text)]))
+    assert calls["nano"] == text
+    assert calls["ours"] == (main.NANOGPT_RECIPE, [f"data.init_args.sources=[{{path: {text.resolve()}}}]"])
+
+
 def test_plain_bench_on_cpu_measures_small_at_a_practical_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """`minillm bench` without --config on a CPU: tiny as configured, small at batch 4 / fp32 / 5 steps; an
     explicit --config is measured exactly as given."""

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from minillm_lightning.errors import MiniLLMError
+
 
 def _events_file(workdir: Path, config: str, since: float) -> Path | None:
     """The newest TensorBoard events file the run wrote under its logger/root directory."""
@@ -51,7 +53,9 @@ def fit_wall(config: str, keep: bool, overrides: list[str]) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         log = proc.stdout + proc.stderr
         if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log[-3000:]}")
+            lines = [line for line in log.splitlines() if line.strip()]
+            said = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "")
+            raise MiniLLMError(f"minillm fit --config {config} failed (exit {proc.returncode}): {said.strip()}")
         out: dict[str, Any] = {
             "config": config,
             "wall_s": wall,

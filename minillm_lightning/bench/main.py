@@ -57,6 +57,8 @@ from minillm_lightning.callbacks.throughput import compute_dtype, flops_per_toke
 from minillm_lightning.losses import lm_loss
 from minillm_lightning.model import MiniGPTConfig
 
+NANOGPT_RECIPE = "configs/shakespeare_char.yaml"  # the recipe --nanogpt times against nanoGPT's
+
 # plain `minillm bench` on a CPU: pretrain_small as configured (batch 32 x 512, bf16-mixed) takes tens of seconds
 # per step there, so the default run measures it at batch 4 in fp32 with few steps (minutes instead of an hour)
 CPU_SMALL_DEFAULTS = dict(batch_size=4, precision="32-true", steps=5, warmup=1)
@@ -520,7 +522,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         raise MiniLLMError(f"--output {args.output} is a directory; give a JSON file path such as {args.output}/b.json")
     nano_wall = args.nanogpt is not None and (args.sections is None or args.fit_wall is not None)
     if nano_wall and args.fit_wall is None:
-        args.fit_wall = "configs/shakespeare_char.yaml"
+        args.fit_wall = NANOGPT_RECIPE
+        # our recipe trains on the text nanoGPT gets (the config's own path unless --nanogpt-text says otherwise)
+        args.override = [*args.override, f"data.init_args.sources=[{{path: {Path(args.nanogpt_text).resolve()}}}]"]
     sections = set((args.sections or ",".join(DEFAULT_SECTIONS)).split(","))
     # a complete fit, or the step against nanoGPT, alone: no config's sections unless --config names one
     only_wall = args.fit_wall is not None and args.sections is None
