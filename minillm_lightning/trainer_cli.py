@@ -418,16 +418,21 @@ class MiniLLMCLI(LightningCLI):
                 rank_zero_warn(f"--ckpt_path last: resuming from {path} instead")
 
 
-def _not_an_advert(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("💡 Tip")
+class _Dropping(logging.Filter):
+    """A log filter that drops the records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in str(record.msg)
 
 
-def _not_the_drop_last_caution(record: logging.LogRecord) -> bool:
-    return "have disabled the `drop_last` option" not in str(record.msg)
-
-
-def _not_the_weights_only_default(record: logging.LogRecord) -> bool:
-    return "`weights_only` was not set" not in str(record.msg)
+# one instance each: addFilter skips a filter already attached, so calling quiet_lightning_notices again adds none
+_ADVERT = _Dropping("💡 Tip")
+_DROP_LAST_CAUTION = _Dropping("have disabled the `drop_last` option")
+_WEIGHTS_ONLY_DEFAULT = _Dropping("`weights_only` was not set")
 
 
 def quiet_lightning_notices() -> None:
@@ -438,15 +443,13 @@ def quiet_lightning_notices() -> None:
     themselves (the training summary counted it as a warning on every pretraining run); LitData's ``drop_last``
     caution on the evaluation sets, printed by every rank of a DDP pretraining run; and the note that a save
     without ``weights_only`` writes a full checkpoint."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_ADVERT)
     # LitData's caution, once per rank, that a distributed StreamingDataset without drop_last "may lead to training
     # interruptions": the pretraining validation and test sets keep every block on purpose (training drops the
     # rest); their metrics are reduced at the epoch's end (val/loss on 2 ranks is the 1-rank value)
-    logging.getLogger("litdata.streaming.dataset").addFilter(_not_the_drop_last_caution)
+    logging.getLogger("litdata.streaming.dataset").addFilter(_DROP_LAST_CAUTION)
     # a save that did not pass weights_only (SLURM's requeue save, a callback's) writes a full checkpoint, as ours do
-    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").addFilter(
-        _not_the_weights_only_default
-    )
+    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").addFilter(_WEIGHTS_ONLY_DEFAULT)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 

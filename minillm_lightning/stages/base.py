@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import math
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -56,6 +57,12 @@ def weights_digest(module: torch.nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def expect_frozen_models() -> None:
+    """Silence Lightning's warning, at fit start, that some modules are in eval mode: a stage with frozen models
+    (DPO's reference, PPO's reference and reward model) keeps them in eval mode on purpose."""
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def why_not_compile(device: torch.device, strategy: Strategy) -> str | None:

@@ -16,7 +16,6 @@ freed, saving its memory and one forward pass per step.
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from minillm_lightning.checkpoint import load_backbone
 from minillm_lightning.errors import CheckpointError, MiniLLMError
 from minillm_lightning.losses import IGNORE_INDEX, DPOLossType, dpo_loss, lm_loss, sequence_logprobs
 from minillm_lightning.model import MiniGPT
-from minillm_lightning.stages.base import weights_digest
+from minillm_lightning.stages.base import expect_frozen_models, weights_digest
 from minillm_lightning.stages.pairwise import RIGHT_PADDED, PairwiseModule, Split, padded_forward, pair_tensors
 
 __all__ = ["DPOModule", "METRICS", "pair_tensors"]
@@ -101,8 +100,7 @@ class DPOModule(PairwiseModule):
         if label_smoothing and loss_type != "sigmoid":
             raise ValueError("DPOModule: label_smoothing (conservative DPO) applies to loss_type sigmoid only")
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup=warmup, **kwargs)
-        # Lightning's warning about modules in eval mode at fit start is about the reference: eval on purpose
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        expect_frozen_models()
         # the frozen reference: the init_from weights, never trained, never checkpointed (see the module docstring)
         self.ref_model: MiniGPT | None = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.frozen_digests = {"reference (model.init_from)": weights_digest(self.ref_model)}

@@ -54,7 +54,7 @@ from minillm_lightning.losses import (
 )
 from minillm_lightning.optim import grad_norms
 from minillm_lightning.rewards import RewardFunction, describe_reward_function, load_reward_function
-from minillm_lightning.stages.base import StageModule, weights_digest
+from minillm_lightning.stages.base import StageModule, expect_frozen_models, weights_digest
 from minillm_lightning.stages.pairwise import SFT_COMMAND
 from minillm_lightning.stages.rollout import (
     RolloutMixin,
@@ -200,7 +200,7 @@ class PPOModule(RolloutMixin, StageModule):
         self.automatic_optimization = False
         # two Lightning warnings that are expected here: the frozen models are in eval mode on purpose, and a
         # checkpoint taken after a whole rollout's updates is exactly the state to resume from
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        expect_frozen_models()
         warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         disable_dropout(self.model)
         # the reference policy: the SFT weights, frozen (a copy of the freshly loaded policy, no second read)
